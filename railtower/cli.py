@@ -1,0 +1,104 @@
+"""The `railtower` command: thin commands over library functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from railtower.errors import RailtowerError
+from railtower.logs import configure_logging
+from railtower.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console()
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="YAML config (default configs/default.yaml)"
+)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level)
+    return settings
+
+
+@app.command("check-config")
+def check_config(config: Path | None = ConfigOption) -> None:
+    """Load the settings and every data set mapping; print them or say what is wrong."""
+    from railtower.settings import load_dataset_spec
+
+    settings = _settings(config)
+    try:
+        specs = [load_dataset_spec(name, settings) for name in settings.datasets]
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print_json(data=settings.model_dump(mode="json"))
+    for spec in specs:
+        console.print(f"data set [bold]{spec.name}[/bold]: rails {spec.rails or 'none'}")
+
+
+@app.command()
+def validate(
+    datasets: list[str] = typer.Option(
+        None, "--dataset", "-d", help="data set names (default: all)"
+    ),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Load each data set through its mapping and report kept and dropped rows."""
+    from railtower.datasets import load_dataset
+
+    settings = _settings(config)
+    table = Table("data set", "file", "rows in", "kept", "dropped", "notes")
+    try:
+        for name in datasets or settings.datasets:
+            for r in load_dataset(name, settings).reports:
+                table.add_row(
+                    name,
+                    Path(r.file).name,
+                    f"{r.rows_in:,}",
+                    f"{r.rows_out:,}",
+                    str(r.dropped or "none"),
+                    "\n".join(r.notes),
+                )
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(table)
+
+
+@app.command()
+def evaluate(
+    datasets: list[str] = typer.Option(
+        None, "--dataset", "-d", help="data set names (default: all)"
+    ),
+    split: str = typer.Option("test", help="test (reported numbers) or validation (tuning)"),
+    run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Score every model on every rail each data set supports; write reports/<run>/."""
+    from training.harness import run_evaluation
+    from training.report import markdown_table
+
+    if split not in ("test", "validation"):
+        raise typer.BadParameter("split must be 'test' or 'validation'")
+    settings = _settings(config)
+    try:
+        run = run_evaluation(settings, datasets, split, run_name)  # type: ignore[arg-type]
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(markdown_table(run.results, settings), markup=False, soft_wrap=True)
+    console.print(f"\nreport: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,280 @@
+"""The one typed configuration of Railtower.
+
+Values come, highest priority first, from keyword overrides, `RAILTOWER_…` environment
+variables (nested with `__`, e.g. `RAILTOWER_EVALUATION__BOOTSTRAP_SAMPLES=200`), the YAML
+file (`configs/default.yaml`, or the file named by `RAILTOWER_CONFIG`), then the defaults here.
+Relative paths are resolved against the project root, so commands behave the same from any
+working directory. Data sets are described by their own YAML column mappings under
+`configs/datasets/`, loaded with :func:`load_dataset_spec`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from railtower.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+RailName = Literal["homepage_hero", "pdp_fbt", "cart_upsell"]
+RAILS: tuple[RailName, ...] = ("homepage_hero", "pdp_fbt", "cart_upsell")
+
+_config_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ValidationSettings(_Section):
+    # Share of a file's rows that may be dropped as invalid (and reported) before loading
+    # fails. 0.0 means any invalid row is an error.
+    max_invalid_share: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class SplitSettings(_Section):
+    validation_share: float = Field(0.1, gt=0.0, lt=0.5)
+    test_share: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class EvaluationSettings(_Section):
+    slots: int = Field(12, ge=1)
+    candidates: int = Field(120, ge=1)
+    mrr_depth: int = Field(100, ge=1)
+    bootstrap_samples: int = Field(1000, ge=50)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    max_sessions_per_task: int = Field(4000, ge=10)
+    pdp_anchors_per_session: int = Field(3, ge=1)
+    baselines: list[str] = ["random", "popularity", "covisitation", "session_knn"]
+
+    @model_validator(mode="after")
+    def _depths_are_ordered(self) -> EvaluationSettings:
+        if not self.slots <= self.mrr_depth <= self.candidates:
+            raise ValueError(
+                f"need slots <= mrr_depth <= candidates, got {self.slots}, "
+                f"{self.mrr_depth}, {self.candidates}"
+            )
+        return self
+
+
+class EventWeights(_Section):
+    view: float = 1.0
+    cart: float = 3.0
+    purchase: float = 5.0
+    remove_from_cart: float = 0.0
+
+    def of(self, event_type: str) -> float:
+        return float(getattr(self, event_type))
+
+
+class PopularitySettings(_Section):
+    # Half-life of an event's weight, as a share of the training window's length, so one
+    # setting fits a 3-hour sample and a 21-month log alike.
+    half_life_share: float = Field(0.1, gt=0.0)
+
+
+class CovisitationSettings(_Section):
+    window: int = Field(6, ge=1)
+    position_decay: float = Field(0.75, gt=0.0, le=1.0)
+    neighbours: int = Field(200, ge=1)
+    recency_decay: float = Field(0.7, gt=0.0, le=1.0)
+
+
+class SessionKnnSettings(_Section):
+    neighbours: int = Field(200, ge=1)
+    sample_sessions: int = Field(2000, ge=1)
+    idf_weighting: bool = True
+    recency_decay: float = Field(0.8, gt=0.0, le=1.0)
+
+
+class BaselineSettings(_Section):
+    popularity: PopularitySettings = PopularitySettings()
+    covisitation: CovisitationSettings = CovisitationSettings()
+    session_knn: SessionKnnSettings = SessionKnnSettings()
+
+
+class Settings(BaseSettings):
+    """Everything configurable in Railtower, one typed tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAILTOWER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_root: Path = Path("../shared/data")
+    reports_dir: Path = Path("reports")
+    artifacts_dir: Path = Path("artifacts")
+    cache_dir: Path = Path(".cache/railtower")
+    dataset_configs: Path = Path("configs/datasets")
+    seed: int = 20191001
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    datasets: list[str] = ["rees46", "amazon_m2", "uci_online_retail", "hm_catalogue"]
+    validation: ValidationSettings = ValidationSettings()
+    split: SplitSettings = SplitSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    event_weights: EventWeights = EventWeights()
+    baselines: BaselineSettings = BaselineSettings()
+
+    @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
+    @classmethod
+    def _resolve(cls, path: Path) -> Path:
+        return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, _active_config()),
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash of every value, recorded in manifests and reports."""
+        blob = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _active_config() -> Path:
+    path = _config_path.get() or Path(os.environ.get("RAILTOWER_CONFIG", DEFAULT_CONFIG))
+    if not path.exists():
+        raise ConfigError(
+            f"config file {path} does not exist; set RAILTOWER_CONFIG or pass --config"
+        )
+    return path
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a YAML file (default `configs/default.yaml`), env and overrides.
+
+    Raises:
+        ConfigError: the file is missing or a value is invalid; the message names the field.
+    """
+    token = _config_path.set(config)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, str(config or _active_config()))) from None
+    finally:
+        _config_path.reset(token)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use (never at import)."""
+    return load_settings()
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source} (or a RAILTOWER_ env override):"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  - {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- data set column mappings
+
+
+class EventsMapping(_Section):
+    """Where a data set's events are and which source column feeds each canonical field."""
+
+    path: str
+    # canonical field -> source column; fields left out are absent in the source
+    columns: dict[str, str]
+    # "column": event_time is a timestamp column; "order": the source has no time, only an
+    # order column within each session, and the split falls back to a seeded session hash
+    time: Literal["column", "order"] = "column"
+    order_column: str | None = None
+    # source value -> canonical event type (values already canonical need no entry)
+    event_type_map: dict[str, str] = {}
+    # canonical field -> constant value, for a field the source does not carry
+    constants: dict[str, str] = {}
+    # a boolean source column marking the published next-item target of each session
+    target_column: str | None = None
+
+    @model_validator(mode="after")
+    def _order_needs_column(self) -> EventsMapping:
+        if self.time == "order" and not self.order_column:
+            raise ValueError("time: order needs order_column (the position within a session)")
+        if self.time == "column" and "event_time" not in self.columns:
+            raise ValueError("time: column needs columns.event_time")
+        return self
+
+
+class ItemsMapping(_Section):
+    path: str
+    columns: dict[str, str]
+    # separator of the source's category path ("." for REES46, " > " for H&M)
+    category_separator: str | None = None
+    # source column used as a one-level category where the path is missing
+    category_fallback: str | None = None
+    # image paths in the source are relative to this folder (relative to the data set root)
+    image_root: str = "."
+
+
+class DatasetSpec(_Section):
+    """A data set described by a YAML column mapping (`configs/datasets/<name>.yaml`)."""
+
+    name: str
+    root: str = "."
+    description: str = ""
+    events: EventsMapping | None = None
+    items: ItemsMapping | None = None
+    # "sequence": ordered click sessions; "basket": one invoice, order inside it meaningless
+    session_kind: Literal["sequence", "basket"] = "sequence"
+    rails: list[RailName] = []
+    # event types that count as a pdp_fbt / cart_upsell target, and the fallback when a
+    # session has none of them (REES46 has few purchases, so later views stand in)
+    strong_event_types: list[str] = ["cart", "purchase"]
+    fallback_to_views: bool = False
+
+    @model_validator(mode="after")
+    def _rails_need_events(self) -> DatasetSpec:
+        if self.rails and self.events is None:
+            raise ValueError(f"rails {self.rails} need an events mapping")
+        if self.events is None and self.items is None:
+            raise ValueError("a data set needs events, items or both")
+        return self
+
+    def path(self, settings: Settings, relative: str) -> Path:
+        """A file of this data set: data_root / root / relative."""
+        return (settings.data_root / self.root / relative).resolve()
+
+
+def load_dataset_spec(name_or_path: str | Path, settings: Settings) -> DatasetSpec:
+    """Load `<dataset_configs>/<name>.yaml` (or an explicit YAML path) into a DatasetSpec."""
+    path = Path(name_or_path)
+    if path.suffix not in {".yaml", ".yml"}:
+        path = settings.dataset_configs / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in settings.dataset_configs.glob("*.yaml"))
+        raise ConfigError(f"no data set mapping {path}; known data sets: {', '.join(known)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return DatasetSpec.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, str(path))) from None

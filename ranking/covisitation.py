@@ -1,0 +1,130 @@
+"""Item-to-item co-visitation: items that appear near each other in sessions or baskets.
+
+The standard strong baseline for "frequently bought together" and a candidate source for
+every rail. Click sessions count pairs within a window of positions, nearer pairs more;
+baskets (where line order means nothing) count every pair in the basket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from railtower.settings import CovisitationSettings, EventWeights, PopularitySettings
+from ranking.popularity import PopularityRetriever
+from ranking.retriever import (
+    Catalogue,
+    Query,
+    event_weight_array,
+    query_matrix,
+    top_k_with_backfill,
+)
+
+
+class CovisitationRetriever:
+    """Scores items by their co-visitation with the query's seed items.
+
+    Args:
+        settings: window, decay and how many neighbours each item keeps.
+        weights: event-type weights (a pair whose second item was bought counts more).
+        basket: True when sessions are baskets with no meaningful order.
+    """
+
+    name = "covisitation"
+
+    def __init__(
+        self,
+        settings: CovisitationSettings,
+        weights: EventWeights,
+        popularity: PopularitySettings,
+        basket: bool,
+    ) -> None:
+        self.settings, self.weights, self.basket = settings, weights, basket
+        self.popularity = PopularityRetriever(popularity, weights)
+        self.matrix = sp.csr_matrix((0, 0))
+
+    def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> CovisitationRetriever:
+        self.catalogue = catalogue
+        self.popularity.fit(events, catalogue)
+        ev = events.sort_values(["session_id", "position"], kind="stable")
+        items = catalogue.indices(ev["item_id"])
+        sessions = ev["session_id"].astype("category").cat.codes.to_numpy()
+        known = items >= 0
+        items, sessions = items[known], sessions[known]
+        w = event_weight_array(ev["event_type"], self.weights)[known]
+        counts = (
+            self._basket_pairs(items, sessions)
+            if self.basket
+            else self._window_pairs(items, sessions, w)
+        )
+        counts.setdiag(0)
+        counts.eliminate_zeros()
+        self.matrix = _keep_top_per_row(counts.tocsr(), self.settings.neighbours)
+        return self
+
+    def _window_pairs(
+        self, items: np.ndarray, sessions: np.ndarray, w: np.ndarray
+    ) -> sp.csr_matrix:
+        """Pairs within `window` positions, weighted by distance and the target's event type.
+
+        A pair counts once per session (its strongest occurrence), so one shopper paging
+        back and forth between two items cannot outweigh many shoppers.
+        """
+        frames = []
+        for d in range(1, self.settings.window + 1):
+            same = sessions[d:] == sessions[:-d]
+            a, b = items[:-d][same], items[d:][same]
+            s = sessions[d:][same]
+            decay = self.settings.position_decay ** (d - 1)
+            frames.append(pd.DataFrame({"s": s, "a": a, "b": b, "w": w[d:][same] * decay}))
+            frames.append(pd.DataFrame({"s": s, "a": b, "b": a, "w": w[:-d][same] * decay}))
+        pairs = pd.concat(frames, ignore_index=True)
+        pairs = pairs[pairs["a"] != pairs["b"]].groupby(["s", "a", "b"], sort=False)["w"].max()
+        pairs = pairs.groupby(level=["a", "b"]).sum()
+        a = pairs.index.get_level_values("a").to_numpy()
+        b = pairs.index.get_level_values("b").to_numpy()
+        n = len(self.catalogue)
+        return sp.csr_matrix((pairs.to_numpy(), (a, b)), shape=(n, n))
+
+    def _basket_pairs(self, items: np.ndarray, sessions: np.ndarray) -> sp.csr_matrix:
+        """Every pair in a basket; large (wholesale) baskets count less per pair."""
+        n_sessions, n_items = int(sessions.max()) + 1, len(self.catalogue)
+        member = sp.csr_matrix(
+            (np.ones(len(items)), (sessions, items)), shape=(n_sessions, n_items)
+        )
+        member.data[:] = 1.0  # an item bought on several lines of one invoice counts once
+        size = np.asarray(member.sum(axis=1)).ravel()
+        weighted = sp.diags(1.0 / np.log2(2.0 + size)) @ member
+        return (member.T @ weighted).tocsr()
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
+        scores = seeds @ self.matrix
+        return top_k_with_backfill(scores, queries, self.catalogue, self.popularity.order, k)
+
+
+def _keep_top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """Keep each row's n largest entries, scaled so the row's best neighbour scores 1.
+
+    Scaling makes seed items comparable: a popular seed would otherwise drown the others.
+    """
+    rows, cols, vals = [], [], []
+    for r in range(matrix.shape[0]):
+        start, end = matrix.indptr[r], matrix.indptr[r + 1]
+        if start == end:
+            continue
+        c, v = matrix.indices[start:end], matrix.data[start:end]
+        if len(v) > n:
+            top = np.argpartition(-v, n - 1)[:n]
+            c, v = c[top], v[top]
+        rows.append(np.full(len(c), r))
+        cols.append(c)
+        vals.append(v / v.max())
+    if not rows:
+        return sp.csr_matrix(matrix.shape)
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=matrix.shape
+    )

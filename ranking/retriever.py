@@ -1,0 +1,143 @@
+"""What every candidate source shares: the query it answers and the catalogue it ranks.
+
+A retriever is fitted on canonical training events and answers batches of queries with
+ranked item ids drawn from the whole catalogue. The evaluation harness, the candidate
+merger and the serving fallbacks all talk to retrievers through this one protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from railtower.settings import EventWeights
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a rail knows when it is asked for items.
+
+    Attributes:
+        session_items: the session's items so far, oldest first.
+        session_types: the event type of each of those items.
+        anchor: the product on the page (pdp_fbt), else None.
+        cart: items in the cart (cart_upsell), else empty.
+        exclude: items that must not be returned (the anchor, the cart, items already seen).
+    """
+
+    session_items: tuple[str, ...] = ()
+    session_types: tuple[str, ...] = ()
+    anchor: str | None = None
+    cart: tuple[str, ...] = ()
+    exclude: frozenset[str] = field(default_factory=frozenset)
+
+
+class Retriever(Protocol):
+    name: str
+
+    def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> Retriever: ...
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]: ...
+
+
+class Catalogue:
+    """Item ids <-> dense indices over the full catalogue, plus category lookups."""
+
+    def __init__(self, items: pd.DataFrame) -> None:
+        self.ids: np.ndarray = items["item_id"].astype(str).to_numpy()
+        self.index: dict[str, int] = {item: i for i, item in enumerate(self.ids)}
+        cats = items["category_path"] if "category_path" in items.columns else None
+        self.category_of: dict[str, str] = (
+            {}
+            if cats is None
+            else {
+                i: c for i, c in zip(self.ids, cats.to_numpy(), strict=True) if isinstance(c, str)
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices(self, items: pd.Series) -> np.ndarray:
+        """Dense index per item id; -1 where the item is not in the catalogue."""
+        return items.map(self.index).fillna(-1).astype(np.int64).to_numpy()
+
+
+def seed_weights(query: Query, recency_decay: float) -> dict[str, float]:
+    """Items the query is about, with a weight each.
+
+    pdp_fbt is about the anchor (the session behind it counts less), cart_upsell about every
+    cart item equally, homepage_hero about the session with recent items weighted most.
+    """
+    weights: dict[str, float] = {}
+    history_scale = 0.3 if (query.anchor or query.cart) else 1.0
+    for steps_back, item in enumerate(reversed(query.session_items)):
+        w = history_scale * recency_decay**steps_back
+        weights[item] = max(weights.get(item, 0.0), w)
+    for item in query.cart:
+        weights[item] = 1.0
+    if query.anchor is not None:
+        weights[query.anchor] = 1.0
+    return weights
+
+
+def query_matrix(
+    queries: Sequence[Query], catalogue: Catalogue, recency_decay: float
+) -> sp.csr_matrix:
+    """(Q, I) sparse matrix of seed weights; items outside the catalogue are dropped."""
+    rows, cols, vals = [], [], []
+    for row, query in enumerate(queries):
+        for item, w in seed_weights(query, recency_decay).items():
+            col = catalogue.index.get(item)
+            if col is not None:
+                rows.append(row)
+                cols.append(col)
+                vals.append(w)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(queries), len(catalogue)))
+
+
+def event_weight_array(event_types: pd.Series, weights: EventWeights) -> np.ndarray:
+    table = {name: weights.of(name) for name in EventWeights.model_fields}
+    return event_types.map(table).fillna(0.0).to_numpy(dtype=np.float64)
+
+
+def top_k_with_backfill(
+    scores: sp.csr_matrix,
+    queries: Sequence[Query],
+    catalogue: Catalogue,
+    fallback_order: np.ndarray,
+    k: int,
+) -> list[list[str]]:
+    """Top-k items per row of a sparse score matrix, then popular items until k are filled.
+
+    Ties break by catalogue index so results are deterministic; excluded items never appear.
+    """
+    results: list[list[str]] = []
+    scores = scores.tocsr()
+    for row, query in enumerate(queries):
+        start, end = scores.indptr[row], scores.indptr[row + 1]
+        cols, vals = scores.indices[start:end], scores.data[start:end]
+        order = np.lexsort((cols, -vals))
+        picked: list[str] = []
+        taken: set[str] = set()
+        for idx, value in zip(cols[order], vals[order], strict=True):
+            if len(picked) >= k:
+                break
+            item = catalogue.ids[idx]
+            if value > 0 and item not in query.exclude:
+                picked.append(item)
+                taken.add(item)
+        for idx in fallback_order:
+            if len(picked) >= k:
+                break
+            item = catalogue.ids[idx]
+            if item not in query.exclude and item not in taken:
+                picked.append(item)
+                taken.add(item)
+        results.append(picked)
+    return results

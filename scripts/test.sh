@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: install (if needed), lint, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+ruff check .
+pytest "$@"

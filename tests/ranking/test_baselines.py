@@ -1,0 +1,98 @@
+"""One contract for every baseline retriever, plus known-answer checks on a toy catalogue."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from railtower.settings import load_settings
+from ranking.baselines import BASELINES
+from ranking.covisitation import CovisitationRetriever
+from ranking.popularity import PopularityRetriever
+from ranking.retriever import Catalogue, Query
+from ranking.session_knn import SessionKnnRetriever
+from tests.conftest import toy_events
+
+SETTINGS = load_settings()
+
+# Shoppers who view a TV go on to an HDMI cable and a wall mount; phone shoppers to a case.
+SESSIONS = {
+    **{f"tv{i}": [("tv", "view"), ("hdmi", "cart"), ("mount", "purchase")] for i in range(8)},
+    **{f"ph{i}": [("phone", "view"), ("case", "cart")] for i in range(5)},
+    **{f"pop{i}": [("charger", "view"), ("charger", "purchase")] for i in range(12)},
+    "odd": [("lamp", "view"), ("tv", "view")],
+}
+EVENTS = toy_events(SESSIONS)
+ITEMS = pd.DataFrame({
+    "item_id": ["tv", "hdmi", "mount", "phone", "case", "charger", "lamp", "kettle"],
+    "category_path": ["tv", "cable", "mount", "phone", "case", "charger", "light", "kitchen"],
+})
+CATALOGUE = Catalogue(ITEMS)
+
+
+@pytest.fixture(params=sorted(BASELINES))
+def fitted(request):
+    return BASELINES[request.param](SETTINGS, False).fit(EVENTS, CATALOGUE)
+
+
+def test_contract_fills_k_unique_items_never_excluded(fitted):
+    queries = [
+        Query(("tv",), ("view",), exclude=frozenset({"tv"})),
+        Query(anchor="phone", exclude=frozenset({"phone"})),
+        Query(("tv", "hdmi"), ("view", "cart"), cart=("tv", "hdmi"),
+              exclude=frozenset({"tv", "hdmi"})),
+        Query(("unknown-item",), ("view",), exclude=frozenset({"unknown-item"})),
+    ]
+    for query, ranked in zip(queries, fitted.recommend(queries, k=5), strict=True):
+        assert len(ranked) == 5
+        assert len(set(ranked)) == 5
+        assert not set(ranked) & query.exclude
+        assert set(ranked) <= set(CATALOGUE.ids)
+
+
+def test_contract_is_deterministic(fitted):
+    queries = [Query(("tv",), ("view",), exclude=frozenset({"tv"}))] * 3
+    assert fitted.recommend(queries, 4) == fitted.recommend(queries, 4)
+
+
+def test_contract_asking_for_more_than_the_catalogue_returns_all_eligible(fitted):
+    (ranked,) = fitted.recommend([Query(anchor="tv", exclude=frozenset({"tv"}))], k=50)
+    assert sorted(ranked) == sorted(set(CATALOGUE.ids) - {"tv"})
+
+
+def test_popularity_ranks_by_weighted_events():
+    pop = PopularityRetriever(SETTINGS.baselines.popularity, SETTINGS.event_weights)
+    (ranked,) = pop.fit(EVENTS, CATALOGUE).recommend([Query()], k=3)
+    assert ranked[0] == "charger"  # 12 views + 12 purchases outweigh everything else
+    assert "kettle" not in ranked  # never seen
+
+
+def test_popularity_decays_old_events():
+    old = toy_events({f"o{i}": [("old", "purchase")] for i in range(5)}, start="2024-01-01")
+    new = toy_events({f"n{i}": [("new", "purchase")] for i in range(3)}, start="2024-03-01")
+    catalogue = Catalogue(pd.DataFrame({"item_id": ["old", "new"]}))
+    pop = PopularityRetriever(SETTINGS.baselines.popularity, SETTINGS.event_weights)
+    (ranked,) = pop.fit(pd.concat([old, new]), catalogue).recommend([Query()], k=2)
+    assert ranked == ["new", "old"]  # fewer events, but recent
+
+
+@pytest.mark.parametrize("basket", [False, True])
+def test_covisitation_finds_the_companion_items(basket):
+    model = CovisitationRetriever(SETTINGS.baselines.covisitation, SETTINGS.event_weights,
+                                  SETTINGS.baselines.popularity, basket=basket)
+    (ranked,) = model.fit(EVENTS, CATALOGUE).recommend(
+        [Query(anchor="tv", exclude=frozenset({"tv"}))], k=2)
+    assert set(ranked) == {"hdmi", "mount"}
+    (ranked,) = model.recommend([Query(anchor="phone", exclude=frozenset({"phone"}))], k=1)
+    assert ranked == ["case"]
+
+
+def test_session_knn_continues_like_similar_sessions():
+    model = SessionKnnRetriever(SETTINGS.baselines.session_knn, SETTINGS.event_weights,
+                                SETTINGS.baselines.popularity).fit(EVENTS, CATALOGUE)
+    (ranked,) = model.recommend([Query(("tv",), ("view",), exclude=frozenset({"tv"}))], k=2)
+    assert set(ranked) == {"hdmi", "mount"}
+    # a lamp-then-tv session resembles 'odd' and the tv sessions: the lamp's only
+    # neighbour session contributes nothing new, the tv sessions bring hdmi and mount
+    (ranked,) = model.recommend(
+        [Query(("lamp", "tv"), ("view", "view"), exclude=frozenset({"lamp", "tv"}))], k=2)
+    assert set(ranked) == {"hdmi", "mount"}

@@ -1,0 +1,204 @@
+"""The evaluation harness: every model, every rail a data set supports, the same metrics.
+
+Models are fitted on events before the cut and rank the *full catalogue* for each held-out
+case; nothing is scored against sampled negatives. Each metric carries a bootstrap interval
+that resamples sessions, so an improvement inside the interval reads as no improvement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from railtower.datasets import Dataset
+from railtower.logs import get_logger
+from railtower.settings import RailName, Settings
+from ranking.retriever import Catalogue, Retriever
+from training.metrics import (
+    bootstrap_ci,
+    coverage_at,
+    intra_list_diversity,
+    ndcg_at,
+    recall_at,
+    reciprocal_rank,
+)
+from training.split import Split, SplitName, split_events
+from training.tasks import EvalCase, build_cases
+
+log = get_logger(__name__)
+
+LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (
+    ("1", 1, 1),
+    ("2", 2, 2),
+    ("3-4", 3, 4),
+    ("5-8", 5, 8),
+    ("9+", 9, 10**9),
+)
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass
+class TaskResult:
+    dataset: str
+    rail: str
+    model: str
+    cases: int
+    sessions: int
+    metrics: dict[str, Interval]
+    coverage: float
+    by_length: dict[str, dict[str, float]]
+    seconds: float
+
+
+@dataclass
+class DatasetResult:
+    dataset: str
+    split: dict[str, object]
+    validation: list[dict[str, object]]
+    tasks: list[TaskResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def metric_names(settings: Settings) -> list[str]:
+    e = settings.evaluation
+    return [
+        f"recall@{e.slots}",
+        f"recall@{e.candidates}",
+        f"ndcg@{e.slots}",
+        f"mrr@{e.mrr_depth}",
+        f"diversity@{e.slots}",
+    ]
+
+
+def evaluate_dataset(
+    dataset: Dataset,
+    settings: Settings,
+    models: Mapping[str, Callable[[], Retriever]],
+    target: SplitName = "test",
+) -> DatasetResult:
+    """Fit each model on the split's training events and score it on every supported rail."""
+    if dataset.events is None or not dataset.spec.rails:
+        result = DatasetResult(dataset.name, {}, [r.as_dict() for r in dataset.reports])
+        result.skipped.append("catalogue only (no events): no rail to evaluate on it")
+        return result
+    split = split_events(dataset.events, dataset.has_time, settings.split, settings.seed)
+    result = DatasetResult(dataset.name, split.summary(), [r.as_dict() for r in dataset.reports])
+    catalogue = Catalogue(dataset.items)
+    cases = {rail: _cases(rail, split, dataset, settings, target) for rail in dataset.spec.rails}
+    for rail, rail_cases in cases.items():
+        if not rail_cases:
+            result.skipped.append(f"{rail}: no held-out case in the {target} split")
+    fit_events = split.fit_events(target)
+    for name, make in models.items():
+        started = time.perf_counter()
+        model = make().fit(fit_events, catalogue)
+        fit_s = time.perf_counter() - started
+        for rail, rail_cases in cases.items():
+            if rail_cases:
+                task = score(model, name, rail, rail_cases, catalogue, settings, dataset.name)
+                task.seconds += fit_s
+                result.tasks.append(task)
+                log.info(
+                    "scored",
+                    dataset=dataset.name,
+                    rail=rail,
+                    model=name,
+                    cases=task.cases,
+                    **{k: round(v.mean, 4) for k, v in task.metrics.items()},
+                )
+    return result
+
+
+def _cases(
+    rail: RailName, split: Split, dataset: Dataset, settings: Settings, target: SplitName
+) -> list[EvalCase]:
+    return build_cases(
+        rail, split.eval_events(target), dataset.spec, settings.evaluation, settings.seed
+    )
+
+
+def score(
+    model: Retriever,
+    name: str,
+    rail: str,
+    cases: list[EvalCase],
+    catalogue: Catalogue,
+    settings: Settings,
+    dataset: str,
+) -> TaskResult:
+    """Rank the full catalogue for every case and aggregate the metrics with intervals."""
+    e = settings.evaluation
+    started = time.perf_counter()
+    ranked = model.recommend([c.query for c in cases], e.candidates)
+    # A model must never return what the rail excludes; filtering here keeps one buggy
+    # model from scoring on items a shopper would never be shown.
+    ranked = [
+        [i for i in r if i not in c.query.exclude] for r, c in zip(ranked, cases, strict=True)
+    ]
+    per_case = per_case_metrics(ranked, cases, catalogue, settings)
+    sessions = np.array([c.session_id for c in cases])
+    metrics = {
+        metric: Interval(
+            *bootstrap_ci(
+                np.asarray(values, dtype=float),
+                sessions,
+                e.bootstrap_samples,
+                e.ci_level,
+                settings.seed,
+            )
+        )
+        for metric, values in per_case.items()
+    }
+    lengths = np.array([c.length for c in cases])
+    ndcg = np.asarray(per_case[f"ndcg@{e.slots}"])
+    by_length = {
+        label: {"ndcg": float(ndcg[mask].mean()), "cases": int(mask.sum())}
+        for label, lo, hi in LENGTH_BUCKETS
+        if (mask := (lengths >= lo) & (lengths <= hi)).any()
+    }
+    return TaskResult(
+        dataset=dataset,
+        rail=rail,
+        model=name,
+        cases=len(cases),
+        sessions=len(set(sessions.tolist())),
+        metrics=metrics,
+        coverage=coverage_at(ranked, len(catalogue), e.slots),
+        by_length=by_length,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def per_case_metrics(
+    ranked: list[list[str]], cases: list[EvalCase], catalogue: Catalogue, settings: Settings
+) -> dict[str, list[float]]:
+    """Each metric of `metric_names`, one value per case (NaN where it does not apply)."""
+    e = settings.evaluation
+    rows = []
+    for items, case in zip(ranked, cases, strict=True):
+        targets = set(case.targets)
+        diversity = intra_list_diversity(items, catalogue.category_of, e.slots)
+        rows.append(
+            (
+                recall_at(items, targets, e.slots),
+                recall_at(items, targets, e.candidates),
+                ndcg_at(items, targets, e.slots),
+                reciprocal_rank(items, targets, e.mrr_depth),
+                float("nan") if diversity is None else diversity,
+            )
+        )
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 5
+    return {name: list(col) for name, col in zip(metric_names(settings), columns, strict=True)}
+
+
+def as_dict(result: DatasetResult) -> dict[str, object]:
+    return asdict(result)

@@ -1,0 +1,112 @@
+"""`railtower evaluate`: load data sets, score baselines (and later models), write a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from railtower.datasets import load_dataset
+from railtower.logs import get_logger
+from railtower.manifest import (
+    DataWindow,
+    Manifest,
+    library_versions,
+    new_version,
+    now_iso,
+    sha256_of,
+)
+from railtower.settings import Settings, load_dataset_spec
+from ranking.baselines import BASELINES
+from ranking.retriever import Retriever
+from training.evaluate import DatasetResult, evaluate_dataset
+from training.report import write_report
+from training.split import SplitName
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EvaluationRun:
+    folder: Path
+    results: list[DatasetResult]
+    outputs: dict[str, Path]
+
+
+def baseline_models(settings: Settings, basket: bool) -> dict[str, Callable[[], Retriever]]:
+    unknown = set(settings.evaluation.baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: {sorted(BASELINES)}")
+    return {
+        name: (lambda name=name: BASELINES[name](settings, basket))  # type: ignore[misc]
+        for name in settings.evaluation.baselines
+    }
+
+
+def run_evaluation(
+    settings: Settings,
+    datasets: list[str] | None = None,
+    target: SplitName = "test",
+    run_name: str | None = None,
+    extra_models: Mapping[str, Callable[[], Retriever]] | None = None,
+) -> EvaluationRun:
+    """Evaluate the baselines (and any extra models) on each data set; write the report.
+
+    Args:
+        datasets: names of configs/datasets/*.yaml (default: settings.datasets).
+        target: "test" for the reported numbers, "validation" for tuning.
+        run_name: folder name under reports/ (default: a timestamped version).
+    """
+    run = run_name or new_version("eval")
+    folder = settings.reports_dir / run
+    folder.mkdir(parents=True, exist_ok=True)
+    results, windows = [], []
+    for name in datasets or settings.datasets:
+        spec = load_dataset_spec(name, settings)
+        dataset = load_dataset(spec, settings)
+        models = {
+            **baseline_models(settings, spec.session_kind == "basket"),
+            **(extra_models or {}),
+        }
+        results.append(evaluate_dataset(dataset, settings, models, target))
+        windows.append(_window(dataset, settings))
+    header = {
+        "run": run,
+        "split": target,
+        "created_at": now_iso(),
+        "settings_fingerprint": settings.fingerprint(),
+    }
+    outputs = write_report(folder, results, settings, header)
+    Manifest(
+        kind="evaluation",
+        version=run,
+        created_at=header["created_at"],
+        git_commit=None,
+        settings_fingerprint=settings.fingerprint(),
+        data=windows,
+        metrics={"tasks": len([t for r in results for t in r.tasks])},
+        libraries=library_versions(),
+    ).write(folder)
+    latest = settings.reports_dir / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(folder.name)
+    log.info("report written", folder=str(folder))
+    return EvaluationRun(folder, results, outputs)
+
+
+def _window(dataset, settings: Settings) -> DataWindow:  # type: ignore[no-untyped-def]
+    spec = dataset.spec
+    files = {}
+    for mapping in (spec.events, spec.items):
+        if mapping is not None:
+            path = spec.path(settings, mapping.path)
+            files[str(path)] = sha256_of(path)
+    events = dataset.events
+    timed = events is not None and dataset.has_time
+    return DataWindow(
+        dataset=spec.name,
+        files=files,
+        events=None if events is None else len(events),
+        start=str(events["event_time"].min()) if timed else None,
+        end=str(events["event_time"].max()) if timed else None,
+    )

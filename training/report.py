@@ -1,0 +1,145 @@
+"""Write an evaluation run as JSON, a markdown table and plots a person can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+import numpy as np
+import orjson
+
+from railtower.settings import Settings
+from training.evaluate import DatasetResult, TaskResult, as_dict, metric_names
+
+_PLOTTED = ("recall@", "ndcg@", "mrr@")
+
+
+def write_report(
+    folder: Path, results: list[DatasetResult], settings: Settings, header: dict[str, object]
+) -> dict[str, Path]:
+    """Write results.json, results.md and plots/ under `folder`; return their paths."""
+    plots = folder / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **header,
+        "settings": settings.model_dump(mode="json"),
+        "datasets": [as_dict(r) for r in results],
+    }
+    json_path = folder / "results.json"
+    json_path.write_bytes(
+        orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    )
+    for result in results:
+        for rail in dict.fromkeys(t.rail for t in result.tasks):
+            tasks = [t for t in result.tasks if t.rail == rail]
+            plot_metrics(tasks, settings, plots / f"{result.dataset}_{rail}_metrics.png")
+            plot_by_length(tasks, settings, plots / f"{result.dataset}_{rail}_by_length.png")
+    md_path = folder / "results.md"
+    md_path.write_text(markdown(results, settings, header))
+    return {"json": json_path, "markdown": md_path, "plots": plots}
+
+
+def _cell(task: TaskResult, metric: str) -> str:
+    iv = task.metrics[metric]
+    if np.isnan(iv.mean):
+        return "n/a"
+    return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
+
+
+def markdown_table(results: list[DatasetResult], settings: Settings) -> str:
+    """One row per data set x rail x model, metric means with their bootstrap intervals."""
+    names = metric_names(settings)
+    slots = settings.evaluation.slots
+    head = ["data set", "rail", "model", "cases", *names, f"coverage@{slots}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for result in results:
+        for t in result.tasks:
+            row = [
+                t.dataset,
+                t.rail,
+                t.model,
+                f"{t.cases:,}",
+                *(_cell(t, m) for m in names),
+                f"{t.coverage:.4f}",
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: list[DatasetResult], settings: Settings, header: dict[str, object]) -> str:
+    level = int(settings.evaluation.ci_level * 100)
+    out = [
+        f"# Evaluation run {header.get('run')}",
+        "",
+        f"Split: `{header.get('split')}`; every model ranks the full catalogue; "
+        f"[low, high] is the {level}% bootstrap interval over sessions "
+        f"({settings.evaluation.bootstrap_samples} resamples). "
+        f"Settings `{header.get('settings_fingerprint')}`.",
+        "",
+        markdown_table(results, settings),
+        "",
+    ]
+    for result in results:
+        out.append(f"## {result.dataset}")
+        if result.split:
+            out.append(f"- split: `{orjson.dumps(result.split).decode()}`")
+        for report in result.validation:
+            dropped = report["dropped"] or "none"
+            out.append(
+                f"- {report['file']}: {report['rows_in']:,} rows in, "
+                f"{report['rows_out']:,} kept, dropped: {dropped}"
+            )
+            out.extend(f"  - {note}" for note in report["notes"])  # type: ignore[attr-defined]
+        out.extend(f"- skipped: {s}" for s in result.skipped)
+        for rail in dict.fromkeys(t.rail for t in result.tasks):
+            out.append(
+                f"- plots: `plots/{result.dataset}_{rail}_metrics.png`, "
+                f"`plots/{result.dataset}_{rail}_by_length.png`"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_metrics(tasks: list[TaskResult], settings: Settings, path: Path) -> None:
+    """Bars per model for each ranking metric, with the bootstrap interval as error bars."""
+    metrics = [m for m in metric_names(settings) if m.startswith(_PLOTTED)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    models = [t.model for t in tasks]
+    colors = plt.cm.tab10(np.arange(len(models)))  # type: ignore[attr-defined]
+    for ax, metric in zip(np.atleast_1d(axes), metrics, strict=True):
+        means = np.array([t.metrics[metric].mean for t in tasks])
+        low = means - np.array([t.metrics[metric].low for t in tasks])
+        high = np.array([t.metrics[metric].high for t in tasks]) - means
+        ax.bar(models, means, yerr=[low, high], capsize=4, color=colors)
+        ax.set_title(metric)
+        ax.tick_params(axis="x", rotation=35)
+        ax.grid(axis="y", alpha=0.3)
+    first = tasks[0]
+    fig.suptitle(
+        f"{first.dataset} / {first.rail}  ({first.cases:,} cases, "
+        f"{int(settings.evaluation.ci_level * 100)}% CI)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_by_length(tasks: list[TaskResult], settings: Settings, path: Path) -> None:
+    """NDCG by session length (prefix length, anchor position or cart size) per model."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for task in tasks:
+        labels = list(task.by_length)
+        ax.plot(labels, [task.by_length[b]["ndcg"] for b in labels], marker="o", label=task.model)
+    first = tasks[0]
+    counts = ", ".join(f"{b}: {v['cases']:,}" for b, v in first.by_length.items())
+    ax.set_xlabel(f"session length bucket (cases: {counts})", fontsize=8)
+    ax.set_ylabel(f"NDCG@{settings.evaluation.slots}")
+    ax.set_title(f"{first.dataset} / {first.rail}: NDCG by session length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

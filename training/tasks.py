@@ -1,0 +1,162 @@
+"""One evaluation task per rail: turn held-out sessions into (query, targets) cases.
+
+- homepage_hero: given a session prefix, the next item the shopper touches that is not in
+  the prefix (the data set's published target where it has one). Items already seen are
+  excluded: the hero rail is for discovery, not for "recently viewed".
+- pdp_fbt: given a product the shopper looked at, the items carted or bought later in the
+  same session (baskets: the rest of the basket); where the data set allows it, later views
+  stand in when a session has no cart or purchase.
+- cart_upsell: given the cart, the items carted or bought later that are not in it
+  (baskets: a seeded cut of the basket into cart and rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from railtower.settings import DatasetSpec, EvaluationSettings, RailName
+from ranking.retriever import Query
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    session_id: str
+    query: Query
+    targets: frozenset[str]
+    # prefix length (hero), session position of the anchor (pdp), cart size (cart): the
+    # breakdown axis of the "metric by session length" plot
+    length: int
+
+
+def build_cases(
+    rail: RailName, events: pd.DataFrame, spec: DatasetSpec, settings: EvaluationSettings, seed: int
+) -> list[EvalCase]:
+    """Cases for `rail` from held-out events, over a seeded sample of sessions."""
+    rng = np.random.default_rng(seed)
+    sessions = _sample_sessions(events, settings.max_sessions_per_task, rng)
+    builder = {
+        "homepage_hero": _hero_cases,
+        "pdp_fbt": _pdp_cases,
+        "cart_upsell": _cart_cases,
+    }[rail]
+    cases: list[EvalCase] = []
+    for session_id, frame in sessions:
+        cases.extend(builder(session_id, frame, spec, settings, rng))
+    return cases
+
+
+def _sample_sessions(
+    events: pd.DataFrame, limit: int, rng: np.random.Generator
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    ordered = events.sort_values(["session_id", "position"], kind="stable")
+    ids = ordered["session_id"].unique()
+    if len(ids) > limit:
+        ids = np.sort(rng.choice(ids, size=limit, replace=False))
+    chosen = ordered[ordered["session_id"].isin(set(ids))]
+    for session_id, frame in chosen.groupby("session_id", sort=True):
+        yield str(session_id), frame
+
+
+def _hero_cases(
+    session_id: str,
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    _s: EvaluationSettings,
+    _rng: np.random.Generator,
+) -> Iterator[EvalCase]:
+    items = frame["item_id"].tolist()
+    types = frame["event_type"].tolist()
+    if spec.events is not None and spec.events.target_column:
+        # The published target closes the session; everything before it is the prefix.
+        is_target = frame["is_target"].to_numpy()
+        if is_target.sum() != 1 or not is_target[-1]:
+            return
+        prefix, prefix_types = items[:-1], types[:-1]
+        if prefix and items[-1] not in prefix:
+            yield _hero_case(session_id, prefix, prefix_types, items[-1])
+        return
+    for t in range(1, len(items)):
+        if items[t] not in items[:t]:
+            yield _hero_case(session_id, items[:t], types[:t], items[t])
+
+
+def _hero_case(session_id: str, prefix: list[str], types: list[str], target: str) -> EvalCase:
+    query = Query(tuple(prefix), tuple(types), exclude=frozenset(prefix))
+    return EvalCase(session_id, query, frozenset([target]), len(set(prefix)))
+
+
+def _pdp_cases(
+    session_id: str,
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    settings: EvaluationSettings,
+    rng: np.random.Generator,
+) -> Iterator[EvalCase]:
+    items = frame["item_id"].tolist()
+    types = frame["event_type"].tolist()
+    strong = set(spec.strong_event_types)
+    first_seen = list(dict.fromkeys(items))
+    candidates: list[tuple[str, frozenset[str], int]] = []
+    for anchor in first_seen:
+        if spec.session_kind == "basket":
+            targets = frozenset(first_seen) - {anchor}
+            at = 0
+        else:
+            at = items.index(anchor)
+            later = list(zip(items[at + 1 :], types[at + 1 :], strict=True))
+            targets = frozenset(i for i, t in later if t in strong) - {anchor}
+            if not targets and spec.fallback_to_views:
+                targets = frozenset(i for i, _ in later) - {anchor}
+        if targets:
+            candidates.append((anchor, targets, at))
+    if len(candidates) > settings.pdp_anchors_per_session:
+        pick = rng.choice(len(candidates), settings.pdp_anchors_per_session, replace=False)
+        candidates = [candidates[i] for i in sorted(pick)]
+    for anchor, targets, at in candidates:
+        history = items[:at] if spec.session_kind == "sequence" else []
+        history_types = types[:at] if spec.session_kind == "sequence" else []
+        query = Query(
+            tuple(history), tuple(history_types), anchor=anchor, exclude=frozenset([anchor])
+        )
+        yield EvalCase(session_id, query, targets, at + 1)
+
+
+def _cart_cases(
+    session_id: str,
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    _s: EvaluationSettings,
+    rng: np.random.Generator,
+) -> Iterator[EvalCase]:
+    items = frame["item_id"].tolist()
+    types = frame["event_type"].tolist()
+    if spec.session_kind == "basket":
+        basket = list(dict.fromkeys(items))
+        if len(basket) < 2:
+            return
+        cut = int(rng.integers(1, len(basket)))
+        cart = tuple(basket[:cut])
+        query = Query(cart, ("cart",) * len(cart), cart=cart, exclude=frozenset(cart))
+        yield EvalCase(session_id, query, frozenset(basket[cut:]), len(cart))
+        return
+    strong = set(spec.strong_event_types)
+    cart: list[str] = []
+    for t, (item, kind) in enumerate(zip(items, types, strict=True)):
+        if kind == "remove_from_cart" and item in cart:
+            cart.remove(item)
+        elif kind in strong and item not in cart:
+            cart.append(item)
+            later = {i for i, k in zip(items[t + 1 :], types[t + 1 :], strict=True) if k in strong}
+            targets = frozenset(later - set(cart))
+            if targets:
+                query = Query(
+                    tuple(items[: t + 1]),
+                    tuple(types[: t + 1]),
+                    cart=tuple(cart),
+                    exclude=frozenset(cart),
+                )
+                yield EvalCase(session_id, query, targets, len(cart))
