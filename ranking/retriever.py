@@ -28,10 +28,14 @@ class Query:
         anchor: the product on the page (pdp_fbt), else None.
         cart: items in the cart (cart_upsell), else empty.
         exclude: items that must not be returned (the anchor, the cart, items already seen).
+        session_times: epoch seconds of each session item (empty where there is no clock).
+        context: device / locale / country of the request, if known.
     """
 
     session_items: tuple[str, ...] = ()
     session_types: tuple[str, ...] = ()
+    session_times: tuple[float, ...] = ()
+    context: str | None = None
     anchor: str | None = None
     cart: tuple[str, ...] = ()
     exclude: frozenset[str] = field(default_factory=frozenset)

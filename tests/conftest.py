@@ -1,4 +1,5 @@
 """Shared fixtures: small settings for fast runs and a toy catalogue whose answers are known."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -16,15 +17,24 @@ def fast_settings(tmp_path) -> Settings:
     )
 
 
-def toy_events(sessions: dict[str, list[tuple[str, str]]], start: str = "2024-01-01") -> pd.DataFrame:
+def toy_events(
+    sessions: dict[str, list[tuple[str, str]]], start: str = "2024-01-01"
+) -> pd.DataFrame:
     """Canonical events from {session: [(item, type), ...]}, one minute apart, in dict order."""
     rows, t = [], pd.Timestamp(start, tz="UTC")
     for session, events in sessions.items():
         for position, (item, kind) in enumerate(events):
-            rows.append({
-                "event_id": f"{session}-{position}", "event_time": t, "event_type": kind,
-                "session_id": session, "item_id": item, "position": position, "price": 1.0,
-            })
+            rows.append(
+                {
+                    "event_id": f"{session}-{position}",
+                    "event_time": t,
+                    "event_type": kind,
+                    "session_id": session,
+                    "item_id": item,
+                    "position": position,
+                    "price": 1.0,
+                }
+            )
             t += pd.Timedelta(minutes=1)
     frame = pd.DataFrame(rows)
     for col in ("event_id", "event_type", "session_id", "item_id"):

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,20 @@ def build_cases(
     return cases
 
 
+CONTEXT_COLUMNS = ("device", "locale", "country")
+
+
+def _times(frame: pd.DataFrame) -> list[float]:
+    return (frame["event_time"].astype("int64") / 1e9).tolist()
+
+
+def _context(frame: pd.DataFrame) -> str | None:
+    for column in CONTEXT_COLUMNS:
+        if column in frame.columns and frame[column].notna().any():
+            return str(frame[column].dropna().iloc[0])
+    return None
+
+
 def _sample_sessions(
     events: pd.DataFrame, limit: int, rng: np.random.Generator
 ) -> Iterator[tuple[str, pd.DataFrame]]:
@@ -69,24 +83,32 @@ def _hero_cases(
     _rng: np.random.Generator,
 ) -> Iterator[EvalCase]:
     items = frame["item_id"].tolist()
+    base = Query(session_times=tuple(_times(frame)), context=_context(frame))
     types = frame["event_type"].tolist()
     if spec.events is not None and spec.events.target_column:
         # The published target closes the session; everything before it is the prefix.
         is_target = frame["is_target"].to_numpy()
         if is_target.sum() != 1 or not is_target[-1]:
             return
-        prefix, prefix_types = items[:-1], types[:-1]
-        if prefix and items[-1] not in prefix:
-            yield _hero_case(session_id, prefix, prefix_types, items[-1])
+        if len(items) > 1 and items[-1] not in items[:-1]:
+            yield _hero_case(session_id, base, items, types, len(items) - 1)
         return
     for t in range(1, len(items)):
         if items[t] not in items[:t]:
-            yield _hero_case(session_id, items[:t], types[:t], items[t])
+            yield _hero_case(session_id, base, items, types, t)
 
 
-def _hero_case(session_id: str, prefix: list[str], types: list[str], target: str) -> EvalCase:
-    query = Query(tuple(prefix), tuple(types), exclude=frozenset(prefix))
-    return EvalCase(session_id, query, frozenset([target]), len(set(prefix)))
+def _hero_case(
+    session_id: str, base: Query, items: list[str], types: list[str], t: int
+) -> EvalCase:
+    query = replace(
+        base,
+        session_items=tuple(items[:t]),
+        session_types=tuple(types[:t]),
+        session_times=base.session_times[:t],
+        exclude=frozenset(items[:t]),
+    )
+    return EvalCase(session_id, query, frozenset([items[t]]), len(set(items[:t])))
 
 
 def _pdp_cases(
@@ -140,10 +162,14 @@ def _cart_cases(
             return
         cut = int(rng.integers(1, len(basket)))
         cart = tuple(basket[:cut])
-        query = Query(cart, ("cart",) * len(cart), cart=cart, exclude=frozenset(cart))
+        when = (_times(frame)[0],) * len(cart)
+        query = Query(
+            cart, ("cart",) * len(cart), when, _context(frame), cart=cart, exclude=frozenset(cart)
+        )
         yield EvalCase(session_id, query, frozenset(basket[cut:]), len(cart))
         return
     strong = set(spec.strong_event_types)
+    times, context = _times(frame), _context(frame)
     cart: list[str] = []
     for t, (item, kind) in enumerate(zip(items, types, strict=True)):
         if kind == "remove_from_cart" and item in cart:
@@ -156,6 +182,8 @@ def _cart_cases(
                 query = Query(
                     tuple(items[: t + 1]),
                     tuple(types[: t + 1]),
+                    tuple(times[: t + 1]),
+                    context,
                     cart=tuple(cart),
                     exclude=frozenset(cart),
                 )

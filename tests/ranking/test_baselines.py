@@ -1,4 +1,5 @@
 """One contract for every baseline retriever, plus known-answer checks on a toy catalogue."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -22,10 +23,12 @@ SESSIONS = {
     "odd": [("lamp", "view"), ("tv", "view")],
 }
 EVENTS = toy_events(SESSIONS)
-ITEMS = pd.DataFrame({
-    "item_id": ["tv", "hdmi", "mount", "phone", "case", "charger", "lamp", "kettle"],
-    "category_path": ["tv", "cable", "mount", "phone", "case", "charger", "light", "kitchen"],
-})
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["tv", "hdmi", "mount", "phone", "case", "charger", "lamp", "kettle"],
+        "category_path": ["tv", "cable", "mount", "phone", "case", "charger", "light", "kitchen"],
+    }
+)
 CATALOGUE = Catalogue(ITEMS)
 
 
@@ -38,8 +41,9 @@ def test_contract_fills_k_unique_items_never_excluded(fitted):
     queries = [
         Query(("tv",), ("view",), exclude=frozenset({"tv"})),
         Query(anchor="phone", exclude=frozenset({"phone"})),
-        Query(("tv", "hdmi"), ("view", "cart"), cart=("tv", "hdmi"),
-              exclude=frozenset({"tv", "hdmi"})),
+        Query(
+            ("tv", "hdmi"), ("view", "cart"), cart=("tv", "hdmi"), exclude=frozenset({"tv", "hdmi"})
+        ),
         Query(("unknown-item",), ("view",), exclude=frozenset({"unknown-item"})),
     ]
     for query, ranked in zip(queries, fitted.recommend(queries, k=5), strict=True):
@@ -77,22 +81,29 @@ def test_popularity_decays_old_events():
 
 @pytest.mark.parametrize("basket", [False, True])
 def test_covisitation_finds_the_companion_items(basket):
-    model = CovisitationRetriever(SETTINGS.baselines.covisitation, SETTINGS.event_weights,
-                                  SETTINGS.baselines.popularity, basket=basket)
+    model = CovisitationRetriever(
+        SETTINGS.baselines.covisitation,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=basket,
+    )
     (ranked,) = model.fit(EVENTS, CATALOGUE).recommend(
-        [Query(anchor="tv", exclude=frozenset({"tv"}))], k=2)
+        [Query(anchor="tv", exclude=frozenset({"tv"}))], k=2
+    )
     assert set(ranked) == {"hdmi", "mount"}
     (ranked,) = model.recommend([Query(anchor="phone", exclude=frozenset({"phone"}))], k=1)
     assert ranked == ["case"]
 
 
 def test_session_knn_continues_like_similar_sessions():
-    model = SessionKnnRetriever(SETTINGS.baselines.session_knn, SETTINGS.event_weights,
-                                SETTINGS.baselines.popularity).fit(EVENTS, CATALOGUE)
+    model = SessionKnnRetriever(
+        SETTINGS.baselines.session_knn, SETTINGS.event_weights, SETTINGS.baselines.popularity
+    ).fit(EVENTS, CATALOGUE)
     (ranked,) = model.recommend([Query(("tv",), ("view",), exclude=frozenset({"tv"}))], k=2)
     assert set(ranked) == {"hdmi", "mount"}
     # a lamp-then-tv session resembles 'odd' and the tv sessions: the lamp's only
     # neighbour session contributes nothing new, the tv sessions bring hdmi and mount
     (ranked,) = model.recommend(
-        [Query(("lamp", "tv"), ("view", "view"), exclude=frozenset({"lamp", "tv"}))], k=2)
+        [Query(("lamp", "tv"), ("view", "view"), exclude=frozenset({"lamp", "tv"}))], k=2
+    )
     assert set(ranked) == {"hdmi", "mount"}

@@ -1,4 +1,5 @@
 """The harness end to end on the shared data: baselines beat random, runs repeat exactly."""
+
 from __future__ import annotations
 
 import orjson
@@ -67,16 +68,32 @@ def test_same_seed_same_numbers(rees46_run):
 def test_basket_and_id_only_data_sets_run(tmp_path):
     from railtower.settings import load_settings
 
-    settings = load_settings(reports_dir=tmp_path, evaluation={
-        "bootstrap_samples": 100, "max_sessions_per_task": 400,
-        "baselines": ["random", "covisitation"]})
+    settings = load_settings(
+        reports_dir=tmp_path,
+        evaluation={
+            "bootstrap_samples": 100,
+            "max_sessions_per_task": 400,
+            "baselines": ["random", "covisitation"],
+        },
+    )
     run = run_evaluation(settings, ["uci_online_retail", "amazon_m2", "hm_catalogue"])
-    for rail, dataset in (("pdp_fbt", "uci_online_retail"), ("cart_upsell", "uci_online_retail"),
-                          ("homepage_hero", "amazon_m2")):
-        covisit = [t for r in run.results for t in r.tasks
-                   if (t.dataset, t.rail, t.model) == (dataset, rail, "covisitation")][0]
-        rand = [t for r in run.results for t in r.tasks
-                if (t.dataset, t.rail, t.model) == (dataset, rail, "random")][0]
+    for rail, dataset in (
+        ("pdp_fbt", "uci_online_retail"),
+        ("cart_upsell", "uci_online_retail"),
+        ("homepage_hero", "amazon_m2"),
+    ):
+        covisit = [
+            t
+            for r in run.results
+            for t in r.tasks
+            if (t.dataset, t.rail, t.model) == (dataset, rail, "covisitation")
+        ][0]
+        rand = [
+            t
+            for r in run.results
+            for t in r.tasks
+            if (t.dataset, t.rail, t.model) == (dataset, rail, "random")
+        ][0]
         assert covisit.metrics["ndcg@12"].low > rand.metrics["ndcg@12"].high
     hm = [r for r in run.results if r.dataset == "hm_catalogue"][0]
     assert not hm.tasks and hm.skipped

@@ -1,4 +1,5 @@
 """Metric functions against hand-computed cases, including ties and duplicates."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The split is by time (or seeded session hash), keeps sessions whole, and leaks nothing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,10 @@ def test_no_test_event_reaches_training_features(rees46):
     for item in only_in_test:
         assert popularity.scores[catalogue.index[item]] == 0.0
     covisit = CovisitationRetriever(
-        settings.baselines.covisitation, settings.event_weights,
-        settings.baselines.popularity, basket=False,
+        settings.baselines.covisitation,
+        settings.event_weights,
+        settings.baselines.popularity,
+        basket=False,
     ).fit(fit, catalogue)
     rows, cols = covisit.matrix.nonzero()
     touched = {catalogue.ids[i] for i in np.r_[rows, cols]}
@@ -58,10 +61,12 @@ def test_no_test_event_reaches_training_features(rees46):
 
 
 def test_hash_split_is_seeded_disjoint_and_whole():
-    events = pd.DataFrame({
-        "session_id": pd.array([f"s{i // 3}" for i in range(3000)], dtype="string"),
-        "item_id": pd.array([str(i % 50) for i in range(3000)], dtype="string"),
-    })
+    events = pd.DataFrame(
+        {
+            "session_id": pd.array([f"s{i // 3}" for i in range(3000)], dtype="string"),
+            "item_id": pd.array([str(i % 50) for i in range(3000)], dtype="string"),
+        }
+    )
     shares = SplitSettings(validation_share=0.1, test_share=0.2)
     a = split_events(events, False, shares, seed=1)
     b = split_events(events, False, shares, seed=1)
@@ -76,9 +81,11 @@ def test_hash_split_is_seeded_disjoint_and_whole():
 
 
 def test_time_split_refuses_tiny_data():
-    events = pd.DataFrame({
-        "session_id": ["a", "b"],
-        "event_time": pd.to_datetime(["2024-01-01", "2024-01-02"], utc=True),
-    })
+    events = pd.DataFrame(
+        {
+            "session_id": ["a", "b"],
+            "event_time": pd.to_datetime(["2024-01-01", "2024-01-02"], utc=True),
+        }
+    )
     with pytest.raises(ValueError, match="at least 10 sessions"):
         split_events(events, True, SplitSettings(), seed=0)

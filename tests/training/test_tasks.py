@@ -1,4 +1,5 @@
 """Each rail's evaluation cases on toy sessions whose right answers are written out."""
+
 from __future__ import annotations
 
 from railtower.settings import DatasetSpec, EvaluationSettings, EventsMapping
@@ -6,8 +7,12 @@ from tests.conftest import toy_events
 from training.tasks import build_cases
 
 MAPPING = EventsMapping(path="x", columns={"event_time": "t"})
-SEQ = DatasetSpec(name="toy", events=MAPPING, rails=["homepage_hero", "pdp_fbt", "cart_upsell"],
-                  fallback_to_views=True)
+SEQ = DatasetSpec(
+    name="toy",
+    events=MAPPING,
+    rails=["homepage_hero", "pdp_fbt", "cart_upsell"],
+    fallback_to_views=True,
+)
 BASKET = SEQ.model_copy(update={"session_kind": "basket", "strong_event_types": ["purchase"]})
 EVAL = EvaluationSettings(max_sessions_per_task=100, pdp_anchors_per_session=10)
 
@@ -25,26 +30,38 @@ def test_hero_targets_next_unseen_item_and_excludes_the_prefix():
 
 
 def test_pdp_targets_later_strong_events_then_falls_back_to_views():
-    events = toy_events({
-        "s1": [("tv", "view"), ("hdmi", "view"), ("hdmi", "cart"), ("mount", "purchase")],
-        "s2": [("phone", "view"), ("case", "view")],
-    })
-    cases = {(c.session_id, c.query.anchor): c for c in
-             build_cases("pdp_fbt", events, SEQ, EVAL, seed=0)}
+    events = toy_events(
+        {
+            "s1": [("tv", "view"), ("hdmi", "view"), ("hdmi", "cart"), ("mount", "purchase")],
+            "s2": [("phone", "view"), ("case", "view")],
+        }
+    )
+    cases = {
+        (c.session_id, c.query.anchor): c for c in build_cases("pdp_fbt", events, SEQ, EVAL, seed=0)
+    }
     assert set(cases[("s1", "tv")].targets) == {"hdmi", "mount"}
     assert set(cases[("s1", "hdmi")].targets) == {"mount"}
     assert ("s1", "mount") not in cases  # nothing follows the last item
     assert set(cases[("s2", "phone")].targets) == {"case"}  # fallback: later views
     strict = SEQ.model_copy(update={"fallback_to_views": False})
-    assert not [c for c in build_cases("pdp_fbt", events, strict, EVAL, seed=0)
-                if c.session_id == "s2"]
+    assert not [
+        c for c in build_cases("pdp_fbt", events, strict, EVAL, seed=0) if c.session_id == "s2"
+    ]
 
 
 def test_cart_upsell_never_targets_cart_items_and_follows_removals():
-    events = toy_events({"s": [
-        ("tv", "cart"), ("mount", "cart"), ("mount", "remove_from_cart"),
-        ("hdmi", "cart"), ("tv", "purchase"), ("soundbar", "purchase"),
-    ]})
+    events = toy_events(
+        {
+            "s": [
+                ("tv", "cart"),
+                ("mount", "cart"),
+                ("mount", "remove_from_cart"),
+                ("hdmi", "cart"),
+                ("tv", "purchase"),
+                ("soundbar", "purchase"),
+            ]
+        }
+    )
     cases = build_cases("cart_upsell", events, SEQ, EVAL, seed=0)
     assert [(c.query.cart, set(c.targets)) for c in cases] == [
         (("tv",), {"mount", "hdmi", "soundbar"}),
