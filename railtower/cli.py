@@ -82,22 +82,46 @@ def evaluate(
     ),
     split: str = typer.Option("test", help="test (reported numbers) or validation (tuning)"),
     run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    towers: bool = typer.Option(False, help="also train, export and score the two towers"),
     config: Path | None = ConfigOption,
 ) -> None:
     """Score every model on every rail each data set supports; write reports/<run>/."""
     from training.harness import run_evaluation
-    from training.report import markdown_table
+    from training.report import cold_table, markdown_table
 
     if split not in ("test", "validation"):
         raise typer.BadParameter("split must be 'test' or 'validation'")
     settings = _settings(config)
     try:
-        run = run_evaluation(settings, datasets, split, run_name)  # type: ignore[arg-type]
+        run = run_evaluation(settings, datasets, split, run_name, towers)  # type: ignore[arg-type]
     except RailtowerError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(markdown_table(run.results, settings), markup=False, soft_wrap=True)
+    console.print(
+        "\ncold-item slice:\n" + cold_table(run.results, settings), markup=False, soft_wrap=True
+    )
     console.print(f"\nreport: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
+
+
+@app.command("distill-images")
+def distill_images(
+    dataset: str = typer.Option("hm_catalogue", "--dataset", "-d", help="a data set with photos"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Train the image encoder on a catalogue's own photos (aligned with their text)."""
+    from railtower.datasets import load_dataset
+    from training.image_distill import distill_image_encoder
+
+    settings = _settings(config)
+    try:
+        weights = distill_image_encoder(settings, load_dataset(dataset, settings).items)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"image encoder weights: {weights}\nuse them with: RAILTOWER_IMAGE__WEIGHTS_PATH={weights}"
+    )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class ImageSettings(_Section):
     architecture: str = "vit_tiny_patch16_224"
     # Input resolution and patch size: small enough to train on CPU.
     image_size: int = Field(64, ge=16)
-    patch_size: int = Field(8, ge=4)
+    patch_size: int = Field(16, ge=4)
     # Local weights file (pretrained or distilled); null means train by distillation.
     weights_path: Path | None = None
     # Distillation: epochs, batch size, learning rate, and a cap on images (0 = all).
@@ -128,6 +128,25 @@ class ImageSettings(_Section):
     batch_size: int = Field(128, ge=8)
     learning_rate: float = Field(1e-3, gt=0)
     max_images: int = Field(0, ge=0)
+    # Softmax temperature of the symmetric InfoNCE loss between photo and text embeddings.
+    temperature: float = Field(0.05, gt=0)
+    # Share of items (whole product groups, seeded) held out of distillation for validation.
+    validation_share: float = Field(0.1, gt=0.0, lt=0.5)
+
+    @field_validator("weights_path")
+    @classmethod
+    def _resolve_weights(cls, path: Path | None) -> Path | None:
+        if path is None or path.is_absolute():
+            return path
+        return (PROJECT_ROOT / path).resolve()
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> ImageSettings:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        return self
 
 
 class TowerSettings(_Section):
@@ -165,7 +184,7 @@ class TrainingSettings(_Section):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1
     # Cap on training examples (0 = all), for quick runs.
-    max_examples: int = Field(0, ge=0)
+    max_examples: int = Field(120_000, ge=0)
 
 
 class IndexSettings(_Section):

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 railtower validate
-railtower evaluate --run-name "main-$(date -u +%Y%m%dT%H%M%SZ)"
+railtower evaluate --towers --run-name "main-$(date -u +%Y%m%dT%H%M%SZ)"

@@ -8,7 +8,7 @@ that resamples sessions, so an improvement inside the interval reads as no impro
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -57,6 +57,10 @@ class TaskResult:
     coverage: float
     by_length: dict[str, dict[str, float]]
     seconds: float
+    # cases whose every target was never seen in the training events: where ID-based
+    # models cannot score and only content can
+    cold_cases: int = 0
+    cold: dict[str, Interval] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,13 +102,14 @@ def evaluate_dataset(
         if not rail_cases:
             result.skipped.append(f"{rail}: no held-out case in the {target} split")
     fit_events = split.fit_events(target)
+    warm = set(fit_events["item_id"])
     for name, make in models.items():
         started = time.perf_counter()
         model = make().fit(fit_events, catalogue)
         fit_s = time.perf_counter() - started
         for rail, rail_cases in cases.items():
             if rail_cases:
-                task = score(model, name, rail, rail_cases, catalogue, settings, dataset.name)
+                task = score(model, name, rail, rail_cases, catalogue, settings, dataset.name, warm)
                 task.seconds += fit_s
                 result.tasks.append(task)
                 log.info(
@@ -134,8 +139,12 @@ def score(
     catalogue: Catalogue,
     settings: Settings,
     dataset: str,
+    warm_items: set[str] | None = None,
 ) -> TaskResult:
-    """Rank the full catalogue for every case and aggregate the metrics with intervals."""
+    """Rank the full catalogue for every case and aggregate the metrics with intervals.
+
+    With `warm_items` (the items of the training events), the cold slice is scored too.
+    """
     e = settings.evaluation
     started = time.perf_counter()
     ranked = model.recommend([c.query for c in cases], e.candidates)
@@ -146,18 +155,17 @@ def score(
     ]
     per_case = per_case_metrics(ranked, cases, catalogue, settings)
     sessions = np.array([c.session_id for c in cases])
-    metrics = {
-        metric: Interval(
-            *bootstrap_ci(
-                np.asarray(values, dtype=float),
-                sessions,
-                e.bootstrap_samples,
-                e.ci_level,
-                settings.seed,
-            )
+    metrics = _intervals(per_case, sessions, settings)
+    cold_mask = np.array([warm_items is not None and not (c.targets & warm_items) for c in cases])
+    cold = (
+        _intervals(
+            {m: np.asarray(v)[cold_mask] for m, v in per_case.items()},
+            sessions[cold_mask],
+            settings,
         )
-        for metric, values in per_case.items()
-    }
+        if cold_mask.any()
+        else {}
+    )
     lengths = np.array([c.length for c in cases])
     ndcg = np.asarray(per_case[f"ndcg@{e.slots}"])
     by_length = {
@@ -175,7 +183,27 @@ def score(
         coverage=coverage_at(ranked, len(catalogue), e.slots),
         by_length=by_length,
         seconds=time.perf_counter() - started,
+        cold_cases=int(cold_mask.sum()),
+        cold=cold,
     )
+
+
+def _intervals(
+    per_case: Mapping[str, Sequence[float] | np.ndarray], sessions: np.ndarray, settings: Settings
+) -> dict[str, Interval]:
+    e = settings.evaluation
+    return {
+        metric: Interval(
+            *bootstrap_ci(
+                np.asarray(values, dtype=float),
+                sessions,
+                e.bootstrap_samples,
+                e.ci_level,
+                settings.seed,
+            )
+        )
+        for metric, values in per_case.items()
+    }
 
 
 def per_case_metrics(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from railtower.datasets import load_dataset
@@ -22,6 +23,7 @@ from ranking.retriever import Retriever
 from training.evaluate import DatasetResult, evaluate_dataset
 from training.report import write_report
 from training.split import SplitName
+from training.tower_model import TowerRetriever
 
 log = get_logger(__name__)
 
@@ -48,14 +50,16 @@ def run_evaluation(
     datasets: list[str] | None = None,
     target: SplitName = "test",
     run_name: str | None = None,
-    extra_models: Mapping[str, Callable[[], Retriever]] | None = None,
+    towers: bool = False,
 ) -> EvaluationRun:
-    """Evaluate the baselines (and any extra models) on each data set; write the report.
+    """Evaluate the baselines (and, with `towers`, the two-tower model) on each data set.
 
     Args:
         datasets: names of configs/datasets/*.yaml (default: settings.datasets).
         target: "test" for the reported numbers, "validation" for tuning.
         run_name: folder name under reports/ (default: a timestamped version).
+        towers: also train the towers on each data set's training window, export a bundle
+            to artifacts/<run>-<data set>/ and score that bundle.
     """
     run = run_name or new_version("eval")
     folder = settings.reports_dir / run
@@ -64,10 +68,10 @@ def run_evaluation(
     for name in datasets or settings.datasets:
         spec = load_dataset_spec(name, settings)
         dataset = load_dataset(spec, settings)
-        models = {
-            **baseline_models(settings, spec.session_kind == "basket"),
-            **(extra_models or {}),
-        }
+        models = baseline_models(settings, spec.session_kind == "basket")
+        if towers and dataset.events is not None and spec.rails:
+            version = f"{run}-{spec.name}"
+            models["two_tower"] = partial(TowerRetriever, settings, spec, dataset.items, version)
         results.append(evaluate_dataset(dataset, settings, models, target))
         windows.append(_window(dataset, settings))
     header = {

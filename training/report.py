@@ -69,6 +69,36 @@ def markdown_table(results: list[DatasetResult], settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def cold_table(results: list[DatasetResult], settings: Settings) -> str:
+    """The cold-item slice: cases whose targets never occur in the training events."""
+    slots, depth = settings.evaluation.slots, settings.evaluation.candidates
+    names = [f"recall@{slots}", f"recall@{depth}", f"ndcg@{slots}"]
+    head = ["data set", "rail", "model", "cold cases", "share of cases", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for result in results:
+        for t in result.tasks:
+            if not t.cold_cases:
+                continue
+            cells = [
+                f"{t.cold[m].mean:.4f} [{t.cold[m].low:.4f}, {t.cold[m].high:.4f}]" for m in names
+            ]
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        t.dataset,
+                        t.rail,
+                        t.model,
+                        f"{t.cold_cases:,}",
+                        f"{t.cold_cases / t.cases:.1%}",
+                        *cells,
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(results: list[DatasetResult], settings: Settings, header: dict[str, object]) -> str:
     level = int(settings.evaluation.ci_level * 100)
     out = [
@@ -80,6 +110,10 @@ def markdown(results: list[DatasetResult], settings: Settings, header: dict[str,
         f"Settings `{header.get('settings_fingerprint')}`.",
         "",
         markdown_table(results, settings),
+        "",
+        "### Cold-item slice (targets never seen in training)",
+        "",
+        cold_table(results, settings),
         "",
     ]
     for result in results:

@@ -99,3 +99,17 @@ def _hash_split(events: pd.DataFrame, settings: SplitSettings, seed: int) -> Spl
         validation=events[(u >= train_end) & (u < 1 - settings.test_share)].reset_index(drop=True),
         test=events[u >= 1 - settings.test_share].reset_index(drop=True),
     )
+
+
+def holdout(
+    events: pd.DataFrame, has_time: bool, share: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split events into (fit, holdout) the same way the harness splits: latest sessions by
+    end time, or a seeded session hash. Used for early stopping inside a model's fit."""
+    if has_time:
+        ends = events.groupby("session_id")["event_time"].max().sort_values(kind="stable")
+        cut = ends.iloc[int(len(ends) * (1 - share))]
+        late = events["session_id"].map(ends) >= cut
+    else:
+        late = session_bucket(events["session_id"], seed + 1) >= 1 - share
+    return events[~late].reset_index(drop=True), events[late].reset_index(drop=True)

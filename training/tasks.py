@@ -20,6 +20,7 @@ import pandas as pd
 
 from railtower.settings import DatasetSpec, EvaluationSettings, RailName
 from ranking.retriever import Query
+from towers.session_features import context_column
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,14 @@ def build_cases(
     return cases
 
 
-CONTEXT_COLUMNS = ("device", "locale", "country")
-
-
 def _times(frame: pd.DataFrame) -> list[float]:
     return (frame["event_time"].astype("int64") / 1e9).tolist()
 
 
 def _context(frame: pd.DataFrame) -> str | None:
-    for column in CONTEXT_COLUMNS:
-        if column in frame.columns and frame[column].notna().any():
-            return str(frame[column].dropna().iloc[0])
-    return None
+    column = context_column(list(frame.columns))
+    value = None if column is None else frame[column].iloc[0]
+    return str(value) if isinstance(value, str) and value else None
 
 
 def _sample_sessions(

@@ -1,4 +1,5 @@
 """The `railtower` commands: real runs on the shared data, and clear failures on bad input."""
+
 from __future__ import annotations
 
 from typer.testing import CliRunner

@@ -1,0 +1,104 @@
+"""Load a trained bundle (`artifacts/<version>/`) through its manifest, never loose files.
+
+A bundle holds the exported user tower (TorchScript, with the catalogue's item vectors
+inside), the item tower (for new items), the item vectors, the HNSW index and the item
+featurizer's state. Loading verifies every file hash and the feature-spec hash of the
+running code, so a corrupt or mismatched bundle is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+from railtower.errors import ArtifactMismatch
+from railtower.manifest import Manifest
+from railtower.settings import TowerSettings
+from ranking.ann import HnswIndex, load_index
+from towers.item_features import ItemFeaturizer, item_feature_specs, spec_hash
+from towers.session_features import HistoryEvent, collate, session_features
+
+SESSION_ENCODER = "session_encoder.pt"
+ITEM_TOWER = "item_tower.pt"
+ITEM_VECTORS = "item_vectors.npy"
+ITEM_IDS = "item_ids.npy"
+FEATURIZER = "featurizer.json"
+TOWERS = "towers.json"
+INDEX_DIR = "index"
+
+
+@dataclass
+class TowerBundle:
+    folder: Path
+    manifest: Manifest
+    towers: TowerSettings
+    has_time: bool
+    item_ids: np.ndarray
+    item_row: dict[str, int]
+    item_vectors: np.ndarray
+    session_encoder: torch.jit.ScriptModule
+    index: HnswIndex
+    featurizer: ItemFeaturizer
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @classmethod
+    def load(cls, folder: Path) -> TowerBundle:
+        """Load and verify a bundle folder.
+
+        Raises:
+            ArtifactMismatch: a file is missing or altered, or the bundle's feature
+                definition differs from this code's.
+        """
+        manifest = Manifest.load(folder, verify=True)
+        meta = orjson.loads((folder / TOWERS).read_bytes())
+        towers = TowerSettings.model_validate(meta["towers"])
+        expected = spec_hash(item_feature_specs(towers))
+        if meta.get("feature_spec") != expected:
+            raise ArtifactMismatch(
+                f"{folder} was built with item feature spec {meta.get('feature_spec')}, this "
+                f"code has {expected}; retrain the bundle with this version"
+            )
+        ids = np.load(folder / ITEM_IDS, allow_pickle=False)
+        index = load_index(folder / INDEX_DIR)
+        if not isinstance(index, HnswIndex):
+            raise ArtifactMismatch(f"{folder / INDEX_DIR} is not an HNSW index")
+        encoder = torch.jit.load(str(folder / SESSION_ENCODER), map_location="cpu")
+        encoder.eval()
+        featurizer = ItemFeaturizer.from_state(
+            orjson.loads((folder / FEATURIZER).read_bytes()), towers
+        )
+        return cls(
+            folder,
+            manifest,
+            towers,
+            bool(meta["has_time"]),
+            ids,
+            {item: i for i, item in enumerate(ids.tolist())},
+            np.load(folder / ITEM_VECTORS, allow_pickle=False),
+            encoder,
+            index,
+            featurizer,
+        )
+
+    def encode_sessions(
+        self, histories: Sequence[Sequence[HistoryEvent]], contexts: Sequence[str | None]
+    ) -> np.ndarray:
+        """(B, D) float32 session vectors, the same way training built its inputs."""
+        feats = [
+            session_features(h, self.item_row, self.towers.max_history, self.has_time, c)
+            for h, c in zip(histories, contexts, strict=True)
+        ]
+        inputs = collate(feats)
+        with torch.inference_mode():
+            out = self.session_encoder(
+                inputs["items"], inputs["types"], inputs["ages"], inputs["hour"], inputs["context"]
+            )
+        return out.numpy().astype(np.float32)

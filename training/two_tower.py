@@ -1,0 +1,177 @@
+"""Lightning training of the two towers: sampled softmax with in-batch negatives and logQ.
+
+The towers are plain modules (`towers/`); this module owns the loss, the negatives, ID
+dropout, the optimiser and the validation metric (Recall@K against the full catalogue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from railtower.settings import TrainingSettings
+from towers.item_features import ItemFeatures
+from towers.item_tower import ItemTower, ItemTowerConfig
+from towers.user_tower import UserTower, UserTowerConfig
+
+
+class TwoTowerModule(pl.LightningModule):
+    """Trains an item tower and a user tower into one space.
+
+    Args:
+        item_cfg, user_cfg: tower shapes.
+        training: loss, optimiser and negatives settings.
+        id_dropout: probability of hiding an item's id embedding (cold-start robustness).
+        catalogue: item features of the whole catalogue (row = catalogue index).
+        log_q: (N,) log sampling probability of each item as a target.
+    """
+
+    def __init__(
+        self,
+        item_cfg: ItemTowerConfig,
+        user_cfg: UserTowerConfig,
+        training: TrainingSettings,
+        id_dropout: float,
+        catalogue: ItemFeatures,
+        log_q: torch.Tensor,
+        recall_k: int = 120,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "item": asdict(item_cfg),
+                "user": asdict(user_cfg),
+                "training": training.model_dump(),
+                "id_dropout": id_dropout,
+            }
+        )
+        self.item_tower = ItemTower(item_cfg)
+        self.user_tower = UserTower(user_cfg)
+        self.training_cfg = training
+        self.id_dropout = id_dropout
+        self.catalogue = catalogue
+        self.register_buffer("log_q", log_q, persistent=False)
+        self.recall_k = recall_k
+        self._table: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- vectors
+
+    def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R,) catalogue rows -> (R, D) item vectors; ID dropout while training."""
+        features = self.catalogue.take(rows.cpu()).to(self.device)
+        if self.training and self.id_dropout > 0:
+            # Only items with some content lose their id: for an ids-only item there is
+            # nothing else to learn from, and hiding its id would make it a blank.
+            has_content = (
+                features.has_text
+                | features.has_image
+                | (features.brand > 0)
+                | (features.categories > 0).any(dim=1)
+            )
+            hide = has_content & (torch.rand(len(rows), device=self.device) < self.id_dropout)
+            features.item_id = torch.where(
+                hide, torch.zeros_like(features.item_id), features.item_id
+            )
+        return self.item_tower(*features.as_tuple())
+
+    @torch.no_grad()
+    def catalogue_vectors(self, batch_size: int = 8192) -> torch.Tensor:
+        """(N, D) vectors of every catalogue item, in eval mode."""
+        was_training = self.training
+        self.eval()
+        rows = torch.arange(len(self.catalogue))
+        out = torch.cat(
+            [self.item_vectors(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+        )
+        self.train(was_training)
+        return out
+
+    def user_vectors(self, inputs: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+        """Session inputs + an (N, D) item table -> (B, D) user vectors."""
+        padded = torch.cat([torch.zeros_like(table[:1]), table])
+        return self.user_tower(
+            padded[inputs["items"]],
+            inputs["types"],
+            inputs["ages"],
+            inputs["hour"],
+            inputs["context"],
+        )
+
+    # ----------------------------------------------------------------- training
+
+    def training_step(self, batch: dict[str, torch.Tensor], _batch_idx: int) -> torch.Tensor:
+        targets = batch.pop("target")
+        history = batch["items"]
+        # Only items this batch touches go through the item tower: cheap on big catalogues.
+        rows = torch.unique(torch.cat([history[history > 0] - 1, targets]))
+        vectors = self.item_vectors(rows)
+        position = torch.full((len(self.catalogue),), -1, dtype=torch.long, device=self.device)
+        position[rows] = torch.arange(len(rows), device=self.device)
+        table = torch.zeros(len(self.catalogue), vectors.shape[1], device=self.device)
+        table = table.index_copy(0, rows, vectors)
+        users = self.user_vectors(batch, table)
+        loss = self.sampled_softmax(users, vectors[position[targets]], targets)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def sampled_softmax(
+        self, users: torch.Tensor, positives: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """In-batch softmax; logQ-corrected; an item repeated in the batch is no negative."""
+        cfg = self.training_cfg
+        logits = users @ positives.T / cfg.temperature
+        if cfg.logq_correction:
+            logits = logits - self.log_q[targets].unsqueeze(0)
+        same = targets.unsqueeze(0) == targets.unsqueeze(1)
+        logits = logits.masked_fill(
+            same & ~torch.eye(len(targets), dtype=torch.bool, device=self.device), float("-inf")
+        )
+        if cfg.random_negatives:
+            sampled = torch.randint(
+                len(self.catalogue), (cfg.random_negatives,), device=self.device
+            )
+            extra = users @ self.item_vectors(sampled).T / cfg.temperature
+            # uniform sampling: every random negative has the same correction, log(1/N)
+            if cfg.logq_correction:
+                extra = extra + torch.log(torch.tensor(float(len(self.catalogue))))
+            extra = extra.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+            logits = torch.cat([logits, extra], dim=1)
+        labels = torch.arange(len(targets), device=self.device)
+        return F.cross_entropy(logits, labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(),
+            lr=self.training_cfg.learning_rate,
+            weight_decay=self.training_cfg.weight_decay,
+        )
+
+    # ----------------------------------------------------------------- validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._table = self.catalogue_vectors()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], _batch_idx: int) -> None:
+        assert self._table is not None
+        targets = batch.pop("target")
+        exclude = batch.pop("exclude")  # (B, E) catalogue rows, -1 = none
+        users = self.user_vectors(batch, self._table)
+        scores = users @ self._table.T
+        valid = exclude >= 0
+        rows = torch.arange(len(targets), device=self.device).unsqueeze(1).expand_as(exclude)
+        scores[rows[valid], exclude[valid]] = float("-inf")
+        top = scores.topk(min(self.recall_k, scores.shape[1]), dim=1).indices
+        hits = (top == targets.unsqueeze(1)).any(dim=1).float()
+        self.log(
+            f"val_recall@{self.recall_k}",
+            hits.mean(),
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(targets),
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        self._table = None
