@@ -71,14 +71,14 @@ EVENT_COLUMN_NAMES = tuple(c.name for c in EVENT_COLUMNS)
 ITEM_COLUMN_NAMES = tuple(c.name for c in ITEM_COLUMNS)
 
 
-def category_levels(path: str | None, depth: int = 3) -> list[str | None]:
+def category_levels(path: object, depth: int = 3) -> list[str | None]:
     """Split a canonical category path into `depth` cumulative levels.
 
     Example:
         >>> category_levels("electronics > audio > headphone", 2)
         ['electronics', 'electronics > audio']
     """
-    parts = path.split(CATEGORY_SEPARATOR) if path else []
+    parts = path.split(CATEGORY_SEPARATOR) if isinstance(path, str) and path else []
     return [
         CATEGORY_SEPARATOR.join(parts[: i + 1]) if i < len(parts) else None for i in range(depth)
     ]

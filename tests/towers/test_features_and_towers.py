@@ -187,3 +187,22 @@ def test_user_tower_handles_an_empty_session_and_ignores_padding_content():
     b = encoder(items, types, ages, torch.tensor([3]), torch.tensor([0]))
     assert torch.allclose(a, b)
     assert not torch.allclose(a, vec)
+
+
+def test_catalogue_without_categories_brands_or_prices_still_featurises():
+    """UCI-like items: a title and nothing else (nullable columns full of <NA>)."""
+    items = pd.DataFrame(
+        {
+            "item_id": pd.array(["a", "b"], dtype="string"),
+            "title": pd.array(["jumbo bag", "red lantern"], dtype="string"),
+            "category_path": pd.array([pd.NA, pd.NA], dtype="string"),
+            "brand": pd.array([pd.NA, pd.NA], dtype="string"),
+            "price": pd.array([pd.NA, 1.5], dtype="Float64"),
+        }
+    )
+    featurizer = ItemFeaturizer.fit(items, {"a"}, TOWERS)
+    feats = featurizer.transform(items, np.ones((2, 384), np.float32))
+    assert feats.categories.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert feats.brand.tolist() == [0, 0]
+    assert feats.price_band[0] == 0 and feats.price_band[1] > 0
+    assert item_text(items) == ["jumbo bag", "red lantern"]
