@@ -48,3 +48,16 @@ class ArtifactMismatch(RailtowerError):
 
 class DatasetNotSupported(RailtowerError):
     """A rail or task was asked of a data set that cannot support it."""
+
+
+class RuleSetError(RailtowerError):
+    """A merchandising rule set is missing, not JSON, or breaks the rule-set schema.
+
+    The message names the source and lists every problem as `line L, rules[i].field: why`,
+    so the merchandiser who wrote the file can fix it without reading code.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source, self.problems = source, problems
+        listed = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"rule set {source} is invalid ({len(problems)} problem(s)):\n{listed}")

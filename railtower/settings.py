@@ -61,7 +61,13 @@ class EvaluationSettings(_Section):
     ci_level: float = Field(0.95, gt=0.5, lt=1.0)
     max_sessions_per_task: int = Field(4000, ge=10)
     pdp_anchors_per_session: int = Field(3, ge=1)
-    baselines: list[str] = ["random", "popularity", "covisitation", "session_knn"]
+    baselines: list[str] = [
+        "random",
+        "popularity",
+        "category_popularity",
+        "covisitation",
+        "session_knn",
+    ]
 
     @model_validator(mode="after")
     def _depths_are_ordered(self) -> EvaluationSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from railtower.settings import Settings
+from ranking.category_popularity import CategoryPopularityRetriever
 from ranking.covisitation import CovisitationRetriever
 from ranking.popularity import PopularityRetriever, RandomRetriever
 from ranking.retriever import Retriever
@@ -14,6 +15,9 @@ from ranking.session_knn import SessionKnnRetriever
 BASELINES: dict[str, Callable[[Settings, bool], Retriever]] = {
     "random": lambda s, _basket: RandomRetriever(s.seed),
     "popularity": lambda s, _basket: PopularityRetriever(s.baselines.popularity, s.event_weights),
+    "category_popularity": lambda s, _basket: CategoryPopularityRetriever(
+        s.baselines.popularity, s.event_weights, s.baselines.covisitation.recency_decay
+    ),
     "covisitation": lambda s, basket: CovisitationRetriever(
         s.baselines.covisitation, s.event_weights, s.baselines.popularity, basket
     ),

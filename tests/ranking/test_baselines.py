@@ -107,3 +107,27 @@ def test_session_knn_continues_like_similar_sessions():
         [Query(("lamp", "tv"), ("view", "view"), exclude=frozenset({"lamp", "tv"}))], k=2
     )
     assert set(ranked) == {"hdmi", "mount"}
+
+
+def test_category_popularity_ranks_the_session_category_first():
+    from ranking.category_popularity import CategoryPopularityRetriever
+
+    items = pd.DataFrame(
+        {
+            "item_id": ["tv-a", "tv-b", "tv-new", "radio", "charger"],
+            "category_path": ["tv", "tv", "tv", "audio", "power"],
+        }
+    )
+    events = toy_events(
+        {
+            **{f"a{i}": [("tv-a", "view")] for i in range(2)},
+            **{f"b{i}": [("tv-b", "view")] for i in range(3)},
+            **{f"c{i}": [("charger", "purchase")] for i in range(9)},
+        }
+    )
+    model = CategoryPopularityRetriever(
+        SETTINGS.baselines.popularity, SETTINGS.event_weights, 0.7
+    ).fit(events, Catalogue(items))
+    (ranked,) = model.recommend([Query(("tv-a",), ("view",), exclude=frozenset({"tv-a"}))], k=4)
+    # same category first (popular, then never-seen), then the global fill
+    assert ranked == ["tv-b", "tv-new", "charger", "radio"]

@@ -1,0 +1,38 @@
+"""The unit every ranking stage passes on: an item id and the score that ordered it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One ranked item.
+
+    Attributes:
+        item_id: the catalogue item id (always a string, as in the canonical schema).
+        score: the score of the stage that produced it; higher is better.
+
+    Example:
+        >>> Candidate("tv-55", 0.93)
+        Candidate(item_id='tv-55', score=0.93)
+    """
+
+    item_id: str
+    score: float
+
+
+def unique_by_item(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates with each item id's first occurrence only, order kept.
+
+    Merged candidate sources can name an item twice; a rail must never show it twice, and
+    the first occurrence is the better-ranked one.
+    """
+    seen: set[str] = set()
+    unique = []
+    for candidate in candidates:
+        if candidate.item_id not in seen:
+            seen.add(candidate.item_id)
+            unique.append(candidate)
+    return unique
