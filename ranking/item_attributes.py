@@ -103,7 +103,8 @@ class ItemAttributes:
         )
         records = {}
         for i, item_id in enumerate(ids.tolist()):
-            path = paths[i] if isinstance(paths[i], str) and paths[i] else None
+            raw_path = paths[i]
+            path = raw_path if isinstance(raw_path, str) and raw_path else None
             records[item_id] = ItemInfo(
                 item_id=item_id,
                 category_path=path,
@@ -170,7 +171,8 @@ def _column(items: pd.DataFrame, name: str) -> list[object]:
     if name not in items.columns:
         return [None] * len(items)
     column = items[name]
-    return column.astype(object).where(column.notna(), None).tolist()
+    values: list[object] = column.astype(object).where(column.notna(), None).tolist()
+    return values
 
 
 def _number(value: object) -> float | None:

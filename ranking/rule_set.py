@@ -353,7 +353,8 @@ def _read(source: str | Path) -> tuple[str, str]:
     if not path.is_file():
         raise RuleSetError(str(path), ["file not found; pass a rule set .json file or its text"])
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        # utf-8-sig: editors on Windows often prepend a byte-order mark json.loads refuses.
+        return path.read_text(encoding="utf-8-sig"), str(path)
     except UnicodeDecodeError as exc:
         problem = f"byte {exc.start}: not UTF-8 text; save the file as UTF-8"
         raise RuleSetError(str(path), [problem]) from None

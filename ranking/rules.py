@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 EffectKind = Literal["out_of_stock", "block", "margin_floor", "boost", "bury", "pin", "pin_skipped"]
+EXCLUSIONS: frozenset[EffectKind] = frozenset({"out_of_stock", "block", "margin_floor"})
 
 
 # ------------------------------------------------------------------------------ applying
@@ -85,6 +86,10 @@ class RulesOutcome:
 
     candidates: list[Candidate]
     effects: dict[str, list[RuleEffect]]
+
+    def excluded(self, item_id: str) -> bool:
+        """Whether the item was removed (out of stock, blocked or below a margin floor)."""
+        return any(e.kind in EXCLUSIONS for e in self.effects.get(item_id, []))
 
     def placed_pins(self) -> list[str]:
         """Items in the slots because a pin put them there."""
@@ -221,7 +226,7 @@ def _judge(
         ):
             why = f"removed: margin {info.margin:g} below floor {rule.min_margin:g}"
             notes.append(RuleEffect(i, "margin_floor", why))
-    return not any(n.kind in ("out_of_stock", "block", "margin_floor") for n in notes)
+    return not any(n.kind in EXCLUSIONS for n in notes)
 
 
 def _rescore(
@@ -278,7 +283,8 @@ class RequestChange:
         added: items shown only under the proposed set.
         removed: items shown only under the current set.
         moved: (item, current slot, proposed slot), 1-based, for items shown under both.
-        newly_blocked: candidates a proposed block removes that no current block removed.
+        newly_blocked: candidates a proposed block removes that the current set kept
+            (an item already out of stock or excluded is not newly blocked).
         pins_placed: items placed by a pin under the proposed set.
     """
 
@@ -400,7 +406,7 @@ def dry_run(
                 newly_blocked=tuple(
                     c.item_id
                     for c in unique_by_item(candidates)
-                    if _blocked(after, c.item_id) and not _blocked(before, c.item_id)
+                    if _blocked(after, c.item_id) and not before.excluded(c.item_id)
                 ),
                 pins_placed=tuple(after.placed_pins()),
             )
