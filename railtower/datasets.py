@@ -35,7 +35,7 @@ class Dataset:
 
     @property
     def has_time(self) -> bool:
-        return self.spec.events is not None and self.spec.events.time == "column"
+        return self.spec.has_time
 
 
 def read_table(path: Path) -> pd.DataFrame:

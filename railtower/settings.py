@@ -359,6 +359,11 @@ class DatasetSpec(_Section):
             raise ValueError("a data set needs events, items or both")
         return self
 
+    @property
+    def has_time(self) -> bool:
+        """True when events carry a clock (time split, ages, hour of day)."""
+        return self.events is not None and self.events.time == "column"
+
     def path(self, settings: Settings, relative: str) -> Path:
         """A file of this data set: data_root / root / relative."""
         return (settings.data_root / self.root / relative).resolve()

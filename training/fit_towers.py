@@ -127,7 +127,7 @@ def train_towers(
     """
     started = time.perf_counter()
     pl.seed_everything(settings.seed, workers=True)
-    has_time = spec.events is not None and spec.events.time == "column"
+    has_time = spec.has_time
     basket = spec.session_kind == "basket"
     fit, held = holdout(events, has_time, settings.split.validation_share, settings.seed)
     item_ids = catalogue["item_id"].astype(str).to_numpy()

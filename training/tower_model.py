@@ -40,7 +40,7 @@ class TowerRetriever:
             raise ValueError("the catalogue and the item table must be the same items")
         work = self.settings.artifacts_dir / "work" / self.version
         trained = train_towers(events, self.items, self.spec, self.settings, work)
-        has_time = self.spec.events is not None and self.spec.events.time == "column"
+        has_time = self.spec.has_time
         window = DataWindow(
             dataset=self.spec.name,
             files={},
