@@ -1,8 +1,8 @@
 """Tower throughput: training sequences/s by batch size, and catalogue text encoding items/s.
 
-    python benchmarks/towers.py [--examples 20000] [--texts 2000]
+    python benchmarks/tower_throughput.py [--examples 20000] [--texts 2000]
 
-Writes reports/benchmarks/towers.json and towers.md. The peers in the same run: batch 64
+Writes reports/benchmarks/tower_throughput.json and .md. The peers in the same run: batch 64
 vs 256 for training, and a cold vs a warm embedding cache for text (what the cache saves
 on the nightly job's second run). Timings are measured here, never asserted in tests.
 """
@@ -102,7 +102,7 @@ def main() -> None:
         "texts": args.texts,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "towers.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (OUT / "tower_throughput.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     md = [
         "# Tower throughput (CPU)",
         "",
@@ -116,7 +116,7 @@ def main() -> None:
         f"| MiniLM text items/s, cold cache | {text['cold_cache']:,.0f} | warm cache: "
         f"{text['warm_cache']:,.0f} | {text['warm_cache'] / text['cold_cache']:.0f}x |",
     ]
-    (OUT / "towers.md").write_text("\n".join(md) + "\n")
+    (OUT / "tower_throughput.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
