@@ -41,7 +41,9 @@ def session_examples(
     """One example per step where a session reaches an item it has not touched before.
 
     This is the homepage_hero task, so the towers learn what the harness measures. Baskets
-    have no order: each is shuffled (seeded) and read as a growing cart.
+    have no order: each is shuffled (seeded) and read as a growing cart; in half of the
+    examples the newest item is a view instead, the way a product page presents its
+    product (`history_of`), so pdp_fbt requests are not out of distribution.
     """
     rng = np.random.default_rng(seed)
     features: list[SessionFeatures] = []
@@ -63,7 +65,10 @@ def session_examples(
         for t in range(1, len(history)):
             target = history[t].item_id
             if target in item_row and all(e.item_id != target for e in history[:t]):
-                features.append(session_features(history[:t], item_row, max_history, has_time, ctx))
+                prefix = history[:t]
+                if basket and rng.random() < 0.5:
+                    prefix = [*prefix[:-1], prefix[-1]._replace(event_type="view")]
+                features.append(session_features(prefix, item_row, max_history, has_time, ctx))
                 targets.append(item_row[target])
     if max_examples and len(targets) > max_examples:
         keep = np.sort(rng.choice(len(targets), max_examples, replace=False))

@@ -91,22 +91,25 @@ def validation_inputs(
     settings: Settings,
     has_time: bool,
 ) -> dict[str, torch.Tensor]:
-    """Hero cases from held-out sessions as user-tower inputs + target + excluded rows."""
-    cases = [
-        c
-        for c in build_cases("homepage_hero", events, spec, settings.evaluation, settings.seed)
-        if next(iter(c.targets)) in item_row
-    ]
+    """Held-out cases as user-tower inputs + target + excluded rows, one row per target.
+
+    Click sessions validate on homepage_hero (what the towers are trained for); baskets,
+    whose order means nothing, on cart_upsell. With one row per target, the mean hit rate
+    over rows is Recall@K over targets.
+    """
+    rail = "cart_upsell" if spec.session_kind == "basket" else "homepage_hero"
     feats, targets, exclude = [], [], []
-    for case in cases:
+    for case in build_cases(rail, events, spec, settings.evaluation, settings.seed):
         q = case.query
-        history = history_of(q.session_items, q.session_types, q.session_times)
-        feats.append(
-            session_features(history, item_row, settings.towers.max_history, has_time, q.context)
+        history = history_of(q.session_items, q.session_types, q.session_times, q.anchor, q.cart)
+        features = session_features(
+            history, item_row, settings.towers.max_history, has_time, q.context
         )
-        targets.append(item_row[next(iter(case.targets))])
         rows = [item_row[i] for i in q.exclude if i in item_row][:MAX_EXCLUDE]
-        exclude.append(rows + [-1] * (MAX_EXCLUDE - len(rows)))
+        for target in sorted(case.targets & item_row.keys()):
+            feats.append(features)
+            targets.append(item_row[target])
+            exclude.append(rows + [-1] * (MAX_EXCLUDE - len(rows)))
     inputs = collate(feats)
     inputs["target"] = torch.tensor(targets, dtype=torch.int64)
     inputs["exclude"] = torch.tensor(exclude, dtype=torch.int64).reshape(-1, MAX_EXCLUDE)

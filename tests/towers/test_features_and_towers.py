@@ -206,3 +206,18 @@ def test_catalogue_without_categories_brands_or_prices_still_featurises():
     assert feats.brand.tolist() == [0, 0]
     assert feats.price_band[0] == 0 and feats.price_band[1] > 0
     assert item_text(items) == ["jumbo bag", "red lantern"]
+
+
+def test_basket_examples_present_the_newest_item_as_a_page_view_half_the_time():
+    from towers.session_features import EVENT_TYPE_INDEX
+
+    events = toy_events({f"b{i}": [(x, "purchase") for x in "abcdef"] for i in range(40)})
+    row = {x: i for i, x in enumerate("abcdef")}
+    examples = session_examples(events, row, max_history=5, has_time=True, basket=True, seed=0)
+    newest = examples.inputs["types"][:, -1]
+    views = (newest == EVENT_TYPE_INDEX["view"]).float().mean().item()
+    assert 0.35 < views < 0.65
+    assert set(newest.tolist()) == {EVENT_TYPE_INDEX["view"], EVENT_TYPE_INDEX["cart"]}
+    # never a target that is already in the basket prefix
+    for items, target in zip(examples.inputs["items"], examples.targets, strict=True):
+        assert int(target) + 1 not in items.tolist()
