@@ -26,7 +26,7 @@ from towers.item_tower import ItemTowerConfig
 from towers.text_encoder import TextEncoder
 from towers.user_tower import UserTowerConfig
 from training.examples import session_examples, target_log_q
-from training.fit_towers import _Batches, catalogue_features
+from training.fit_towers import TensorBatches, catalogue_features
 from training.two_tower import TwoTowerModule
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
@@ -53,7 +53,7 @@ def training_throughput(n_examples: int, batch_sizes: list[int]) -> dict[str, fl
             target_log_q(examples.targets, len(items)),
         )
         loader = torch.utils.data.DataLoader(
-            _Batches({**examples.inputs, "target": examples.targets}),
+            TensorBatches({**examples.inputs, "target": examples.targets}),
             batch_size=batch,
             shuffle=True,
         )

@@ -46,10 +46,6 @@ class ArtifactMismatch(RailtowerError):
     """An artifact bundle does not match its manifest or the running code."""
 
 
-class DatasetNotSupported(RailtowerError):
-    """A rail or task was asked of a data set that cannot support it."""
-
-
 class RuleSetError(RailtowerError):
     """A merchandising rule set is missing, not JSON, or breaks the rule-set schema.
 

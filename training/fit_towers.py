@@ -40,7 +40,9 @@ class TrainedTowers:
     report: dict[str, object] = field(default_factory=dict)
 
 
-class _Batches(Dataset):  # type: ignore[type-arg]
+class TensorBatches(Dataset):  # type: ignore[type-arg]
+    """Row i of every tensor in a dict: the batches of examples a DataLoader draws."""
+
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
 
@@ -183,8 +185,10 @@ def train_towers(
     train_data = {**examples.inputs, "target": examples.targets}
     trainer.fit(
         module,
-        DataLoader(_Batches(train_data), batch_size=settings.training.batch_size, shuffle=True),
-        DataLoader(_Batches(val), batch_size=1024),
+        DataLoader(
+            TensorBatches(train_data), batch_size=settings.training.batch_size, shuffle=True
+        ),
+        DataLoader(TensorBatches(val), batch_size=1024),
     )
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
