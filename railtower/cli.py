@@ -87,7 +87,7 @@ def evaluate(
 ) -> None:
     """Score every model on every rail each data set supports; write reports/<run>/."""
     from training.harness import run_evaluation
-    from training.report import cold_table, markdown_table
+    from training.report import markdown_table, slice_table
 
     if split not in ("test", "validation"):
         raise typer.BadParameter("split must be 'test' or 'validation'")
@@ -99,7 +99,9 @@ def evaluate(
         raise typer.Exit(1) from None
     console.print(markdown_table(run.results, settings), markup=False, soft_wrap=True)
     console.print(
-        "\ncold-item slice:\n" + cold_table(run.results, settings), markup=False, soft_wrap=True
+        "\ncold-item slice:\n" + slice_table(run.results, settings, "cold"),
+        markup=False,
+        soft_wrap=True,
     )
     console.print(f"\nreport: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
 

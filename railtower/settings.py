@@ -38,6 +38,13 @@ RAILS: tuple[RailName, ...] = ("homepage_hero", "pdp_fbt", "cart_upsell")
 _config_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
 
+def _project_path(path: Path | None) -> Path | None:
+    """Relative paths in the config are relative to the project root, not the cwd."""
+    if path is None or path.is_absolute():
+        return path
+    return (PROJECT_ROOT / path).resolve()
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -142,9 +149,7 @@ class ImageSettings(_Section):
     @field_validator("weights_path")
     @classmethod
     def _resolve_weights(cls, path: Path | None) -> Path | None:
-        if path is None or path.is_absolute():
-            return path
-        return (PROJECT_ROOT / path).resolve()
+        return _project_path(path)
 
     @model_validator(mode="after")
     def _patches_tile_image(self) -> ImageSettings:
@@ -202,6 +207,58 @@ class IndexSettings(_Section):
     ef_grid: list[int] = [128, 160, 200, 256, 320, 400, 512, 800]
 
 
+class RankerSettings(_Section):
+    # LightGBM lambdarank: trees, leaves, learning rate, rows per leaf.
+    num_trees: int = Field(400, ge=1)
+    num_leaves: int = Field(15, ge=2)
+    learning_rate: float = Field(0.05, gt=0.0, le=1.0)
+    min_data_in_leaf: int = Field(50, ge=1)
+    # Share of features each tree sees (decorrelates trees on small ranker windows).
+    feature_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    # Rounds without a better validation NDCG@slots before training stops.
+    early_stopping_rounds: int = Field(30, ge=1)
+    # Share of ranker requests (whole sessions, seeded) kept for early stopping.
+    validation_share: float = Field(0.2, gt=0.0, lt=0.5)
+    # Fewer requests with a relevant candidate than this: no ranker, candidates keep their
+    # fused order (a ranker fitted on a handful of groups would only add noise).
+    min_groups: int = Field(100, ge=2)
+    # Sessions sampled for the ranker's training requests, per rail.
+    max_sessions: int = Field(5000, ge=10)
+    # Graded relevance of what followed a request: the strongest event on the item.
+    label_grades: dict[str, int] = {"view": 1, "cart": 2, "purchase": 3}
+
+
+class RankingSettings(_Section):
+    # Candidates each source contributes before fusion, and the most the fused pool keeps
+    # (the re-ranker reads the whole pool and picks the best evaluation.candidates of it).
+    per_source: int = Field(120, ge=1)
+    pool_size: int = Field(300, ge=1)
+    # Sources fused into the candidate list; two_tower joins when a tower bundle is loaded.
+    sources: list[
+        Literal["two_tower", "covisitation", "session_knn", "category_popularity", "popularity"]
+    ] = ["two_tower", "covisitation", "session_knn", "category_popularity", "popularity"]
+    # Reciprocal-rank-fusion constant: larger flattens the advantage of a source's top items.
+    rrf_k: int = Field(60, ge=1)
+    # Popularity trend: events in the last `short_window_share` of the training window
+    # against the whole window.
+    short_window_share: float = Field(0.1, gt=0.0, lt=1.0)
+    # MMR relevance weight after the ranker (1 = no diversification), and the grid the
+    # report plots the relevance/diversity trade-off over (reporting only, never tuned on test).
+    mmr_lambda: float = Field(0.85, ge=0.0, le=1.0)
+    # MMR chooses the slots among this many of the ranker's best (items further down are
+    # too weak to earn a slot through diversity alone, and MMR is O(slots x window)).
+    mmr_window: int = Field(48, ge=1)
+    mmr_lambda_grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
+    # Merchandising rule set applied last (JSON, see configs/rules/); null = no rules.
+    rules_path: Path | None = Field(Path("configs/rules/example.json"), validate_default=True)
+    ranker: RankerSettings = RankerSettings()
+
+    @field_validator("rules_path")
+    @classmethod
+    def _resolve_rules(cls, path: Path | None) -> Path | None:
+        return _project_path(path)
+
+
 class Settings(BaseSettings):
     """Everything configurable in Railtower, one typed tree."""
 
@@ -227,6 +284,7 @@ class Settings(BaseSettings):
     towers: TowerSettings = TowerSettings()
     training: TrainingSettings = TrainingSettings()
     index: IndexSettings = IndexSettings()
+    ranking: RankingSettings = RankingSettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod

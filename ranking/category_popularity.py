@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from railtower.settings import EventWeights, PopularitySettings
+from ranking.candidates import Candidate
 from ranking.popularity import PopularityRetriever
 from ranking.retriever import Catalogue, Query, seed_weights
 
@@ -44,23 +45,34 @@ class CategoryPopularityRetriever:
         return self
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        return [self._one(query, k) for query in queries]
+        return [[c.item_id for c in self._one(query, k, fill=True)] for query in queries]
 
-    def _one(self, query: Query, k: int) -> list[str]:
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        """Items of the query's categories only (no global fill), scored by the category's
+        seed weight times the item's share of its category's popularity."""
+        return [self._one(query, k, fill=False) for query in queries]
+
+    def _one(self, query: Query, k: int, fill: bool) -> list[Candidate]:
         weight: dict[str, float] = defaultdict(float)
         for item, w in seed_weights(query, self.recency_decay).items():
             category = self.catalogue.category_of.get(item)
             if category is not None:
                 weight[category] += w
-        picked: list[str] = []
+        picked: list[Candidate] = []
         taken: set[str] = set()
         ranked = sorted(weight, key=lambda c: (-weight[c], c))
-        for rows in [*(self.by_category[c] for c in ranked), self.popularity.order]:
+        groups = [(weight[c], self.by_category[c]) for c in ranked if c in self.by_category]
+        if fill:
+            groups.append((0.0, self.popularity.order))
+        scores = self.popularity.scores
+        for category_weight, rows in groups:
+            top = scores[rows[0]] if len(rows) else 0.0
             for row in rows:
                 if len(picked) >= k:
                     return picked
-                item = self.catalogue.ids[row]
+                item = str(self.catalogue.ids[row])
                 if item not in query.exclude and item not in taken:
-                    picked.append(item)
+                    share = scores[row] / top if top > 0 else 0.0
+                    picked.append(Candidate(item, category_weight * share))
                     taken.add(item)
         return picked

@@ -14,12 +14,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.settings import CovisitationSettings, EventWeights, PopularitySettings
+from ranking.candidates import Candidate
 from ranking.popularity import PopularityRetriever
 from ranking.retriever import (
     Catalogue,
     Query,
     event_weight_array,
     query_matrix,
+    scored_top_k,
     top_k_with_backfill,
 )
 
@@ -100,10 +102,17 @@ class CovisitationRetriever:
         weighted = sp.diags(1.0 / np.log2(2.0 + size)) @ member
         return (member.T @ weighted).tocsr()
 
-    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+    def scores(self, queries: Sequence[Query]) -> sp.csr_matrix:
+        """(Q, I) co-visitation score of every item with each query's seed items."""
         seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
-        scores = seeds @ self.matrix
+        return (seeds @ self.matrix).tocsr()
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        scores = self.scores(queries)
         return top_k_with_backfill(scores, queries, self.catalogue, self.popularity.order, k)
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        return scored_top_k(self.scores(queries), queries, self.catalogue, k)
 
 
 def _keep_top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:

@@ -9,6 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.settings import EventWeights, PopularitySettings
+from ranking.candidates import Candidate
 from ranking.retriever import Catalogue, Query, event_weight_array, top_k_with_backfill
 
 
@@ -44,6 +45,20 @@ class PopularityRetriever:
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         empty = sp.csr_matrix((len(queries), len(self.catalogue)))
         return top_k_with_backfill(empty, queries, self.catalogue, self.order, k)
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        """The most popular items not excluded, scored by their decayed event weight."""
+        out = []
+        for query in queries:
+            picked: list[Candidate] = []
+            for idx in self.order:
+                if len(picked) >= k or self.scores[idx] <= 0:
+                    break
+                item = str(self.catalogue.ids[idx])
+                if item not in query.exclude:
+                    picked.append(Candidate(item, float(self.scores[idx])))
+            out.append(picked)
+        return out
 
 
 class RandomRetriever:

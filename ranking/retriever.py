@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.settings import EventWeights
+from ranking.candidates import Candidate
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class Retriever(Protocol):
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> Retriever: ...
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]: ...
+
+
+class CandidateSource(Retriever, Protocol):
+    """A retriever that also says how strongly it backs each item (the re-ranker's input).
+
+    `candidates` returns only items the source has evidence for, best first, with its own
+    score: no popularity backfill, so "this source did not name the item" stays visible.
+    """
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]: ...
 
 
 class Catalogue:
@@ -110,6 +121,31 @@ def event_weight_array(event_types: pd.Series, weights: EventWeights) -> np.ndar
     return event_types.map(table).fillna(0.0).to_numpy(dtype=np.float64)
 
 
+def scored_top_k(
+    scores: sp.csr_matrix, queries: Sequence[Query], catalogue: Catalogue, k: int
+) -> list[list[Candidate]]:
+    """Per row of a sparse score matrix, the k best positively scored items as candidates.
+
+    Ties break by catalogue index so results are deterministic; excluded items never appear.
+    A row may hold fewer than k: a candidate source only names items it has evidence for.
+    """
+    results: list[list[Candidate]] = []
+    scores = scores.tocsr()
+    for row, query in enumerate(queries):
+        start, end = scores.indptr[row], scores.indptr[row + 1]
+        cols, vals = scores.indices[start:end], scores.data[start:end]
+        order = np.lexsort((cols, -vals))
+        picked: list[Candidate] = []
+        for idx, value in zip(cols[order], vals[order], strict=True):
+            if len(picked) >= k or value <= 0:
+                break
+            item = catalogue.ids[idx]
+            if item not in query.exclude:
+                picked.append(Candidate(str(item), float(value)))
+        results.append(picked)
+    return results
+
+
 def top_k_with_backfill(
     scores: sp.csr_matrix,
     queries: Sequence[Query],
@@ -117,25 +153,11 @@ def top_k_with_backfill(
     fallback_order: np.ndarray,
     k: int,
 ) -> list[list[str]]:
-    """Top-k items per row of a sparse score matrix, then popular items until k are filled.
-
-    Ties break by catalogue index so results are deterministic; excluded items never appear.
-    """
+    """Top-k items per row of a sparse score matrix, then popular items until k are filled."""
     results: list[list[str]] = []
-    scores = scores.tocsr()
-    for row, query in enumerate(queries):
-        start, end = scores.indptr[row], scores.indptr[row + 1]
-        cols, vals = scores.indices[start:end], scores.data[start:end]
-        order = np.lexsort((cols, -vals))
-        picked: list[str] = []
-        taken: set[str] = set()
-        for idx, value in zip(cols[order], vals[order], strict=True):
-            if len(picked) >= k:
-                break
-            item = catalogue.ids[idx]
-            if value > 0 and item not in query.exclude:
-                picked.append(item)
-                taken.add(item)
+    for query, scored in zip(queries, scored_top_k(scores, queries, catalogue, k), strict=True):
+        picked = [c.item_id for c in scored]
+        taken = set(picked)
         for idx in fallback_order:
             if len(picked) >= k:
                 break

@@ -13,8 +13,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.settings import EventWeights, PopularitySettings, SessionKnnSettings
+from ranking.candidates import Candidate
 from ranking.popularity import PopularityRetriever
-from ranking.retriever import Catalogue, Query, query_matrix, top_k_with_backfill
+from ranking.retriever import (
+    Catalogue,
+    Query,
+    query_matrix,
+    scored_top_k,
+    top_k_with_backfill,
+)
 
 _CHUNK = 512
 
@@ -65,11 +72,21 @@ class SessionKnnRetriever:
         out: list[list[str]] = []
         for start in range(0, len(queries), _CHUNK):
             chunk = queries[start : start + _CHUNK]
-            seeds = query_matrix(chunk, self.catalogue, self.settings.recency_decay)
-            sims = (seeds @ sp.diags(self.idf) @ self.sessions.T).tocsr() @ sp.diags(self.norm)
-            votes = self._nearest(sp.csr_matrix(sims)) @ self.sessions
+            votes = self._votes(chunk)
             out += top_k_with_backfill(votes, chunk, self.catalogue, self.popularity.order, k)
         return out
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        out: list[list[Candidate]] = []
+        for start in range(0, len(queries), _CHUNK):
+            chunk = queries[start : start + _CHUNK]
+            out += scored_top_k(self._votes(chunk), chunk, self.catalogue, k)
+        return out
+
+    def _votes(self, queries: Sequence[Query]) -> sp.csr_matrix:
+        seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
+        sims = (seeds @ sp.diags(self.idf) @ self.sessions.T).tocsr() @ sp.diags(self.norm)
+        return (self._nearest(sp.csr_matrix(sims)) @ self.sessions).tocsr()
 
     def _nearest(self, sims: sp.csr_matrix) -> sp.csr_matrix:
         """Per row: the most recent `sample_sessions` matches, then the top `neighbours`."""

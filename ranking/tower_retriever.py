@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ranking.bundle import TowerBundle
+from ranking.candidates import Candidate
 from ranking.retriever import Catalogue, Query
 from towers.session_features import history_of
 
@@ -29,7 +30,11 @@ class BundleRetriever:
         return self  # already trained: a bundle is a fitted model
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        out: list[list[str]] = []
+        return [[c.item_id for c in row] for row in self.candidates(queries, k)]
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        """The k nearest items per query, scored by inner product with the session vector."""
+        out: list[list[Candidate]] = []
         for start in range(0, len(queries), _BATCH):
             chunk = queries[start : start + _BATCH]
             histories = [
@@ -37,6 +42,9 @@ class BundleRetriever:
                 for q in chunk
             ]
             vectors = self.bundle.encode_sessions(histories, [q.context for q in chunk])
-            ids, _ = self.bundle.index.search(vectors, k, [q.exclude for q in chunk])
-            out.extend(ids)
+            ids, scores = self.bundle.index.search(vectors, k, [q.exclude for q in chunk])
+            out.extend(
+                [Candidate(i, float(s)) for i, s in zip(row, row_scores, strict=True)]
+                for row, row_scores in zip(ids, scores, strict=True)
+            )
         return out

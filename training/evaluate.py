@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -61,6 +62,12 @@ class TaskResult:
     # models cannot score and only content can
     cold_cases: int = 0
     cold: dict[str, Interval] = field(default_factory=dict)
+    # the complement: cases with a target seen in training. Where the catalogue lists only
+    # items that got events in the log (REES46, UCI), "never seen in training" betrays a
+    # future item; the warm slice is the comparison that artefact cannot flatter.
+    warm: dict[str, Interval] = field(default_factory=dict)
+    # one NDCG@slots per case, in case order: the promotion gate's paired comparison
+    per_case_ndcg: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -70,6 +77,8 @@ class DatasetResult:
     validation: list[dict[str, object]]
     tasks: list[TaskResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # the ranking pipeline's own report: windows, ranker fits, the MMR trade-off per rail
+    pipeline: dict[str, object] = field(default_factory=dict)
 
 
 def metric_names(settings: Settings) -> list[str]:
@@ -83,13 +92,24 @@ def metric_names(settings: Settings) -> list[str]:
     ]
 
 
+class StagedModel(Protocol):
+    """A model scored stage by stage (the ranking pipeline): it fits on the split itself,
+    because its re-ranker learns from a window its retrievers have not seen."""
+
+    def __call__(
+        self, split: Split, cases: Mapping[str, list[EvalCase]], warm: set[str]
+    ) -> tuple[list[TaskResult], dict[str, object]]: ...
+
+
 def evaluate_dataset(
     dataset: Dataset,
     settings: Settings,
     models: Mapping[str, Callable[[], Retriever]],
     target: SplitName = "test",
+    staged: StagedModel | None = None,
 ) -> DatasetResult:
-    """Fit each model on the split's training events and score it on every supported rail."""
+    """Fit each model on the split's training events and score it on every supported rail;
+    then the staged model (the ranking pipeline), whose rows follow the baselines'."""
     if dataset.events is None or not dataset.spec.rails:
         result = DatasetResult(dataset.name, {}, [r.as_dict() for r in dataset.reports])
         result.skipped.append("catalogue only (no events): no rail to evaluate on it")
@@ -120,6 +140,10 @@ def evaluate_dataset(
                     cases=task.cases,
                     **{k: round(v.mean, 4) for k, v in task.metrics.items()},
                 )
+    if staged is not None:
+        tasks, report = staged(split, {r: c for r, c in cases.items() if c}, warm)
+        result.tasks.extend(tasks)
+        result.pipeline = report
     return result
 
 
@@ -141,31 +165,49 @@ def score(
     dataset: str,
     warm_items: set[str] | None = None,
 ) -> TaskResult:
-    """Rank the full catalogue for every case and aggregate the metrics with intervals.
+    """Let `model` rank the full catalogue for every case, then :func:`score_ranked`."""
+    started = time.perf_counter()
+    ranked = model.recommend([c.query for c in cases], settings.evaluation.candidates)
+    task = score_ranked(ranked, name, rail, cases, catalogue, settings, dataset, warm_items)
+    task.seconds = time.perf_counter() - started
+    return task
+
+
+def score_ranked(
+    ranked: list[list[str]],
+    name: str,
+    rail: str,
+    cases: list[EvalCase],
+    catalogue: Catalogue,
+    settings: Settings,
+    dataset: str,
+    warm_items: set[str] | None = None,
+) -> TaskResult:
+    """Aggregate the metrics of ranked lists (one per case) with session-bootstrap intervals.
 
     With `warm_items` (the items of the training events), the cold slice is scored too.
     """
     e = settings.evaluation
-    started = time.perf_counter()
-    ranked = model.recommend([c.query for c in cases], e.candidates)
     # A model must never return what the rail excludes; filtering here keeps one buggy
     # model from scoring on items a shopper would never be shown.
     ranked = [
-        [i for i in r if i not in c.query.exclude] for r, c in zip(ranked, cases, strict=True)
+        [i for i in r if i not in c.query.exclude][: e.candidates]
+        for r, c in zip(ranked, cases, strict=True)
     ]
     per_case = per_case_metrics(ranked, cases, catalogue, settings)
     sessions = np.array([c.session_id for c in cases])
     metrics = _intervals(per_case, sessions, settings)
     cold_mask = np.array([warm_items is not None and not (c.targets & warm_items) for c in cases])
-    cold = (
-        _intervals(
-            {m: np.asarray(v)[cold_mask] for m, v in per_case.items()},
-            sessions[cold_mask],
-            settings,
+
+    def slice_of(mask: np.ndarray) -> dict[str, Interval]:
+        if not mask.any():
+            return {}
+        return _intervals(
+            {m: np.asarray(v)[mask] for m, v in per_case.items()}, sessions[mask], settings
         )
-        if cold_mask.any()
-        else {}
-    )
+
+    cold = slice_of(cold_mask)
+    warm = slice_of(~cold_mask) if warm_items is not None else {}
     lengths = np.array([c.length for c in cases])
     ndcg = np.asarray(per_case[f"ndcg@{e.slots}"])
     by_length = {
@@ -182,9 +224,11 @@ def score(
         metrics=metrics,
         coverage=coverage_at(ranked, len(catalogue), e.slots),
         by_length=by_length,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         cold_cases=int(cold_mask.sum()),
         cold=cold,
+        warm=warm,
+        per_case_ndcg=ndcg.tolist(),
     )
 
 

@@ -21,6 +21,7 @@ from railtower.settings import Settings, load_dataset_spec
 from ranking.baselines import BASELINES
 from ranking.retriever import Retriever
 from training.evaluate import DatasetResult, evaluate_dataset
+from training.fit_pipeline import staged_evaluation
 from training.report import write_report
 from training.split import SplitName
 from training.tower_model import TowerRetriever
@@ -58,8 +59,12 @@ def run_evaluation(
         datasets: names of configs/datasets/*.yaml (default: settings.datasets).
         target: "test" for the reported numbers, "validation" for tuning.
         run_name: folder name under reports/ (default: a timestamped version).
-        towers: also train the towers on each data set's training window, export a bundle
-            to artifacts/<run>-<data set>/ and score that bundle.
+        towers: also train the towers on each data set's retrieval window, export a bundle
+            to artifacts/<run>-<data set>/, and make it a candidate source of the pipeline
+            (its own row is scored from that bundle).
+
+    Every data set with rails also gets the ranking pipeline's rows (fused candidates,
+    re-ranker, MMR, rules; see training.fit_pipeline).
     """
     run = run_name or new_version("eval")
     folder = settings.reports_dir / run
@@ -69,10 +74,17 @@ def run_evaluation(
         spec = load_dataset_spec(name, settings)
         dataset = load_dataset(spec, settings)
         models = baseline_models(settings, spec.session_kind == "basket")
-        if towers and dataset.events is not None and spec.rails:
-            version = f"{run}-{spec.name}"
-            models["two_tower"] = partial(TowerRetriever, settings, spec, dataset.items, version)
-        results.append(evaluate_dataset(dataset, settings, models, target))
+        tower_factory = (
+            partial(TowerRetriever, settings, spec, dataset.items, f"{run}-{spec.name}")
+            if towers
+            else None
+        )
+        staged = (
+            staged_evaluation(dataset, settings, target, tower_factory)
+            if dataset.events is not None and spec.rails
+            else None
+        )
+        results.append(evaluate_dataset(dataset, settings, models, target, staged))
         windows.append(_window(dataset, settings))
     header = {
         "run": run,

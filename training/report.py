@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -37,6 +38,8 @@ def write_report(
             tasks = [t for t in result.tasks if t.rail == rail]
             plot_metrics(tasks, settings, plots / f"{result.dataset}_{rail}_metrics.png")
             plot_by_length(tasks, settings, plots / f"{result.dataset}_{rail}_by_length.png")
+        if result.pipeline:
+            plot_pipeline(result, settings, plots / f"{result.dataset}_pipeline.png")
     md_path = folder / "results.md"
     md_path.write_text(markdown(results, settings, header))
     return {"json": json_path, "markdown": md_path, "plots": plots}
@@ -69,34 +72,72 @@ def markdown_table(results: list[DatasetResult], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def cold_table(results: list[DatasetResult], settings: Settings) -> str:
-    """The cold-item slice: cases whose targets never occur in the training events."""
+def slice_table(
+    results: list[DatasetResult], settings: Settings, which: Literal["cold", "warm"]
+) -> str:
+    """The cold slice (targets never seen in training) or its complement, the warm slice."""
     slots, depth = settings.evaluation.slots, settings.evaluation.candidates
     names = [f"recall@{slots}", f"recall@{depth}", f"ndcg@{slots}"]
-    head = ["data set", "rail", "model", "cold cases", "share of cases", *names]
+    head = ["data set", "rail", "model", f"{which} cases", "share of cases", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for result in results:
         for t in result.tasks:
-            if not t.cold_cases:
+            values = t.cold if which == "cold" else t.warm
+            count = t.cold_cases if which == "cold" else t.cases - t.cold_cases
+            if not values or not count:
                 continue
             cells = [
-                f"{t.cold[m].mean:.4f} [{t.cold[m].low:.4f}, {t.cold[m].high:.4f}]" for m in names
+                f"{values[m].mean:.4f} [{values[m].low:.4f}, {values[m].high:.4f}]" for m in names
             ]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        t.dataset,
-                        t.rail,
-                        t.model,
-                        f"{t.cold_cases:,}",
-                        f"{t.cold_cases / t.cases:.1%}",
-                        *cells,
-                    ]
-                )
-                + " |"
-            )
+            row = [t.dataset, t.rail, t.model, f"{count:,}", f"{count / t.cases:.1%}", *cells]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def pipeline_section(result: DatasetResult, settings: Settings) -> list[str]:
+    """The re-ranker fits (groups, early stopping, top features) and the MMR trade-off."""
+    report = result.pipeline
+    if not report:
+        return []
+    out = [
+        f"### {result.dataset}: ranking pipeline",
+        "",
+        f"- windows: `{orjson.dumps(report['windows']).decode()}`; sources: "
+        f"{', '.join(report['sources'])}; rule set: {report['rule_set']}; "
+        f"MMR λ = {report['mmr_lambda']}",
+        "",
+        "| rail | ranker | requests | groups | best iteration | validation NDCG "
+        "| top features (gain share) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rail, fit in report["rankers"].items():
+        importance = fit["importance"]
+        total = sum(importance.values()) or 1.0
+        top = ", ".join(f"{k} {v / total:.0%}" for k, v in list(importance.items())[:6])
+        trained = "trained" if fit["trained"] else f"not trained: {fit['reason']}"
+        out.append(
+            f"| {rail} | {trained} | {fit['requests']:,} | {fit['groups']:,} | "
+            f"{fit['best_iteration']} | {fit['validation_ndcg']:.4f} | {top} |"
+        )
+    out += ["", "Recall of each source's whole candidate list and of the fused pool:", ""]
+    out += ["| rail | source | mean size | recall |", "|---|---|---|---|"]
+    for rail, sources in report.get("pool_recall", {}).items():
+        for name, row in sources.items():
+            out.append(
+                f"| {rail} | {name} | {row['mean_size']:.0f} | {row['recall']:.4f} "
+                f"[{row['low']:.4f}, {row['high']:.4f}] |"
+            )
+    slots = settings.evaluation.slots
+    out += ["", f"MMR trade-off on the re-ranked lists (NDCG@{slots} and diversity@{slots}):", ""]
+    out += ["| rail | λ | NDCG | diversity |", "|---|---|---|---|"]
+    for rail, rows in report["mmr_sweep"].items():
+        for row in rows:
+            out.append(
+                f"| {rail} | {row['lambda']} | {row['ndcg']:.4f} "
+                f"[{row['ndcg_low']:.4f}, {row['ndcg_high']:.4f}] | {row['diversity']:.4f} |"
+            )
+    out.append("")
+    return out
 
 
 def markdown(results: list[DatasetResult], settings: Settings, header: dict[str, object]) -> str:
@@ -113,7 +154,15 @@ def markdown(results: list[DatasetResult], settings: Settings, header: dict[str,
         "",
         "### Cold-item slice (targets never seen in training)",
         "",
-        cold_table(results, settings),
+        slice_table(results, settings, "cold"),
+        "",
+        "### Warm slice (a target seen in training)",
+        "",
+        "Where the catalogue lists only items that got an event somewhere in the log, an item "
+        "never seen in training is bound to appear later, and a model can learn that; "
+        "the warm slice cannot be flattered by it.",
+        "",
+        slice_table(results, settings, "warm"),
         "",
     ]
     for result in results:
@@ -128,6 +177,7 @@ def markdown(results: list[DatasetResult], settings: Settings, header: dict[str,
             )
             out.extend(f"  - {note}" for note in report["notes"])  # type: ignore[attr-defined]
         out.extend(f"- skipped: {s}" for s in result.skipped)
+        out.extend(pipeline_section(result, settings))
         for rail in dict.fromkeys(t.rail for t in result.tasks):
             out.append(
                 f"- plots: `plots/{result.dataset}_{rail}_metrics.png`, "
@@ -174,6 +224,35 @@ def plot_by_length(tasks: list[TaskResult], settings: Settings, path: Path) -> N
     ax.set_title(f"{first.dataset} / {first.rail}: NDCG by session length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pipeline(result: DatasetResult, settings: Settings, path: Path) -> None:
+    """Per rail: the ranker's feature importance, and NDCG vs diversity over MMR's λ."""
+    report = result.pipeline
+    rails = list(report["mmr_sweep"])
+    fig, axes = plt.subplots(2, len(rails), figsize=(5.5 * len(rails), 7.5), squeeze=False)
+    slots = settings.evaluation.slots
+    for col, rail in enumerate(rails):
+        ax = axes[0, col]
+        importance = report["rankers"].get(rail, {}).get("importance", {})
+        top = list(importance.items())[:12][::-1]
+        total = sum(importance.values()) or 1.0
+        ax.barh([k for k, _ in top], [v / total for _, v in top], color="tab:blue")
+        ax.set_title(f"{rail}: ranker gain share" if top else f"{rail}: no ranker trained")
+        ax.tick_params(axis="y", labelsize=7)
+        ax = axes[1, col]
+        rows = report["mmr_sweep"][rail]
+        ax.plot([r["diversity"] for r in rows], [r["ndcg"] for r in rows], marker="o")
+        for r in rows:
+            ax.annotate(f"λ={r['lambda']}", (r["diversity"], r["ndcg"]), fontsize=7)
+        ax.set_xlabel(f"intra-list diversity@{slots}")
+        ax.set_ylabel(f"NDCG@{slots}")
+        ax.set_title(f"{rail}: MMR trade-off (λ = {report['mmr_lambda']} in config)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result.dataset}: ranking pipeline")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

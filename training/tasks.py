@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,23 @@ class EvalCase:
     # prefix length (hero), session position of the anchor (pdp), cart size (cart): the
     # breakdown axis of the "metric by session length" plot
     length: int
+    # every item the shopper touched after the request (excluded items aside) with the
+    # strongest event type on it: the re-ranker's graded labels (purchase > cart > view)
+    followed: Mapping[str, str] = field(default_factory=dict)
+
+
+_STRENGTH = {"remove_from_cart": 0, "view": 1, "cart": 2, "purchase": 3}
+
+
+def strongest(items: list[str], types: list[str], exclude: frozenset[str]) -> dict[str, str]:
+    """Each item not in `exclude` with the strongest event type it got."""
+    out: dict[str, str] = {}
+    for item, kind in zip(items, types, strict=True):
+        if item in exclude or kind == "remove_from_cart":
+            continue
+        if item not in out or _STRENGTH.get(kind, 0) > _STRENGTH.get(out[item], 0):
+            out[item] = kind
+    return out
 
 
 def build_cases(
@@ -98,14 +115,16 @@ def _hero_cases(
 def _hero_case(
     session_id: str, base: Query, items: list[str], types: list[str], t: int
 ) -> EvalCase:
+    seen = frozenset(items[:t])
     query = replace(
         base,
         session_items=tuple(items[:t]),
         session_types=tuple(types[:t]),
         session_times=base.session_times[:t],
-        exclude=frozenset(items[:t]),
+        exclude=seen,
     )
-    return EvalCase(session_id, query, frozenset([items[t]]), len(set(items[:t])))
+    followed = strongest(items[t:], types[t:], seen)
+    return EvalCase(session_id, query, frozenset([items[t]]), len(seen), followed)
 
 
 def _pdp_cases(
@@ -135,13 +154,23 @@ def _pdp_cases(
     if len(candidates) > settings.pdp_anchors_per_session:
         pick = rng.choice(len(candidates), settings.pdp_anchors_per_session, replace=False)
         candidates = [candidates[i] for i in sorted(pick)]
+    times, context = _times(frame), _context(frame)
     for anchor, targets, at in candidates:
-        history = items[:at] if spec.session_kind == "sequence" else []
-        history_types = types[:at] if spec.session_kind == "sequence" else []
+        sequence = spec.session_kind == "sequence"
+        cut = at if sequence else 0
         query = Query(
-            tuple(history), tuple(history_types), anchor=anchor, exclude=frozenset([anchor])
+            tuple(items[:cut]),
+            tuple(types[:cut]),
+            tuple(times[:cut]),
+            context,
+            anchor=anchor,
+            exclude=frozenset([anchor]),
         )
-        yield EvalCase(session_id, query, targets, at + 1)
+        later = (items[at + 1 :], types[at + 1 :]) if sequence else (items, types)
+        followed = strongest(*later, frozenset([anchor]))
+        yield EvalCase(
+            session_id, query, targets, at + 1, {**followed, **_at_least(targets, followed)}
+        )
 
 
 def _cart_cases(
@@ -163,7 +192,8 @@ def _cart_cases(
         query = Query(
             cart, ("cart",) * len(cart), when, _context(frame), cart=cart, exclude=frozenset(cart)
         )
-        yield EvalCase(session_id, query, frozenset(basket[cut:]), len(cart))
+        followed = strongest(items, types, frozenset(cart))
+        yield EvalCase(session_id, query, frozenset(basket[cut:]), len(cart), followed)
         return
     strong = set(spec.strong_event_types)
     times, context = _times(frame), _context(frame)
@@ -184,4 +214,10 @@ def _cart_cases(
                     cart=tuple(cart),
                     exclude=frozenset(cart),
                 )
-                yield EvalCase(session_id, query, targets, len(cart))
+                followed = strongest(items[t + 1 :], types[t + 1 :], frozenset(cart))
+                yield EvalCase(session_id, query, targets, len(cart), followed)
+
+
+def _at_least(targets: frozenset[str], followed: Mapping[str, str]) -> dict[str, str]:
+    """Targets absent from `followed` (none, in practice) labelled as views."""
+    return {t: "view" for t in targets if t not in followed}

@@ -13,6 +13,7 @@ import pandas as pd
 from railtower.manifest import DataWindow
 from railtower.settings import DatasetSpec, Settings
 from ranking.bundle import TowerBundle
+from ranking.candidates import Candidate
 from ranking.retriever import Catalogue, Query
 from ranking.tower_retriever import BundleRetriever
 from training.export import write_bundle
@@ -61,6 +62,12 @@ class TowerRetriever:
         return self
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        return self._fitted().recommend(queries, k)
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        return self._fitted().candidates(queries, k)
+
+    def _fitted(self) -> BundleRetriever:
         if self.retriever is None:
-            raise RuntimeError("TowerRetriever.recommend before fit")
-        return self.retriever.recommend(queries, k)
+            raise RuntimeError("TowerRetriever used before fit")
+        return self.retriever

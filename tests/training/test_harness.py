@@ -28,7 +28,30 @@ def test_every_rail_and_baseline_is_scored(rees46_run):
     settings, run = rees46_run
     scored = {(t.rail, t.model) for r in run.results for t in r.tasks}
     rails = ("homepage_hero", "pdp_fbt", "cart_upsell")
-    assert scored == {(rail, m) for rail in rails for m in settings.evaluation.baselines}
+    stages = ("fused_candidates", "+ranker", "+ranker+mmr", "+ranker+mmr+rules")
+    models = (*settings.evaluation.baselines, *stages)
+    assert scored == {(rail, m) for rail in rails for m in models}
+
+
+def test_pipeline_pool_recalls_more_than_any_source_and_the_ranker_is_reported(rees46_run):
+    _, run = rees46_run
+    report = run.results[0].pipeline
+    for rail in ("homepage_hero", "pdp_fbt"):
+        recall = report["pool_recall"][rail]
+        best_source = max(v["recall"] for k, v in recall.items() if k != "pool")
+        assert recall["pool"]["recall"] >= best_source
+        fit = report["rankers"][rail]
+        assert fit["trained"] and fit["groups"] >= 100 and fit["importance"]
+    text = (run.folder / "results.md").read_text()
+    assert "rees46: ranking pipeline" in text and "MMR trade-off" in text
+    assert (run.folder / "plots" / "rees46_pipeline.png").stat().st_size > 5_000
+
+
+def test_re_ranker_beats_fused_order_on_rees46(rees46_run):
+    _, run = rees46_run
+    for rail in ("homepage_hero", "pdp_fbt"):
+        fused, ranked = _by(run, rail, "fused_candidates"), _by(run, rail, "+ranker")
+        assert ranked.metrics["ndcg@12"].low > fused.metrics["ndcg@12"].high
 
 
 @pytest.mark.parametrize("rail", ["homepage_hero", "pdp_fbt"])

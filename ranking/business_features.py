@@ -1,0 +1,377 @@
+"""The re-ranker's features: one definition for training and serving, so they cannot skew.
+
+:class:`ItemStats` is fitted once on the training window (popularity and trend, first and
+last sighting, price, category, brand, stock, margin, and the learned category
+complementarity) and saved with the bundle; :func:`build_features` turns a fused
+candidate table plus the queries that asked for it into the feature matrix, in the fixed
+column order of :data:`FEATURES`. Training calls it on past requests, serving on live ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import scipy.sparse as sp
+
+from railtower.schemas import category_levels
+from railtower.settings import EventWeights, RankingSettings
+from ranking.candidate_fusion import SOURCES, CandidateTable
+from ranking.retriever import Catalogue, Query, event_weight_array
+from towers.item_features import PriceBands, stable_bucket
+
+SOURCE_FEATURES = ("fused", "sources", *(f"{s}_{v}" for s in SOURCES for v in ("score", "rank")))
+ITEM_FEATURES = (
+    "popularity_log",
+    "recent_popularity_log",
+    "trend",
+    "price_log",
+    "price_band",
+    "age_hours_log",
+    "idle_hours_log",
+    "stock",
+    "margin",
+)
+SESSION_FEATURES = (
+    "price_vs_session",
+    "band_gap",
+    "leaf_match",
+    "top_match",
+    "brand_match",
+    "focus_same_leaf",
+    "complement_lift",
+)
+CONTEXT_FEATURES = ("hour", "context", "session_length", "cart_size", "has_anchor")
+FEATURES: tuple[str, ...] = SOURCE_FEATURES + ITEM_FEATURES + SESSION_FEATURES + CONTEXT_FEATURES
+# LightGBM treats these as unordered categories, not numbers.
+CATEGORICAL: tuple[str, ...] = ("context",)
+_CONTEXT_BUCKETS = 64
+_NONE = -1  # code of "no category / no brand"
+_MIN_PAIR_SESSIONS = 2  # category pairs seen together in fewer sessions carry no lift
+
+
+@dataclass
+class ItemStats:
+    """Per-item statistics of the training window, row-aligned with the catalogue.
+
+    Attributes:
+        item_ids: the catalogue's ids, in catalogue order.
+        popularity / recent_popularity: event-weighted counts over the whole window and
+            over its last `short_window_share` (NaN where the data has no clock).
+        first_seen / last_seen: epoch seconds of the item's first and last event (NaN:
+            never seen or no clock).
+        price: catalogue price, else the median price its events showed (NaN: unknown).
+        price_band: quantile band of the price within its top category (0: unknown).
+        leaf / top / brand: integer codes (-1: none).
+        stock / margin: from the catalogue where it has them, else NaN.
+        complement: (leaves, leaves) sparse log-lift of "a session touching leaf a goes on
+            to cart or buy from leaf b"; the learned complementarity of pdp_fbt and cart.
+        end_time: the window's last event (epoch seconds), "now" for queries with no clock.
+        short_share: the trend window as a share of the whole window.
+    """
+
+    item_ids: np.ndarray
+    popularity: np.ndarray
+    recent_popularity: np.ndarray
+    first_seen: np.ndarray
+    last_seen: np.ndarray
+    price: np.ndarray
+    price_band: np.ndarray
+    leaf: np.ndarray
+    top: np.ndarray
+    brand: np.ndarray
+    stock: np.ndarray
+    margin: np.ndarray
+    complement: sp.csr_matrix
+    end_time: float
+    short_share: float
+
+    def __post_init__(self) -> None:
+        self.row: dict[str, int] = {item: i for i, item in enumerate(self.item_ids.tolist())}
+
+    @classmethod
+    def fit(
+        cls,
+        events: pd.DataFrame,
+        items: pd.DataFrame,
+        catalogue: Catalogue,
+        settings: RankingSettings,
+        weights: EventWeights,
+        price_bands: int,
+        strong_event_types: Sequence[str],
+    ) -> ItemStats:
+        """Statistics of `events` (the training window) over the catalogue `items`."""
+        n = len(catalogue)
+        rows = catalogue.indices(events["item_id"])
+        known = rows >= 0
+        ev = events.loc[known]
+        rows = rows[known]
+        w = event_weight_array(ev["event_type"], weights)
+        timed = "event_time" in ev.columns and ev["event_time"].notna().all() and len(ev) > 0
+        popularity = np.bincount(rows, weights=w, minlength=n)
+        recent = np.full(n, np.nan)
+        first = np.full(n, np.nan)
+        last = np.full(n, np.nan)
+        end = np.nan
+        if timed:
+            seconds = ev["event_time"].astype("int64").to_numpy() / 1e9
+            start, end = float(seconds.min()), float(seconds.max())
+            cut = end - settings.short_window_share * (end - start)
+            late = seconds >= cut
+            recent = np.bincount(rows[late], weights=w[late], minlength=n)
+            first = _per_row(rows, seconds, n, np.minimum, np.inf)
+            last = _per_row(rows, seconds, n, np.maximum, -np.inf)
+        catalogue_items = items.set_index(items["item_id"].astype(str)).reindex(catalogue.ids)
+        price = _float_column(catalogue_items, "price")
+        if "price" in ev.columns:
+            seen = ev.assign(row=rows).dropna(subset=["price"]).groupby("row")["price"].median()
+            missing = np.isnan(price)
+            fill = seen.reindex(np.arange(n)).to_numpy(dtype=float)
+            price[missing] = fill[missing]
+        frame = pd.DataFrame(
+            {"category_path": _column(catalogue_items, "category_path"), "price": price}
+        )
+        bands = PriceBands.fit(frame, price_bands).assign(frame)
+        leaf, leaves = _codes(frame["category_path"])
+        top, _ = _codes(pd.Series([category_levels(p, 1)[0] for p in frame["category_path"]]))
+        brand, _ = _codes(_column(catalogue_items, "brand"))
+        sessions = ev["session_id"].astype("category").cat.codes.to_numpy()
+        strong = ev["event_type"].isin(set(strong_event_types)).to_numpy()
+        complement = _complement_lift(sessions, leaf[rows], strong, len(leaves))
+        return cls(
+            item_ids=np.asarray(catalogue.ids).astype(str),
+            popularity=popularity,
+            recent_popularity=recent,
+            first_seen=first,
+            last_seen=last,
+            price=price,
+            price_band=bands.astype(np.int64),
+            leaf=leaf,
+            top=top,
+            brand=brand,
+            stock=_float_column(catalogue_items, "stock"),
+            margin=_float_column(catalogue_items, "margin"),
+            complement=complement,
+            end_time=end,
+            short_share=settings.short_window_share,
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    _ARRAYS = (
+        "item_ids",
+        "popularity",
+        "recent_popularity",
+        "first_seen",
+        "last_seen",
+        "price",
+        "price_band",
+        "leaf",
+        "top",
+        "brand",
+        "stock",
+        "margin",
+    )
+
+    def save(self, folder: Path) -> list[Path]:
+        """Write item_stats.npz, complement.npz and item_stats.json; return their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = folder / "item_stats.npz"
+        np.savez(arrays, **{name: getattr(self, name) for name in self._ARRAYS})
+        lift = folder / "complement.npz"
+        sp.save_npz(lift, self.complement)
+        meta = folder / "item_stats.json"
+        meta.write_bytes(orjson.dumps({"end_time": self.end_time, "short_share": self.short_share}))
+        return [arrays, lift, meta]
+
+    @classmethod
+    def load(cls, folder: Path) -> ItemStats:
+        with np.load(folder / "item_stats.npz", allow_pickle=False) as data:
+            arrays = {name: data[name] for name in cls._ARRAYS}
+        meta = orjson.loads((folder / "item_stats.json").read_bytes())
+        end = meta["end_time"]
+        return cls(
+            **arrays,
+            complement=sp.load_npz(folder / "complement.npz").tocsr(),
+            end_time=float("nan") if end is None else float(end),
+            short_share=float(meta["short_share"]),
+        )
+
+
+def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemStats) -> np.ndarray:
+    """The (rows of `table`, len(FEATURES)) float32 feature matrix, NaN where unknown.
+
+    Args:
+        table: fused candidates; row order is kept.
+        queries: the batch the table answers (table.frame["query"] indexes it).
+        stats: statistics of the training window the ranker was (or is being) trained on.
+    """
+    frame = table.frame
+    out = np.full((len(frame), len(FEATURES)), np.nan, dtype=np.float32)
+    col = {name: i for i, name in enumerate(FEATURES)}
+    for name in SOURCE_FEATURES:
+        out[:, col[name]] = frame[name].to_numpy(dtype=float)
+    rows = frame["item_id"].map(stats.row).fillna(-1).astype(np.int64).to_numpy()
+    known = rows >= 0
+    r = rows[known]
+
+    def put(name: str, values: np.ndarray) -> None:
+        out[known, col[name]] = values
+
+    put("popularity_log", np.log1p(stats.popularity[r]))
+    put("recent_popularity_log", np.log1p(stats.recent_popularity[r]))
+    # Recent share of the item's events against the share of time the recent window spans:
+    # > 0 rising, < 0 fading.
+    put(
+        "trend",
+        np.log(
+            (stats.recent_popularity[r] + 1.0) / (stats.short_share * stats.popularity[r] + 1.0)
+        ),
+    )
+    put("price_log", np.log1p(stats.price[r]))
+    put("price_band", stats.price_band[r].astype(float))
+    put("stock", stats.stock[r])
+    put("margin", stats.margin[r])
+
+    query_of = frame["query"].to_numpy()
+    bounds = np.searchsorted(query_of, np.arange(len(queries) + 1))
+    for q, query in enumerate(queries):
+        lo, hi = bounds[q], bounds[q + 1]
+        if lo == hi:
+            continue
+        _session_features(out[lo:hi], rows[lo:hi], query, stats, col)
+    return out
+
+
+def _session_features(
+    out: np.ndarray, rows: np.ndarray, query: Query, stats: ItemStats, col: dict[str, int]
+) -> None:
+    """Fill one query's rows: how each candidate relates to this session and request."""
+    seeds = [stats.row[i] for i in (*query.session_items, *query.cart) if i in stats.row]
+    if query.anchor is not None and query.anchor in stats.row:
+        seeds.append(stats.row[query.anchor])
+    focus_ids = (
+        [query.anchor] if query.anchor else list(query.cart) or list(query.session_items[-1:])
+    )
+    focus = np.array([stats.row[i] for i in focus_ids if i in stats.row], dtype=np.int64)
+    seed_rows = np.array(seeds, dtype=np.int64)
+    now = max(query.session_times) if query.session_times else stats.end_time
+    known = rows >= 0
+    r = np.where(known, rows, 0)
+
+    def put(name: str, values: np.ndarray) -> None:
+        out[:, col[name]] = np.where(known, values, np.nan)
+
+    put("age_hours_log", np.log1p(np.maximum(now - stats.first_seen[r], 0.0) / 3600.0))
+    put("idle_hours_log", np.log1p(np.maximum(now - stats.last_seen[r], 0.0) / 3600.0))
+    out[:, col["hour"]] = (now % 86400) / 3600.0 if query.session_times else np.nan
+    out[:, col["context"]] = (
+        float(stable_bucket([query.context], _CONTEXT_BUCKETS, "context")[0])
+        if query.context
+        else np.nan
+    )
+    out[:, col["session_length"]] = len(query.session_items)
+    out[:, col["cart_size"]] = len(query.cart)
+    out[:, col["has_anchor"]] = float(query.anchor is not None)
+    if len(seed_rows) == 0:
+        return
+    seed_prices = stats.price[seed_rows]
+    if np.isfinite(seed_prices).any():
+        median = float(np.nanmedian(seed_prices))
+        if median > 0:
+            put("price_vs_session", np.log((stats.price[r] + 1e-6) / median))
+    seed_bands = stats.price_band[seed_rows]
+    if (seed_bands > 0).any():
+        band = float(np.median(seed_bands[seed_bands > 0]))
+        put("band_gap", np.where(stats.price_band[r] > 0, stats.price_band[r] - band, np.nan))
+    put("leaf_match", _match_share(stats.leaf[r], stats.leaf[seed_rows]))
+    put("top_match", _match_share(stats.top[r], stats.top[seed_rows]))
+    put("brand_match", _match_share(stats.brand[r], stats.brand[seed_rows]))
+    if len(focus):
+        put("focus_same_leaf", _match_share(stats.leaf[r], stats.leaf[focus]))
+    seed_leaves = np.unique(stats.leaf[seed_rows])
+    seed_leaves = seed_leaves[seed_leaves != _NONE]
+    cand_leaves = stats.leaf[r]
+    if len(seed_leaves) and stats.complement.nnz:
+        has_leaf = cand_leaves != _NONE
+        lift = np.full(len(r), np.nan)
+        block = stats.complement[seed_leaves][:, np.where(has_leaf, cand_leaves, 0)].toarray()
+        stored = block != 0
+        best = np.where(stored.any(axis=0), np.where(stored, block, -np.inf).max(axis=0), np.nan)
+        lift[has_leaf] = best[has_leaf]
+        put("complement_lift", lift)
+
+
+def _match_share(candidate_codes: np.ndarray, seed_codes: np.ndarray) -> np.ndarray:
+    """Share of the seed items whose code equals the candidate's (NaN: candidate has none)."""
+    seeds = seed_codes[seed_codes != _NONE]
+    if len(seeds) == 0:
+        return np.full(len(candidate_codes), np.nan)
+    share = (candidate_codes[:, None] == seeds[None, :]).mean(axis=1)
+    return np.where(candidate_codes != _NONE, share, np.nan)
+
+
+def _complement_lift(
+    sessions: np.ndarray, leaves: np.ndarray, strong: np.ndarray, n_leaves: int
+) -> sp.csr_matrix:
+    """Log-lift of P(strong event in leaf b | session touched leaf a) over P(strong in b).
+
+    Only pairs seen together in at least two sessions are kept; a lift from one session is
+    an anecdote. Without categories or strong events the matrix is empty.
+    """
+    has = leaves != _NONE
+    if n_leaves == 0 or not (has & strong).any():
+        return sp.csr_matrix((n_leaves, n_leaves))
+    n_sessions = int(sessions.max()) + 1
+    touched = sp.csr_matrix(
+        (np.ones(has.sum()), (sessions[has], leaves[has])), shape=(n_sessions, n_leaves)
+    )
+    touched.data[:] = 1.0
+    took = has & strong
+    bought = sp.csr_matrix(
+        (np.ones(took.sum()), (sessions[took], leaves[took])), shape=(n_sessions, n_leaves)
+    )
+    bought.data[:] = 1.0
+    together = (touched.T @ bought).tocoo()
+    keep = together.data >= _MIN_PAIR_SESSIONS
+    a, b, count = together.row[keep], together.col[keep], together.data[keep]
+    touched_n = np.asarray(touched.sum(axis=0)).ravel()
+    bought_n = np.asarray(bought.sum(axis=0)).ravel()
+    lift = np.log(count * n_sessions / (touched_n[a] * bought_n[b]))
+    # log-lift 0 would vanish from a sparse matrix; nudge it so "known, neutral" survives.
+    lift[lift == 0] = 1e-6
+    return sp.csr_matrix((lift, (a, b)), shape=(n_leaves, n_leaves))
+
+
+def _per_row(
+    rows: np.ndarray, values: np.ndarray, n: int, op: np.ufunc, start: float
+) -> np.ndarray:
+    out = np.full(n, start)
+    op.at(out, rows, values)
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    if name not in frame.columns:
+        return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    return frame[name].astype(object).where(frame[name].notna(), None)
+
+
+def _float_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+
+
+def _codes(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer code per value (-1 for none) and the sorted distinct values."""
+    text = pd.Series(values).astype(object).where(pd.Series(values).notna(), None)
+    distinct = sorted({v for v in text if isinstance(v, str) and v})
+    index = {v: i for i, v in enumerate(distinct)}
+    codes = np.array([index.get(v, _NONE) if isinstance(v, str) else _NONE for v in text])
+    return codes.astype(np.int64), distinct

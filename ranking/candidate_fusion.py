@@ -1,0 +1,137 @@
+"""Fuse the candidate sources of a batch of queries into one table, one row per (query, item).
+
+Each source (towers, co-visitation, session-kNN, popularity) ranks items on its own evidence;
+reciprocal-rank fusion (Cormack et al. 2009) orders their union without calibrating scores
+that live on different scales, and an item several sources agree on rises. The table keeps
+every source's score and rank, because those are the re-ranker's strongest features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ranking.candidates import Candidate
+
+# Every source the ranker's feature contract knows, in a fixed order; a source that is not
+# running (no tower bundle, say) contributes empty columns, so the contract never changes.
+SOURCES: tuple[str, ...] = (
+    "two_tower",
+    "covisitation",
+    "session_knn",
+    "category_popularity",
+    "popularity",
+)
+
+
+@dataclass
+class CandidateTable:
+    """Fused candidates of a batch of queries.
+
+    Attributes:
+        frame: one row per (query, item): `query` (position in the batch), `item_id`,
+            `fused` (the reciprocal-rank-fusion score), `sources` (how many sources named
+            the item), and `<source>_score` / `<source>_rank` (1-based) for each of
+            :data:`SOURCES`, NaN where that source did not name the item. Rows are sorted by
+            query, then by fused score (best first).
+        queries: number of queries in the batch (some may have no row at all).
+    """
+
+    frame: pd.DataFrame
+    queries: int
+
+    def ranked(self, score_column: str = "fused") -> list[list[Candidate]]:
+        """Per query, its candidates ordered by `score_column` (ties keep the fused order)."""
+        out: list[list[Candidate]] = [[] for _ in range(self.queries)]
+        order = self.frame.sort_values(
+            ["query", score_column], ascending=[True, False], kind="stable"
+        )
+        for query, item, score in zip(
+            order["query"].to_numpy(),
+            order["item_id"].to_numpy(),
+            order[score_column].to_numpy(dtype=float),
+            strict=True,
+        ):
+            out[query].append(Candidate(str(item), float(score)))
+        return out
+
+    def item_lists(self) -> list[list[str]]:
+        return [[c.item_id for c in row] for row in self.ranked()]
+
+
+def fuse(
+    per_source: Mapping[str, Sequence[Sequence[Candidate]]], queries: int, depth: int, rrf_k: int
+) -> CandidateTable:
+    """Fuse the sources' ranked candidates and keep each query's `depth` best.
+
+    Args:
+        per_source: source name (one of :data:`SOURCES`) -> per query, its candidates best
+            first. Every source must answer every query (an empty list is an answer).
+        queries: the batch size.
+        depth: candidates kept per query after fusion.
+        rrf_k: the fusion constant; an item at rank r of a source earns 1 / (rrf_k + r).
+
+    Raises:
+        ValueError: an unknown source, or a source answering a different number of queries.
+    """
+    unknown = set(per_source) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {list(SOURCES)}")
+    parts = []
+    for name, rows in per_source.items():
+        if len(rows) != queries:
+            raise ValueError(f"source {name!r} answered {len(rows)} queries, expected {queries}")
+        lengths = [len(r) for r in rows]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "query": np.repeat(np.arange(queries), lengths),
+                    "item_id": [c.item_id for r in rows for c in r],
+                    "source": name,
+                    "rank": np.concatenate([np.arange(1, n + 1) for n in lengths] or [[]]),
+                    "score": [c.score for r in rows for c in r],
+                }
+            )
+        )
+    long = pd.concat(parts, ignore_index=True) if parts else _empty_long()
+    # A source names an item once; should it repeat one, its best rank counts.
+    long = long.sort_values("rank", kind="stable").drop_duplicates(["query", "item_id", "source"])
+    long["rrf"] = 1.0 / (rrf_k + long["rank"].astype(float))
+    wide = long.pivot(index=["query", "item_id"], columns="source", values=["score", "rank"])
+    wide.columns = [f"{source}_{value}" for value, source in wide.columns]
+    fused = long.groupby(["query", "item_id"])["rrf"].agg(["sum", "count"])
+    frame = fused.rename(columns={"sum": "fused", "count": "sources"}).join(wide).reset_index()
+    for name in SOURCES:
+        for value in ("score", "rank"):
+            column = f"{name}_{value}"
+            if column not in frame.columns:
+                frame[column] = np.nan
+            frame[column] = frame[column].astype(float)
+    # Best fused first; ties go to the item with the best single rank, then the id, so the
+    # order never depends on dict or hash order.
+    frame["best_rank"] = frame[[f"{n}_rank" for n in SOURCES]].min(axis=1)
+    frame = frame.sort_values(
+        ["query", "fused", "best_rank", "item_id"], ascending=[True, False, True, True]
+    )
+    frame = frame[frame.groupby("query").cumcount() < depth].drop(columns="best_rank")
+    columns = ["query", "item_id", "fused", "sources"]
+    columns += [f"{n}_{v}" for n in SOURCES for v in ("score", "rank")]
+    frame = frame[columns].reset_index(drop=True)
+    frame["query"] = frame["query"].astype(np.int64)
+    frame["sources"] = frame["sources"].astype(np.int64)
+    return CandidateTable(frame, queries)
+
+
+def _empty_long() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "query": pd.Series([], dtype=np.int64),
+            "item_id": pd.Series([], dtype=object),
+            "source": pd.Series([], dtype=object),
+            "rank": pd.Series([], dtype=np.int64),
+            "score": pd.Series([], dtype=float),
+        }
+    )
