@@ -106,6 +106,59 @@ def evaluate(
     console.print(f"\nreport: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
 
 
+@app.command()
+def promote(
+    bundle: Path = typer.Argument(
+        ..., help="candidate rails bundle (artifacts/<run>-<data set>-rails)"
+    ),
+    pointer: Path | None = typer.Option(
+        None, help="production pointer (default <artifacts>/<promotion.pointer_dir>/<data set>)"
+    ),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Promote a bundle if its NDCG@slots is not below production's beyond the interval."""
+    from ranking.rails_bundle import load_evaluation
+    from training.promotion import promote as run_gate
+
+    settings = _settings(config)
+    try:
+        dataset = load_evaluation(bundle)["dataset"]
+        link = pointer or settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+        decision = run_gate(bundle, link, settings.promotion, settings.seed)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+    if not decision.promote:
+        raise typer.Exit(3)
+
+
+@app.command("rules-dry-run")
+def rules_dry_run(
+    proposed: Path = typer.Argument(..., help="the rule set about to be published (JSON)"),
+    current: Path | None = typer.Option(
+        None, help="the published rule set (default: ranking.rules_path)"
+    ),
+    dataset: str = typer.Option("rees46", "--dataset", "-d", help="data set to sample from"),
+    requests: int = typer.Option(200, help="held-out requests per rail"),
+    output: Path | None = typer.Option(None, help="write the markdown report here"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Show what a new rule set changes on sampled held-out requests before publishing it."""
+    from training.dry_run import dry_run_rule_sets
+
+    settings = _settings(config)
+    try:
+        report = dry_run_rule_sets(settings, dataset, proposed, current, requests)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    text = report.to_markdown()
+    if output is not None:
+        output.write_text(text)
+    console.print(text, markup=False, soft_wrap=True)
+
+
 @app.command("distill-images")
 def distill_images(
     dataset: str = typer.Option("hm_catalogue", "--dataset", "-d", help="a data set with photos"),

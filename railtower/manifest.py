@@ -38,7 +38,7 @@ class DataWindow(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["bundle", "evaluation"]
+    kind: Literal["bundle", "evaluation", "rails"]
     version: str
     created_at: str
     git_commit: str | None

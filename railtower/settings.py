@@ -259,6 +259,19 @@ class RankingSettings(_Section):
         return _project_path(path)
 
 
+class PromotionSettings(_Section):
+    # The pipeline stage whose NDCG@slots the gate compares (the list shoppers see).
+    stage: str = "+ranker+mmr+rules"
+    # Catalogue coverage@slots a candidate must reach on every rail, as a share of the most
+    # its cases could reach (cases x slots distinct items, capped by the catalogue): a rail
+    # scored on six carts cannot cover 1% of a 5,000-item catalogue, however good it is.
+    min_coverage_share: float = Field(0.05, ge=0.0, le=1.0)
+    # Bootstrap resamples of the paired NDCG difference.
+    bootstrap_samples: int = Field(1000, ge=100)
+    # Where the production pointer of each data set lives: <artifacts_dir>/<pointer_dir>/<data set>.
+    pointer_dir: str = "production"
+
+
 class Settings(BaseSettings):
     """Everything configurable in Railtower, one typed tree."""
 
@@ -285,6 +298,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     index: IndexSettings = IndexSettings()
     ranking: RankingSettings = RankingSettings()
+    promotion: PromotionSettings = PromotionSettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod

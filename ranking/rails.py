@@ -140,7 +140,7 @@ class RailPipeline:
         catalogue has nothing eligible left.
         """
         rule_set = self.rule_set or _NO_RULES
-        now = self._now(query)
+        now = self.request_time(query)
         pool = [c for c in ranked if c.item_id not in query.exclude]
         result = apply_rules(pool, rule_set, self.attributes, rail, length, now)
         wanted = min(length, self.slots)
@@ -161,7 +161,8 @@ class RailPipeline:
             if item not in taken and item not in query.exclude:
                 yield item
 
-    def _now(self, query: Query) -> datetime:
+    def request_time(self, query: Query) -> datetime:
+        """The time rules are judged at: the session's last event, else the window's end."""
         if query.session_times:
             return datetime.fromtimestamp(max(query.session_times), UTC)
         if math.isfinite(self.stats.end_time):

@@ -15,20 +15,25 @@ training per data set), so they are a window staler than the baselines beside th
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from railtower.datasets import Dataset
 from railtower.logs import get_logger
+from railtower.manifest import DataWindow
 from railtower.settings import Settings
 from ranking.baselines import BASELINES
 from ranking.business_features import ItemStats, build_features
 from ranking.item_attributes import ItemAttributes
 from ranking.rails import STAGES, RailPipeline
+from ranking.rails_bundle import write_rails_bundle
 from ranking.retriever import CandidateSource, Catalogue
 from ranking.rules import load_rule_set
 from training.evaluate import TaskResult, per_case_metrics, score_ranked
@@ -161,10 +166,15 @@ def staged_evaluation(
     settings: Settings,
     target: SplitName,
     towers: Callable[[], CandidateSource] | None = None,
+    bundle: Path | None = None,
 ) -> Callable[
     [Split, Mapping[str, list[EvalCase]], set[str]], tuple[list[TaskResult], dict[str, object]]
 ]:
-    """The harness hook (training.evaluate.StagedModel) that fits and scores the pipeline."""
+    """The harness hook (training.evaluate.StagedModel) that fits and scores the pipeline.
+
+    With `bundle`, the fitted rankers, item statistics and rule set are written there as a
+    rails bundle together with the evaluation they earned (the promotion gate's input).
+    """
 
     def run(
         split: Split, cases: Mapping[str, list[EvalCase]], warm: set[str]
@@ -217,9 +227,88 @@ def staged_evaluation(
             else f"{fitted.pipeline.rule_set.name} {fitted.pipeline.rule_set.version}",
             "fit_seconds": round(fit_s, 1),
         }
+        if bundle is not None:
+            _write_bundle(bundle, fitted, tasks, cases, split, dataset, settings, target)
+            report["bundle"] = str(bundle)
         return tasks, report
 
     return run
+
+
+def _write_bundle(
+    folder: Path,
+    fitted: FittedPipeline,
+    tasks: list[TaskResult],
+    cases: Mapping[str, list[EvalCase]],
+    split: Split,
+    dataset: Dataset,
+    settings: Settings,
+    target: SplitName,
+) -> None:
+    evaluation = {
+        "dataset": dataset.name,
+        "split": target,
+        "window": split.summary(),
+        "rails": {
+            rail: {
+                "fingerprint": cases_fingerprint(rail_cases),
+                "coverage_ceiling": min(
+                    1.0, len(rail_cases) * settings.evaluation.slots / len(dataset.items)
+                ),
+                "sessions": [c.session_id for c in rail_cases],
+                "models": {
+                    t.model: {
+                        "ndcg": t.metrics[f"ndcg@{settings.evaluation.slots}"].mean,
+                        "coverage": t.coverage,
+                        "per_case_ndcg": t.per_case_ndcg,
+                    }
+                    for t in tasks
+                    if t.rail == rail
+                },
+            }
+            for rail, rail_cases in cases.items()
+        },
+    }
+    tower = fitted.pipeline.sources.get("two_tower")
+    tower_bundle = getattr(getattr(tower, "bundle", None), "version", None)
+    events = split.fit_events(target)
+    window = DataWindow(
+        dataset=dataset.name,
+        files={},
+        events=len(events),
+        start=str(events["event_time"].min()) if dataset.has_time else None,
+        end=str(events["event_time"].max()) if dataset.has_time else None,
+    )
+    write_rails_bundle(
+        folder,
+        folder.name,
+        fitted.pipeline.rankers,
+        fitted.pipeline.stats,
+        fitted.pipeline.rule_set,
+        settings.ranking,
+        tower_bundle,
+        evaluation,
+        window,
+        settings.fingerprint(),
+    )
+
+
+def cases_fingerprint(cases: list[EvalCase]) -> str:
+    """Identifies the held-out cases: two evaluations compare only on identical cases."""
+    digest = hashlib.sha256()
+    for c in cases:
+        digest.update(
+            orjson.dumps(
+                [
+                    c.session_id,
+                    sorted(c.targets),
+                    list(c.query.session_items),
+                    c.query.anchor,
+                    list(c.query.cart),
+                ]
+            )
+        )
+    return digest.hexdigest()[:16]
 
 
 def mmr_sweep(

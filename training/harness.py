@@ -80,7 +80,13 @@ def run_evaluation(
             else None
         )
         staged = (
-            staged_evaluation(dataset, settings, target, tower_factory)
+            staged_evaluation(
+                dataset,
+                settings,
+                target,
+                tower_factory,
+                settings.artifacts_dir / f"{run}-{spec.name}-rails",
+            )
             if dataset.events is not None and spec.rails
             else None
         )
