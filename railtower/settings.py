@@ -224,6 +224,8 @@ class RankerSettings(_Section):
     min_groups: int = Field(100, ge=2)
     # Sessions sampled for the ranker's training requests, per rail.
     max_sessions: int = Field(5000, ge=10)
+    # Cap on training requests per rail (seeded sample): bounds memory at pool_size rows each.
+    max_requests: int = Field(6000, ge=10)
     # Graded relevance of what followed a request: the strongest event on the item.
     label_grades: dict[str, int] = {"view": 1, "cart": 2, "purchase": 3}
 

@@ -128,6 +128,10 @@ def fit_pipeline(
     for rail in spec.rails:
         started = time.perf_counter()
         cases = build_cases(rail, ranker_events, spec, request_settings, settings.seed + 1)
+        if len(cases) > ranker.max_requests:
+            rng = np.random.default_rng(settings.seed)
+            keep = np.sort(rng.choice(len(cases), ranker.max_requests, replace=False))
+            cases = [cases[i] for i in keep]
         queries = [c.query for c in cases]
         table = pipeline.candidate_table(queries)
         features = build_features(table, queries, pipeline.stats)
