@@ -142,7 +142,14 @@ class RailPipeline:
         rule_set = self.rule_set or _NO_RULES
         now = self.request_time(query)
         pool = [c for c in ranked if c.item_id not in query.exclude]
-        result = apply_rules(pool, rule_set, self.attributes, rail, length, now)
+
+        def ruled() -> list[Candidate]:
+            # A pin may name any catalogue item, the product on the page or a cart item
+            # included; the request's exclusions outrank every rule.
+            out = apply_rules(pool, rule_set, self.attributes, rail, length, now)
+            return [c for c in out if c.item_id not in query.exclude]
+
+        result = ruled()
         wanted = min(length, self.slots)
         fill = self._popular_fill(query, {c.item_id for c in pool})
         while len(result) < wanted:
@@ -151,7 +158,7 @@ class RailPipeline:
                 break  # nothing eligible left in the catalogue
             floor = min((c.score for c in pool), default=0.0)
             pool += [Candidate(item, _below(floor, i)) for i, item in enumerate(more)]
-            result = apply_rules(pool, rule_set, self.attributes, rail, length, now)
+            result = ruled()
         return result
 
     def _popular_fill(self, query: Query, taken: set[str]) -> Iterator[str]:

@@ -45,3 +45,37 @@ def test_evaluate_refuses_an_unknown_split():
     result = runner.invoke(app, ["evaluate", "--split", "train"])
     assert result.exit_code != 0
     assert "split" in result.output
+
+
+def test_rules_dry_run_shows_what_a_new_block_changes(tmp_path):
+    import orjson
+
+    from railtower.settings import PROJECT_ROOT
+
+    current = orjson.loads((PROJECT_ROOT / "configs/rules/example.json").read_bytes())
+    proposed = {
+        **current,
+        "version": "next",
+        "rules": [*current["rules"], {"kind": "block", "category": "electronics > smartphone"}],
+    }
+    path = tmp_path / "proposed.json"
+    path.write_bytes(orjson.dumps(proposed))
+    report = tmp_path / "dry-run.md"
+    result = runner.invoke(
+        app,
+        ["rules-dry-run", str(path), "-d", "rees46", "--requests", "60", "--output", str(report)],
+    )
+    assert result.exit_code == 0, result.output
+    text = report.read_text()
+    assert "`example@2019.11.1` → `example@next`" in text
+    changed = int(text.split("| requests changed | ")[1].split(" ")[0])
+    blocked = int(text.split("| items newly blocked | ")[1].split(":")[0])
+    assert changed > 0 and blocked > 0
+
+
+def test_rules_dry_run_names_the_broken_field(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"name": "x", "version": "1", "rules": [{"kind": "pin", "slot": 0}]}')
+    result = runner.invoke(app, ["rules-dry-run", str(path), "-d", "rees46"])
+    assert result.exit_code == 1
+    assert "slot" in result.output

@@ -24,7 +24,6 @@ SIGNAL = FEATURES.index("leaf_match")
 SMALL = RankerSettings(num_trees=50, min_groups=20, min_data_in_leaf=5, early_stopping_rounds=10)
 
 
-
 @pytest.fixture(autouse=True)
 def one_openmp_thread() -> Iterator[None]:
     """LightGBM trains with every core; on a small shared machine OpenMP threads waiting on a
@@ -216,8 +215,6 @@ def test_no_booster_when_every_useful_request_is_on_one_side_of_the_holdout():
 
 def test_no_relevant_candidate_at_all():
     table, features, labels, sessions = synthetic(30, seed=6)
-    fit = fit_ranker(
-        features, np.zeros_like(labels), table, sessions, SMALL, slots=SLOTS, seed=7
-    )
+    fit = fit_ranker(features, np.zeros_like(labels), table, sessions, SMALL, slots=SLOTS, seed=7)
     assert fit.booster is None
     assert fit.groups == 0
