@@ -159,6 +159,33 @@ def rules_dry_run(
     console.print(text, markup=False, soft_wrap=True)
 
 
+@app.command()
+def serve(config: Path | None = ConfigOption) -> None:
+    """Run the rails API (uvicorn) on serving.host:serving.port with the configured model."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = _settings(config)
+    uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port)
+
+
+@app.command()
+def demo(
+    sessions: int = typer.Option(3, help="held-out sessions to show"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Start Redis, Triton and the API, print real rails for a few real sessions, stop."""
+    from serving.demo import run_demo
+
+    settings = _settings(config)
+    try:
+        run_demo(settings, sessions)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
 @app.command("distill-images")
 def distill_images(
     dataset: str = typer.Option("hm_catalogue", "--dataset", "-d", help="a data set with photos"),

@@ -274,6 +274,42 @@ class PromotionSettings(_Section):
     pointer_dir: str = "production"
 
 
+class StageBudgets(_Section):
+    # Milliseconds each stage may take before the rail falls back (never blocks on it).
+    redis_ms: float = Field(25.0, gt=0)
+    user_vector_ms: float = Field(60.0, gt=0)
+    ranker_ms: float = Field(40.0, gt=0)
+
+
+class ServingSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    # Data set whose production bundle is served (artifacts/<promotion.pointer_dir>/<name>).
+    dataset: str = "rees46"
+    # A rails bundle to serve instead of the production pointer (tests, pinning a version).
+    bundle: Path | None = None
+    # Seconds between checks of the production pointer for a promoted bundle.
+    reload_interval_s: float = Field(5.0, gt=0)
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    # Session events kept per session (newest last) and their time to live.
+    session_events: int = Field(50, ge=1)
+    state_ttl_s: int = Field(86400, ge=1)
+    # Pre-warmed rails live this long; the consumer re-warms them as events arrive.
+    prewarm_ttl_s: int = Field(300, ge=1)
+    # Triton gRPC endpoint of the user tower; null = encode sessions in-process only.
+    triton_url: str | None = "127.0.0.1:8101"
+    triton_model: str = "user_tower"
+    # Model repository the export step writes versions into and tritonserver serves.
+    triton_repository: Path = Field(Path("triton_models"), validate_default=True)
+    max_slots: int = Field(50, ge=1)
+    budgets: StageBudgets = StageBudgets()
+
+    @field_validator("bundle", "triton_repository")
+    @classmethod
+    def _resolve_paths(cls, path: Path | None) -> Path | None:
+        return _project_path(path)
+
+
 class Settings(BaseSettings):
     """Everything configurable in Railtower, one typed tree."""
 
@@ -301,6 +337,7 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     ranking: RankingSettings = RankingSettings()
     promotion: PromotionSettings = PromotionSettings()
+    serving: ServingSettings = ServingSettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod

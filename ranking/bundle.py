@@ -44,6 +44,8 @@ class TowerBundle:
     session_encoder: torch.jit.ScriptModule
     index: HnswIndex
     featurizer: ItemFeaturizer
+    # the Triton user-tower version exported from this bundle ("" = none recorded)
+    triton_version: str = ""
 
     @property
     def version(self) -> str:
@@ -86,19 +88,29 @@ class TowerBundle:
             encoder,
             index,
             featurizer,
+            str(meta.get("triton", {}).get("version", "")),
         )
 
-    def encode_sessions(
+    def session_inputs(
         self, histories: Sequence[Sequence[HistoryEvent]], contexts: Sequence[str | None]
-    ) -> np.ndarray:
-        """(B, D) float32 session vectors, the same way training built its inputs."""
+    ) -> dict[str, torch.Tensor]:
+        """The session encoder's (B, L) / (B,) int64 inputs, built as training built them."""
         feats = [
             session_features(h, self.item_row, self.towers.max_history, self.has_time, c)
             for h, c in zip(histories, contexts, strict=True)
         ]
-        inputs = collate(feats)
+        return collate(feats)
+
+    def encode_inputs(self, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+        """(B, D) float32 session vectors from prepared inputs (the in-process encoder)."""
         with torch.inference_mode():
             out = self.session_encoder(
                 inputs["items"], inputs["types"], inputs["ages"], inputs["hour"], inputs["context"]
             )
         return out.numpy().astype(np.float32)
+
+    def encode_sessions(
+        self, histories: Sequence[Sequence[HistoryEvent]], contexts: Sequence[str | None]
+    ) -> np.ndarray:
+        """(B, D) float32 session vectors, the same way training built its inputs."""
+        return self.encode_inputs(self.session_inputs(histories, contexts))

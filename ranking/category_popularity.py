@@ -34,8 +34,12 @@ class CategoryPopularityRetriever:
         self.by_category: dict[str, np.ndarray] = {}
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> CategoryPopularityRetriever:
-        self.catalogue = catalogue
         self.popularity.fit(events, catalogue)
+        return self.restore(catalogue)
+
+    def restore(self, catalogue: Catalogue) -> CategoryPopularityRetriever:
+        """Rebuild the per-category lists from the (fitted or restored) popularity."""
+        self.catalogue = catalogue
         members: dict[str, list[int]] = defaultdict(list)
         for row in self.popularity.order:  # most popular first, so each list is sorted
             category = catalogue.category_of.get(catalogue.ids[row])

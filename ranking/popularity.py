@@ -37,7 +37,13 @@ class PopularityRetriever:
             half_life = self.settings.half_life_share * span
             w = w * np.power(0.5, -seconds / half_life)
         keep = idx >= 0
-        self.scores = np.bincount(idx[keep], weights=w[keep], minlength=len(catalogue))
+        return self.restore(
+            catalogue, np.bincount(idx[keep], weights=w[keep], minlength=len(catalogue))
+        )
+
+    def restore(self, catalogue: Catalogue, scores: np.ndarray) -> PopularityRetriever:
+        """Set the fitted state (a saved bundle's scores) without the events."""
+        self.catalogue, self.scores = catalogue, scores
         # Ties (and never-seen items) fall back to catalogue order, so results are stable.
         self.order = np.lexsort((np.arange(len(catalogue)), -self.scores))
         return self

@@ -62,11 +62,17 @@ class RailPipeline:
     rule_set: RuleSet | None = None
     _popular: np.ndarray | None = field(default=None, init=False, repr=False)
 
-    def candidate_table(self, queries: Sequence[Query]) -> CandidateTable:
-        """Every source's candidates for the batch, fused and cut to `depth`."""
+    def candidate_table(
+        self, queries: Sequence[Query], sources: Mapping[str, CandidateSource] | None = None
+    ) -> CandidateTable:
+        """Every source's candidates for the batch, fused and cut to `depth`.
+
+        `sources` replaces the pipeline's own (serving swaps in a tower source that reuses
+        a session vector from Redis or Triton).
+        """
         per_source = {
             name: source.candidates(queries, self.settings.per_source)
-            for name, source in self.sources.items()
+            for name, source in (sources or self.sources).items()
         }
         return fuse(per_source, len(queries), self.depth, self.settings.rrf_k)
 
@@ -118,9 +124,12 @@ class RailPipeline:
             ]
         return out
 
-    def diversify(self, ranked: Sequence[Candidate], lambda_: float) -> list[Candidate]:
+    def diversify(
+        self, ranked: Sequence[Candidate], lambda_: float, slots: int | None = None
+    ) -> list[Candidate]:
         """MMR picks the slots from the top of the list; the rest keeps its order behind them."""
-        top = mmr(ranked[: self.settings.mmr_window], self.attributes, self.slots, lambda_)
+        n = self.slots if slots is None else slots
+        top = mmr(ranked[: max(self.settings.mmr_window, n)], self.attributes, n, lambda_)
         chosen = {c.item_id for c in top}
         ordered = top + [c for c in ranked if c.item_id not in chosen]
         # The rules re-sort by score after boosting, which would undo MMR's order; so each
@@ -130,7 +139,12 @@ class RailPipeline:
         return [Candidate(c.item_id, s) for c, s in zip(ordered, scores, strict=True)]
 
     def apply_rules(
-        self, rail: str, ranked: Sequence[Candidate], query: Query, length: int
+        self,
+        rail: str,
+        ranked: Sequence[Candidate],
+        query: Query,
+        length: int,
+        slots: int | None = None,
     ) -> list[Candidate]:
         """The rules over `ranked` (at most `length` items), never fewer than `slots`.
 
@@ -150,7 +164,7 @@ class RailPipeline:
             return [c for c in out if c.item_id not in query.exclude]
 
         result = ruled()
-        wanted = min(length, self.slots)
+        wanted = min(length, self.slots if slots is None else slots)
         fill = self._popular_fill(query, {c.item_id for c in pool})
         while len(result) < wanted:
             more = list(itertools.islice(fill, wanted))

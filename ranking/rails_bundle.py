@@ -15,18 +15,22 @@ from typing import Any
 
 import lightgbm as lgb
 import orjson
+import pandas as pd
 
 from railtower.errors import ArtifactMismatch
 from railtower.manifest import DataWindow, Manifest, git_commit, library_versions, now_iso
 from railtower.settings import RankingSettings
 from ranking.business_features import FEATURES, ItemStats
+from ranking.retriever import CandidateSource
 from ranking.rules import RuleSet
+from ranking.source_state import save_sources
 
 PIPELINE = "pipeline.json"
 EVALUATION = "evaluation.json"
 RULES = "rules.json"
 RANKERS = "rankers"
 STATS = "item_stats"
+CATALOGUE = "catalogue.parquet"
 
 
 @dataclass
@@ -39,6 +43,8 @@ class RailsBundle:
     rule_set: RuleSet | None
     tower_bundle: str | None
     evaluation: dict[str, Any]
+    items: pd.DataFrame
+    basket: bool
 
     @property
     def version(self) -> str:
@@ -73,6 +79,8 @@ class RailsBundle:
             rule_set=RuleSet.model_validate_json(rules.read_bytes()) if rules.exists() else None,
             tower_bundle=meta.get("tower_bundle"),
             evaluation=load_evaluation(folder),
+            items=pd.read_parquet(folder / CATALOGUE),
+            basket=meta.get("session_kind") == "basket",
         )
 
 
@@ -87,9 +95,18 @@ def write_rails_bundle(
     evaluation: dict[str, Any],
     window: DataWindow,
     settings_fingerprint: str,
+    sources: dict[str, CandidateSource],
+    items: pd.DataFrame,
+    session_kind: str,
 ) -> Path:
-    """Write every file of a rails bundle and its manifest; return the folder."""
+    """Write every file of a rails bundle and its manifest; return the folder.
+
+    The bundle is self-contained for serving: the catalogue it was trained on and the
+    fitted state of every non-tower source travel with it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    save_sources(sources, folder)
+    items.to_parquet(folder / CATALOGUE, index=False)
     (folder / RANKERS).mkdir(exist_ok=True)
     for rail, booster in rankers.items():
         booster.save_model(str(folder / RANKERS / f"{rail}.txt"))
@@ -101,6 +118,8 @@ def write_rails_bundle(
         "ranking": ranking.model_dump(mode="json"),
         "tower_bundle": tower_bundle,
         "rails": sorted(rankers),
+        "sources": sorted(sources),
+        "session_kind": session_kind,
     }
     (folder / PIPELINE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     (folder / EVALUATION).write_bytes(

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/services.sh install
 . .venv/bin/activate
 run="main-$(date -u +%Y%m%dT%H%M%SZ)"
 railtower validate

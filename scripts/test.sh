@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/services.sh install
 . .venv/bin/activate
 ruff check .
 pytest "$@"

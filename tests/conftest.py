@@ -8,6 +8,14 @@ import pytest
 from railtower.settings import Settings, load_settings
 
 
+@pytest.fixture(autouse=True)
+def _private_model_repository(tmp_path_factory, monkeypatch):
+    """Tower exports from tests write Triton versions to a temporary repository, never to
+    the project's triton_models/."""
+    repo = tmp_path_factory.getbasetemp() / "triton_models"
+    monkeypatch.setenv("RAILTOWER_SERVING__TRITON_REPOSITORY", str(repo))
+
+
 @pytest.fixture
 def fast_settings(tmp_path) -> Settings:
     """Real configs, fewer bootstrap resamples and sessions, reports under tmp_path."""

@@ -24,6 +24,7 @@ from ranking.bundle import (
 from towers.item_features import item_feature_specs, spec_hash
 from towers.user_tower import SessionEncoder
 from training.fit_towers import TrainedTowers
+from training.triton_export import export_user_tower
 
 PARITY_TOLERANCE = 1e-4
 
@@ -76,6 +77,12 @@ def write_bundle(
     np.save(folder / ITEM_IDS, trained.item_ids.astype(str), allow_pickle=False)
     encoder = SessionEncoder(module.user_tower, torch.from_numpy(item_vectors))
     export_session_encoder(encoder, settings.towers.max_history, folder / SESSION_ENCODER)
+    triton_version = export_user_tower(
+        folder / SESSION_ENCODER,
+        version,
+        settings.serving.triton_repository,
+        settings.serving.triton_model,
+    )
     with torch.no_grad():
         sample = trained.features.take(torch.arange(min(16, len(trained.features))))
         item_tower = torch.jit.trace(module.item_tower, sample.as_tuple(), check_trace=False)
@@ -95,6 +102,7 @@ def write_bundle(
                 "towers": settings.towers.model_dump(mode="json"),
                 "feature_spec": spec_hash(item_feature_specs(settings.towers)),
                 "has_time": has_time,
+                "triton": {"model": settings.serving.triton_model, "version": triton_version},
             },
             option=orjson.OPT_INDENT_2,
         )

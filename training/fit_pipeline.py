@@ -294,6 +294,9 @@ def _write_bundle(
         evaluation,
         window,
         settings.fingerprint(),
+        fitted.pipeline.sources,
+        dataset.items,
+        dataset.spec.session_kind,
     )
 
 

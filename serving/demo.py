@@ -1,0 +1,166 @@
+"""`railtower demo`: the online path for real, end to end, on a few real sessions.
+
+Starts Redis, Triton (when the model has towers) and the API as separate processes on
+loopback, writes the first events of a few held-out sessions into Redis as the streaming
+consumer would, asks the API for each rail over HTTP, prints the slots with titles and
+categories, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from railtower.datasets import load_dataset
+from railtower.errors import RailtowerError
+from railtower.settings import Settings, load_dataset_spec
+from ranking.rails_bundle import RailsBundle
+from serving.app import production_pointer
+from serving.local_services import LocalServer, free_port, redis_server, triton_server
+from serving.session_store import SessionStore
+from towers.session_features import HistoryEvent
+from training.split import split_events
+
+console = Console()
+
+
+def run_demo(settings: Settings, sessions: int = 3) -> None:
+    bundle = (settings.serving.bundle or production_pointer(settings)).resolve()
+    if not bundle.exists():
+        raise RailtowerError(f"no rails bundle at {bundle}: run the evaluation and promote first")
+    rails = RailsBundle.load(bundle)
+    work = settings.cache_dir / "demo"
+    started: list[LocalServer] = []
+    try:
+        redis_port = free_port()
+        started.append(redis_server(redis_port, work).start())
+        env = {
+            "RAILTOWER_SERVING__BUNDLE": str(bundle),
+            "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "RAILTOWER_LOG_LEVEL": "WARNING",
+        }
+        if rails.tower_bundle:
+            grpc = free_port()
+            repo = settings.serving.triton_repository
+            started.append(triton_server(repo, grpc, free_port(), work).start())
+            env["RAILTOWER_SERVING__TRITON_URL"] = f"127.0.0.1:{grpc}"
+        else:
+            env["RAILTOWER_SERVING__TRITON_URL"] = ""  # no towers: nothing to ask Triton
+        api_port = free_port()
+        api = LocalServer(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "serving.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(api_port),
+                "--log-level",
+                "warning",
+            ],
+            api_port,
+            work,
+            env,
+            ready_timeout_s=120,
+        )
+        started.append(api.start())
+        base = f"http://127.0.0.1:{api_port}"
+        _wait_ready(base)
+        store = SessionStore(env["RAILTOWER_SERVING__REDIS_URL"], 1.0, 50, 3600, 300)
+        for session_id, history, context in _sessions(settings, rails, sessions):
+            _show_session(base, store, session_id, history, context)
+    finally:
+        for server in reversed(started):
+            server.stop()
+        console.print(f"stopped {', '.join(s.name for s in started) or 'nothing'}")
+
+
+def _wait_ready(base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RailtowerError(f"the API at {base} was not ready after {timeout_s} s")
+
+
+def _sessions(settings: Settings, rails: RailsBundle, n: int):  # type: ignore[no-untyped-def]
+    """Held-out sessions with at least four events, their history and context."""
+    name = rails.evaluation["dataset"]
+    dataset = load_dataset(load_dataset_spec(name, settings), settings)
+    assert dataset.events is not None
+    split = split_events(dataset.events, dataset.has_time, settings.split, settings.seed)
+    test = split.test.sort_values(["session_id", "position"], kind="stable")
+    sizes = test.groupby("session_id").size()
+    chosen = sizes[sizes >= 4].index[:n]
+    for session_id in chosen:
+        frame = test[test["session_id"] == session_id]
+        times = (
+            (frame["event_time"].astype("int64") / 1e9).tolist()
+            if dataset.has_time
+            else [0.0] * len(frame)
+        )
+        history = [
+            HistoryEvent(str(i), str(t), float(s))
+            for i, t, s in zip(frame["item_id"], frame["event_type"], times, strict=True)
+        ]
+        context = next(
+            (str(frame[c].iloc[0]) for c in ("device", "locale", "country") if c in frame), None
+        )
+        yield str(session_id), history, context
+
+
+def _show_session(
+    base: str,
+    store: SessionStore,
+    session_id: str,
+    history: list[HistoryEvent],
+    context: str | None,
+) -> None:
+    shown = history[:-1]  # the last event is what the shopper did next: not yet known
+    store.append_events(
+        session_id, [(f"{session_id}-{k}", e, context) for k, e in enumerate(shown)]
+    )
+    console.rule(f"session {session_id}: {len(shown)} events so far, next: {history[-1].item_id}")
+    requests = [
+        ("homepage_hero", {"session_id": session_id, "slots": 6}),
+        ("homepage_hero", {"session_id": session_id, "slots": 6}),  # now pre-warmed
+        ("pdp_fbt", {"session_id": session_id, "item_id": shown[-1].item_id, "slots": 6}),
+        ("cart_upsell", {"session_id": session_id, "cart": [shown[-1].item_id], "slots": 6}),
+    ]
+    for rail, body in requests:
+        reply = httpx.post(f"{base}/v1/rails/{rail}", json=body, timeout=10)
+        if reply.status_code != 200:
+            console.print(f"{rail}: HTTP {reply.status_code} {reply.text}")
+            continue
+        data = reply.json()
+        table = Table(
+            title=(
+                f"{rail} · {data['served_by']} · vector {data['vector_source']} · "
+                f"{data['timings_ms']['total']:.1f} ms · {data['model_version']}"
+            )
+        )
+        for column in ("slot", "item", "title", "category", "score"):
+            table.add_column(column)
+        for slot, item in enumerate(data["items"], 1):
+            table.add_row(
+                str(slot),
+                item["item_id"],
+                item["title"] or "",
+                item["category"] or "",
+                f"{item['score']:.3f}",
+            )
+        console.print(table)
+        for reason in data["reasons"]:
+            console.print(f"  degraded: {reason}")

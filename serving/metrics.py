@@ -1,0 +1,45 @@
+"""Prometheus metrics of the rails API: latency per stage and per rail, fallbacks, errors.
+
+Each app owns its registry, so several apps (tests, replicas in one process) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+
+# Latency buckets from 1 ms to 2.5 s: rails live in the tens of milliseconds.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Histogram(
+            "railtower_rail_seconds",
+            "Rail request latency by rail and by how it was served",
+            ["rail", "served_by"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.stages = Histogram(
+            "railtower_stage_seconds",
+            "Latency of each stage of a rail request",
+            ["stage"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "railtower_fallbacks_total",
+            "Requests that degraded, by the part that was slow or down",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "railtower_errors_total", "Errors by kind", ["kind"], registry=self.registry
+        )
+        self.cache_hits = Counter(
+            "railtower_cache_hits_total",
+            "Rails served pre-warmed from Redis",
+            registry=self.registry,
+        )
+        self.model_info = Info("railtower_model", "The served model", registry=self.registry)

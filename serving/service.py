@@ -1,0 +1,363 @@
+"""One rail request, from the parsed body to the slots: the online path in one place.
+
+    session state (Redis) -> pre-warmed rail? -> session vector (Redis, Triton, in-process)
+    -> fused candidates -> re-ranker (within budget, else fused order) -> MMR -> rules
+
+Every stage that is slow or down degrades the answer and says why in `reasons`; nothing
+blocks the rail. Popularity under the rules is the last fallback. The served model can be
+swapped while requests run: each request reads `self.loaded` once and uses that model only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from railtower.errors import ArtifactMismatch
+from railtower.logs import get_logger
+from railtower.settings import RAILS, Settings
+from ranking.candidate_fusion import CandidateTable
+from ranking.candidates import Candidate
+from ranking.retriever import CandidateSource, Query
+from serving.api_models import RailItem, RailRequest, RailResponse, ServedBy
+from serving.metrics import Metrics
+from serving.rail_service import LoadedRails, load_rails
+from serving.session_store import SessionSnapshot, SessionStore
+from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
+
+log = get_logger(__name__)
+
+
+class BadRequest(Exception):
+    """A request the API answers with a 4xx: `status` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class _Trace:
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    vector_source: str = "none"
+
+    def lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = round((now - since) * 1000, 3)
+        return now
+
+
+class RailService:
+    """The served model, its state stores, and the request path over them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedRails | None,
+        store: SessionStore | None,
+        triton: TritonUserTower | None,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.loaded, self.store, self.triton = settings, loaded, store, triton
+        self.metrics = metrics
+        self.budgets = settings.serving.budgets
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ranker")
+        self._swap_lock = threading.Lock()
+        self.source: Path | None = None
+
+    # ------------------------------------------------------------------ model lifecycle
+
+    @property
+    def ready(self) -> bool:
+        """Ready when a model (index, rankers, rules) is loaded."""
+        return self.loaded is not None
+
+    def load(self, folder: Path) -> bool:
+        """Load `folder` and swap it in; on failure keep serving the last good model.
+
+        Returns True when the new model is now served.
+        """
+        with self._swap_lock:
+            try:
+                fresh = load_rails(folder, self.settings)
+            except (ArtifactMismatch, OSError, ValueError) as exc:
+                self.metrics.errors.labels(kind="bundle_load").inc()
+                log.error(
+                    "bundle not loaded; keeping the current model",
+                    folder=str(folder),
+                    error=str(exc),
+                    serving=None if self.loaded is None else self.loaded.version,
+                )
+                return False
+            _warm_up(fresh)
+            self.loaded, self.source = fresh, folder.resolve()
+            self.metrics.model_info.info({"version": fresh.version})
+            log.info("serving model", version=fresh.version, folder=str(folder))
+            return True
+
+    def reload_if_moved(self, pointer: Path) -> bool:
+        """Hot-swap when the production pointer now names another bundle."""
+        if not pointer.exists() or pointer.resolve() == self.source:
+            return False
+        return self.load(pointer)
+
+    # ------------------------------------------------------------------ the request path
+
+    def serve(self, rail: str, request: RailRequest) -> RailResponse:
+        loaded = self.loaded  # one model for the whole request, even across a hot swap
+        if loaded is None:
+            raise BadRequest(503, "no model loaded yet; see /readyz")
+        query_parts = self._validate(rail, request, loaded)
+        trace = _Trace()
+        snapshot = self._snapshot(rail, request, loaded, trace)
+        if snapshot is not None and snapshot.rail is not None:
+            cached = self._from_cache(snapshot, request, trace)
+            if cached is not None:
+                return self._respond(rail, request, loaded, "cache", cached, trace)
+        query = self._query(request, snapshot, query_parts)
+        try:
+            items = self._compute(rail, request, query, snapshot, loaded, trace)
+            served: ServedBy = "computed"
+        except Exception as exc:  # noqa: BLE001 - the rail must still answer
+            log.exception("rail computation failed; serving popularity", rail=rail)
+            self.metrics.errors.labels(kind="compute").inc()
+            trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
+            items = loaded.pipeline.apply_rules(rail, [], query, request.slots, request.slots)
+            served = "fallback"
+        if served == "computed" and rail == "homepage_hero" and snapshot is not None:
+            self._write_cache(request, loaded, snapshot, items, trace)
+        return self._respond(rail, request, loaded, served, items, trace)
+
+    def _validate(
+        self, rail: str, request: RailRequest, loaded: LoadedRails
+    ) -> tuple[str | None, tuple[str, ...]]:
+        if rail not in RAILS:
+            raise BadRequest(404, f"unknown rail {rail!r}; rails: {', '.join(RAILS)}")
+        if request.slots > self.settings.serving.max_slots:
+            raise BadRequest(
+                422,
+                f"slots={request.slots} exceeds serving.max_slots "
+                f"({self.settings.serving.max_slots})",
+            )
+        index = loaded.catalogue.index
+        if rail == "pdp_fbt":
+            if request.item_id is None:
+                raise BadRequest(422, "pdp_fbt needs item_id: the product on the page")
+            if request.item_id not in index:
+                raise BadRequest(
+                    404, f"item {request.item_id!r} is not in the catalogue of {loaded.version}"
+                )
+        if rail == "cart_upsell" and not request.cart:
+            raise BadRequest(422, "cart_upsell needs a non-empty cart (item ids)")
+        unknown = [i for i in request.cart if i not in index]
+        if unknown:
+            raise BadRequest(
+                404, f"cart items not in the catalogue of {loaded.version}: {unknown[:10]}"
+            )
+        anchor = request.item_id if rail == "pdp_fbt" else None
+        return anchor, tuple(dict.fromkeys(request.cart))
+
+    def _snapshot(
+        self, rail: str, request: RailRequest, loaded: LoadedRails, trace: _Trace
+    ) -> SessionSnapshot | None:
+        if self.store is None:
+            trace.reasons.append("no session store configured: request data only")
+            return None
+        since = time.perf_counter()
+        try:
+            cached_rail = rail if rail == "homepage_hero" else None
+            return self.store.snapshot(request.session_id, loaded.version, cached_rail)
+        except redis.RedisError as exc:
+            self.metrics.fallbacks.labels(reason="redis").inc()
+            trace.reasons.append(f"redis unavailable ({type(exc).__name__}): no session state")
+            return None
+        finally:
+            trace.lap("redis", since)
+
+    @staticmethod
+    def _marker(snapshot: SessionSnapshot) -> str:
+        """Identifies the session state a cached rail was computed from."""
+        last = snapshot.events[-1] if snapshot.events else None
+        return f"{len(snapshot.events)}:{last}"
+
+    def _from_cache(
+        self, snapshot: SessionSnapshot, request: RailRequest, trace: _Trace
+    ) -> list[Candidate] | None:
+        payload = snapshot.rail
+        if not isinstance(payload, dict) or payload.get("marker") != self._marker(snapshot):
+            return None  # computed from an older session state
+        items = payload.get("items", [])
+        if len(items) < request.slots:
+            return None
+        self.metrics.cache_hits.inc()
+        trace.vector_source = "cache"
+        return [Candidate(i["item_id"], float(i["score"])) for i in items[: request.slots]]
+
+    def _query(
+        self,
+        request: RailRequest,
+        snapshot: SessionSnapshot | None,
+        parts: tuple[str | None, tuple[str, ...]],
+    ) -> Query:
+        anchor, cart = parts
+        events = snapshot.events if snapshot is not None else []
+        items = tuple(e.item_id for e in events)
+        context = request.context.key() if request.context else None
+        if context is None and snapshot is not None:
+            context = snapshot.context
+        if anchor is not None:
+            exclude = frozenset([anchor])
+        elif cart:
+            exclude = frozenset(cart)
+        else:  # the hero rail is for discovery: nothing the shopper already saw
+            exclude = frozenset(items)
+        return Query(
+            session_items=items,
+            session_types=tuple(e.event_type for e in events),
+            session_times=tuple(e.time_s for e in events) if events else (),
+            context=context,
+            anchor=anchor,
+            cart=cart,
+            exclude=exclude,
+        )
+
+    def _compute(
+        self,
+        rail: str,
+        request: RailRequest,
+        query: Query,
+        snapshot: SessionSnapshot | None,
+        loaded: LoadedRails,
+        trace: _Trace,
+    ) -> list[Candidate]:
+        pipeline = loaded.pipeline
+        sources: dict[str, CandidateSource] = dict(pipeline.sources)
+        since = time.perf_counter()
+        if loaded.towers is not None:
+            from towers.session_features import history_of
+
+            history = history_of(
+                query.session_items,
+                query.session_types,
+                query.session_times,
+                query.anchor,
+                query.cart,
+            )
+            result = session_vector(
+                loaded.towers,
+                history,
+                query.context,
+                None if snapshot is None else snapshot.vector,
+                self.triton,
+                loaded.towers.triton_version,
+            )
+            trace.reasons += result.degraded
+            trace.vector_source = result.source
+            if result.degraded:
+                self.metrics.fallbacks.labels(reason="triton").inc()
+            sources["two_tower"] = VectorTowerSource(loaded.towers, result.vector)
+            if result.source != "redis" and self.store is not None and snapshot is not None:
+                self._put_vector(request.session_id, loaded, result.vector, trace)
+        since = trace.lap("user_vector", since)
+        table = pipeline.candidate_table([query], sources)
+        since = trace.lap("candidates", since)
+        scores = self._rank_within_budget(rail, table, query, loaded, trace)
+        since = trace.lap("ranker", since)
+        ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
+        diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, request.slots)
+        since = trace.lap("mmr", since)
+        slots = pipeline.apply_rules(rail, diversified, query, request.slots, request.slots)
+        trace.lap("rules", since)
+        return slots
+
+    def _rank_within_budget(
+        self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: _Trace
+    ):  # type: ignore[no-untyped-def]
+        future = self._pool.submit(loaded.pipeline.ranker_scores, rail, table, [query])
+        try:
+            return future.result(timeout=self.budgets.ranker_ms / 1000)
+        except concurrent.futures.TimeoutError:
+            self.metrics.fallbacks.labels(reason="ranker_budget").inc()
+            trace.reasons.append(
+                f"re-ranker over its {self.budgets.ranker_ms:.0f} ms budget: fused order"
+            )
+            return table.frame["fused"].to_numpy(dtype=float)
+
+    def _put_vector(self, session_id: str, loaded: LoadedRails, vector, trace: _Trace) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self.store.put_vector(session_id, loaded.version, vector)  # type: ignore[union-attr]
+        except redis.RedisError:
+            trace.reasons.append("redis unavailable: session vector not cached")
+
+    def _write_cache(
+        self,
+        request: RailRequest,
+        loaded: LoadedRails,
+        snapshot: SessionSnapshot,
+        items: list[Candidate],
+        trace: _Trace,
+    ) -> None:
+        payload = {
+            "marker": self._marker(snapshot),
+            "items": [{"item_id": c.item_id, "score": c.score} for c in items],
+        }
+        try:
+            self.store.put_rail(request.session_id, loaded.version, "homepage_hero", payload)  # type: ignore[union-attr]
+        except redis.RedisError:
+            trace.reasons.append("redis unavailable: rail not cached")
+
+    def _respond(
+        self,
+        rail: str,
+        request: RailRequest,
+        loaded: LoadedRails,
+        served: ServedBy,
+        items: list[Candidate],
+        trace: _Trace,
+    ) -> RailResponse:
+        attributes = loaded.pipeline.attributes
+        titles = loaded.titles
+        total = time.perf_counter() - trace.started
+        trace.timings["total"] = round(total * 1000, 3)
+        self.metrics.requests.labels(rail=rail, served_by=served).observe(total)
+        for stage, ms in trace.timings.items():
+            if stage != "total":
+                self.metrics.stages.labels(stage=stage).observe(ms / 1000)
+        return RailResponse(
+            rail=rail,
+            session_id=request.session_id,
+            model_version=loaded.version,
+            served_by=served,
+            reasons=trace.reasons,
+            vector_source=trace.vector_source,
+            items=[
+                RailItem(
+                    item_id=c.item_id,
+                    score=c.score,
+                    title=titles.get(c.item_id),
+                    category=getattr(attributes.get(c.item_id), "category_path", None),
+                )
+                for c in items
+            ],
+            timings_ms=trace.timings,
+        )
+
+
+def _warm_up(loaded: LoadedRails) -> None:
+    """Run each rail once before the model takes traffic: the first LightGBM and TorchScript
+    calls are several times slower than the rest, and no shopper should pay for them."""
+    item = str(loaded.catalogue.ids[0])
+    for rail in RAILS:
+        query = Query(session_items=(item,), session_types=("view",), exclude=frozenset([item]))
+        if rail == "pdp_fbt":
+            query = Query(anchor=item, exclude=frozenset([item]))
+        elif rail == "cart_upsell":
+            query = Query(cart=(item,), exclude=frozenset([item]))
+        loaded.pipeline.run(rail, [query], stages=("rules",))

@@ -1,0 +1,110 @@
+"""Where a session vector comes from, fastest first: Redis, Triton, the in-process tower.
+
+Each step has a budget; a miss, a timeout or an error moves to the next step and is named
+in the answer, so the rail says how it was served. Triton runs the same TorchScript session
+encoder as the bundle (exported into `triton_models/`), fed the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ranking.bundle import TowerBundle
+from ranking.candidates import Candidate
+from ranking.retriever import Query
+from towers.session_features import HistoryEvent
+
+INPUT_NAMES = ("items", "types", "ages", "hour", "context")
+OUTPUT_NAME = "vector"
+
+
+class TritonUserTower:
+    """gRPC client of the user tower on a Triton server, with a per-call timeout."""
+
+    def __init__(self, url: str, model: str, timeout_s: float) -> None:
+        import tritonclient.grpc as grpcclient  # imported here: optional at serving time
+
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.model, self.timeout_s = model, timeout_s
+
+    def ready(self, version: str = "") -> bool:
+        try:
+            return bool(self.client.is_model_ready(self.model, version, client_timeout=1.0))
+        except Exception:  # noqa: BLE001 - any transport error means "not ready"
+            return False
+
+    def encode(self, inputs: dict[str, torch.Tensor], version: str = "") -> np.ndarray:
+        """(B, D) vectors. Raises tritonclient's InferenceServerException on error/timeout."""
+        tensors = []
+        for name in INPUT_NAMES:
+            array = inputs[name].numpy()
+            if array.ndim == 1:
+                array = array[:, None]  # Triton batches along dim 0; scalars become [1]
+            tensor = self._grpc.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = self.client.infer(
+            self.model,
+            tensors,
+            model_version=version,
+            outputs=[self._grpc.InferRequestedOutput(OUTPUT_NAME)],
+            client_timeout=self.timeout_s,
+        )
+        return np.asarray(result.as_numpy(OUTPUT_NAME), dtype=np.float32)
+
+
+@dataclass
+class VectorResult:
+    vector: np.ndarray
+    source: str  # "redis" | "triton" | "in_process"
+    degraded: list[str]
+
+
+def session_vector(
+    towers: TowerBundle,
+    history: Sequence[HistoryEvent],
+    context: str | None,
+    cached: np.ndarray | None,
+    triton: TritonUserTower | None,
+    triton_version: str = "",
+) -> VectorResult:
+    """The session's vector from the first source that answers in time."""
+    degraded: list[str] = []
+    if cached is not None and cached.shape == (towers.item_vectors.shape[1],):
+        return VectorResult(cached, "redis", degraded)
+    inputs = towers.session_inputs([history], [context])
+    if triton is not None:
+        try:
+            return VectorResult(triton.encode(inputs, triton_version)[0], "triton", degraded)
+        except Exception as exc:  # noqa: BLE001 - Triton down or slow: degrade, never fail
+            degraded.append(f"triton unavailable ({type(exc).__name__}): in-process tower")
+    return VectorResult(towers.encode_inputs(inputs)[0], "in_process", degraded)
+
+
+class VectorTowerSource:
+    """The tower candidate source for one request whose session vector is already known."""
+
+    name = "two_tower"
+
+    def __init__(self, towers: TowerBundle, vector: np.ndarray) -> None:
+        self.towers, self.vector = towers, vector
+
+    def fit(self, events, catalogue):  # type: ignore[no-untyped-def]  # noqa: ANN001, ARG002
+        return self
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        ids, scores = self.towers.index.search(
+            np.repeat(self.vector[None, :], len(queries), axis=0), k, [q.exclude for q in queries]
+        )
+        return [
+            [Candidate(i, float(s)) for i, s in zip(row, row_scores, strict=True)]
+            for row, row_scores in zip(ids, scores, strict=True)
+        ]
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        return [[c.item_id for c in row] for row in self.candidates(queries, k)]
