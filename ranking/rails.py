@@ -158,10 +158,9 @@ class RailPipeline:
         pool = [c for c in ranked if c.item_id not in query.exclude]
 
         def ruled() -> list[Candidate]:
-            # A pin may name any catalogue item, the product on the page or a cart item
-            # included; the request's exclusions outrank every rule.
-            out = apply_rules(pool, rule_set, self.attributes, rail, length, now)
-            return [c for c in out if c.item_id not in query.exclude]
+            # The request's exclusions outrank every rule: a pin on the product on the page
+            # or on a cart item is skipped, not shown.
+            return apply_rules(pool, rule_set, self.attributes, rail, length, now, query.exclude)
 
         result = ruled()
         wanted = min(length, self.slots if slots is None else slots)

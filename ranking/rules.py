@@ -58,8 +58,10 @@ __all__ = [
     "load_rule_set",
 ]
 
-EffectKind = Literal["out_of_stock", "block", "margin_floor", "boost", "bury", "pin", "pin_skipped"]
-EXCLUSIONS: frozenset[EffectKind] = frozenset({"out_of_stock", "block", "margin_floor"})
+EffectKind = Literal[
+    "request", "out_of_stock", "block", "margin_floor", "boost", "bury", "pin", "pin_skipped"
+]
+EXCLUSIONS: frozenset[EffectKind] = frozenset({"request", "out_of_stock", "block", "margin_floor"})
 
 
 # ------------------------------------------------------------------------------ applying
@@ -107,9 +109,10 @@ def apply_rules(
     rail: str,
     slots: int,
     now: datetime,
+    exclude: frozenset[str] = frozenset(),
 ) -> list[Candidate]:
     """The rail's final slots under `rule_set`; see :func:`explain_rules`."""
-    return explain_rules(candidates, rule_set, attributes, rail, slots, now).candidates
+    return explain_rules(candidates, rule_set, attributes, rail, slots, now, exclude).candidates
 
 
 def explain_rules(
@@ -119,6 +122,7 @@ def explain_rules(
     rail: str,
     slots: int,
     now: datetime,
+    exclude: frozenset[str] = frozenset(),
 ) -> RulesOutcome:
     """Apply a rule set to one rail's candidates and record which rule touched which item.
 
@@ -137,6 +141,8 @@ def explain_rules(
         rail: the rail being served (one of railtower.settings.RAILS).
         slots: how many items the rail shows (>= 0).
         now: the request time, timezone-aware.
+        exclude: items the request rules out (the product on the page, the cart, items
+            already seen); no rule, not even a pin, can show them.
 
     Returns:
         min(slots, |eligible candidates ∪ placed pins|) candidates, no duplicates, with
@@ -163,7 +169,13 @@ def explain_rules(
     def is_eligible(item_id: str) -> bool:
         # Memoised so an item that is both a candidate and pinned is judged (and noted) once.
         if item_id not in eligible:
-            eligible[item_id] = _judge(item_id, attributes.get(item_id), active, effects)
+            if item_id in exclude:
+                effects[item_id].append(
+                    RuleEffect(None, "request", "removed: the request excludes it")
+                )
+                eligible[item_id] = False
+            else:
+                eligible[item_id] = _judge(item_id, attributes.get(item_id), active, effects)
         return eligible[item_id]
 
     # 1. Exclusions first, so boosts and pins never resurrect an excluded item.

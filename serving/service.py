@@ -29,6 +29,7 @@ from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
 from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
+from towers.session_features import HistoryEvent
 
 log = get_logger(__name__)
 
@@ -96,7 +97,7 @@ class RailService:
                     serving=None if self.loaded is None else self.loaded.version,
                 )
                 return False
-            _warm_up(fresh)
+            _warm_up(fresh, self.triton)
             self.loaded, self.source = fresh, folder.resolve()
             self.metrics.model_info.info({"version": fresh.version})
             log.info("serving model", version=fresh.version, folder=str(folder))
@@ -350,10 +351,16 @@ class RailService:
         )
 
 
-def _warm_up(loaded: LoadedRails) -> None:
-    """Run each rail once before the model takes traffic: the first LightGBM and TorchScript
-    calls are several times slower than the rest, and no shopper should pay for them."""
+def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
+    """Run each rail once before the model takes traffic: the first LightGBM, TorchScript and
+    Triton calls are several times slower than the rest, and no shopper should pay for them."""
     item = str(loaded.catalogue.ids[0])
+    if triton is not None and loaded.towers is not None:
+        inputs = loaded.towers.session_inputs([[HistoryEvent(item, "view", 0.0)]], [None])
+        try:
+            triton.encode(inputs, loaded.towers.triton_version)
+        except Exception:  # noqa: BLE001 - Triton may come up later; requests fall back meanwhile
+            log.warning("triton not answering at load; requests use the in-process tower")
     for rail in RAILS:
         query = Query(session_items=(item,), session_types=("view",), exclude=frozenset([item]))
         if rail == "pdp_fbt":
