@@ -14,3 +14,6 @@ for bundle in artifacts/"$run"-*-rails; do
   # exit 3 = the gate refused the bundle: production stays as it was, the job goes on
   railtower promote "$bundle" || [ $? -eq 3 ]
 done
+# The online path for real: Redis, Triton and the API start, a few held-out sessions are
+# written to Redis and their rails printed over HTTP, then everything stops.
+railtower demo --sessions 3
