@@ -8,7 +8,7 @@ from pathlib import Path
 from railtower.settings import PROJECT_ROOT
 
 TEMPLATE = PROJECT_ROOT / "triton_models" / "user_tower"
-KEEP_VERSIONS = 3  # older version folders are pruned (the config loads the newest two)
+KEEP_VERSIONS = 6  # older version folders are pruned; the config loads every one kept
 
 
 def export_user_tower(encoder: Path, bundle_version: str, repository: Path, model: str) -> int:
