@@ -37,7 +37,12 @@ def trained(tmp_path_factory):
         evaluation={"bootstrap_samples": 100, "max_sessions_per_task": 300},
         training={"max_epochs": 2},
         ranking={"mmr_lambda_grid": [0.85, 1.0]},
-        serving={"triton_repository": root / "triton_models"},
+        # Budgets far above any stage here: tests assert behaviour, never timing (the
+        # over-budget path has its own test with a budget nothing can meet).
+        serving={
+            "triton_repository": root / "triton_models",
+            "budgets": {"redis_ms": 2000, "user_vector_ms": 5000, "ranker_ms": 5000},
+        },
         log_level="WARNING",
     )
     run_evaluation(settings, ["rees46"], run_name="api", towers=True)
@@ -71,15 +76,17 @@ def redis_url(tmp_path):
     server.stop()
 
 
-def _client(trained, redis_url: str, triton_url: str | None) -> tuple[TestClient, RailService]:
+def _client(
+    trained, redis_url: str, triton_url: str | None, ranker_ms: float | None = None
+) -> tuple[TestClient, RailService]:
     settings, bundle = trained
-    settings = settings.model_copy(
-        update={
-            "serving": settings.serving.model_copy(
-                update={"bundle": bundle, "redis_url": redis_url, "triton_url": triton_url}
-            )
-        }
+    serving = settings.serving.model_copy(
+        update={"bundle": bundle, "redis_url": redis_url, "triton_url": triton_url}
     )
+    if ranker_ms is not None:
+        budgets = serving.budgets.model_copy(update={"ranker_ms": ranker_ms})
+        serving = serving.model_copy(update={"budgets": budgets})
+    settings = settings.model_copy(update={"serving": serving})
     app = create_app(settings)
     return TestClient(app), app.state.service
 
@@ -249,3 +256,16 @@ def test_bundle_path_is_served_not_the_pointer(trained):
     settings, bundle = trained
     assert Path(bundle).exists()
     assert not (settings.artifacts_dir / "production").exists()
+
+
+def test_a_ranker_over_budget_serves_the_fused_order_and_says_so(trained, redis_url):
+    client, service = _client(trained, redis_url[1], None, ranker_ms=1e-6)
+    _seed(service)
+    with client:
+        reply = client.post("/v1/rails/pdp_fbt", json={"session_id": "s1", "item_id": "1005115"})
+        metrics = client.get("/metrics").text
+    body = reply.json()
+    assert reply.status_code == 200 and body["served_by"] == "computed"
+    assert len(body["items"]) == 12
+    assert any("re-ranker over its" in r for r in body["reasons"])
+    assert 'railtower_fallbacks_total{reason="ranker_budget"} 1.0' in metrics
