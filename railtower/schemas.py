@@ -12,7 +12,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CATEGORY_SEPARATOR = " > "
 EVENT_SCHEMA_VERSION = 1
@@ -118,3 +119,68 @@ class Item(BaseModel):
     stock: int | None = Field(default=None, ge=0)
     margin: float | None = Field(default=None, ge=0, le=1)
     product_group: str | None = None
+
+
+class CatalogueUpdate(BaseModel):
+    """A price and/or stock change of one item, on the catalogue topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    update_id: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    time: datetime
+    price: float | None = Field(default=None, ge=0)
+    stock: int | None = Field(default=None, ge=0)
+
+
+# ---------------------------------------------------------------------------- wire format
+# One JSON object per message, UTF-8, carrying `schema_version`. Producers write
+# encode(); consumers read decode_*(), which names what is wrong with a bad message so it
+# can go to the dead-letter topic with its reason.
+
+
+class MalformedMessage(ValueError):
+    """A message that cannot be applied; `reason` says why, for the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode(message: Event | CatalogueUpdate) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json"))
+
+
+def _decode(raw: bytes | None, model: type[BaseModel]) -> BaseModel:
+    if raw is None:
+        raise MalformedMessage("empty message (no value)")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"not a JSON object but {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != EVENT_SCHEMA_VERSION:
+        raise MalformedMessage(
+            f"schema_version {version!r} is not supported (this consumer reads "
+            f"{EVENT_SCHEMA_VERSION})"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()
+        )
+        raise MalformedMessage(f"invalid {model.__name__}: {problems}") from None
+
+
+def decode_event(raw: bytes | None) -> Event:
+    """Parse one events-topic message. Raises MalformedMessage naming the problem."""
+    return _decode(raw, Event)  # type: ignore[return-value]
+
+
+def decode_catalogue_update(raw: bytes | None) -> CatalogueUpdate:
+    """Parse one catalogue-topic message. Raises MalformedMessage naming the problem."""
+    return _decode(raw, CatalogueUpdate)  # type: ignore[return-value]

@@ -310,6 +310,21 @@ class ServingSettings(_Section):
         return _project_path(path)
 
 
+class StreamingSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "railtower.events"
+    catalogue_topic: str = "railtower.catalogue"
+    dead_letter_topic: str = "railtower.dead-letter"
+    # Partitions of the events topic (a session's events stay on one, in order).
+    partitions: int = Field(6, ge=1)
+    group_id: str = "railtower-refresh"
+    # Records per micro-batch and how long a poll waits for them.
+    max_batch: int = Field(500, ge=1)
+    poll_timeout_ms: int = Field(200, ge=1)
+    # Worst-case refresh bound the consumer reports against (the customer's 30 s).
+    refresh_bound_s: float = Field(30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything configurable in Railtower, one typed tree."""
 
@@ -338,6 +353,7 @@ class Settings(BaseSettings):
     ranking: RankingSettings = RankingSettings()
     promotion: PromotionSettings = PromotionSettings()
     serving: ServingSettings = ServingSettings()
+    streaming: StreamingSettings = StreamingSettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod

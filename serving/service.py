@@ -72,6 +72,7 @@ class RailService:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ranker")
         self._swap_lock = threading.Lock()
         self.source: Path | None = None
+        self._catalogue_version = 0
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -109,6 +110,30 @@ class RailService:
             return False
         return self.load(pointer)
 
+    def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
+        """Apply a price/stock change to the served model's item attributes.
+
+        Returns False for an item the model does not know (it cannot be recommended anyway).
+        """
+        loaded = self.loaded
+        if loaded is None or item_id not in loaded.pipeline.attributes:
+            return False
+        loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
+        return True
+
+    def sync_catalogue(self) -> int:
+        """Pull the catalogue changes other processes published to Redis; return how many."""
+        if self.store is None:
+            return 0
+        try:
+            version, changes = self.store.catalogue_changes(self._catalogue_version)
+        except redis.RedisError:
+            return 0  # Redis down: keep the attributes we have
+        for item_id, change in changes.items():
+            self.apply_catalogue_change(item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
+        self._catalogue_version = version
+        return len(changes)
+
     # ------------------------------------------------------------------ the request path
 
     def serve(self, rail: str, request: RailRequest) -> RailResponse:
@@ -119,7 +144,7 @@ class RailService:
         trace = _Trace()
         snapshot = self._snapshot(rail, request, loaded, trace)
         if snapshot is not None and snapshot.rail is not None:
-            cached = self._from_cache(snapshot, request, trace)
+            cached = self._from_cache(snapshot, request, loaded, trace)
             if cached is not None:
                 return self._respond(rail, request, loaded, "cache", cached, trace)
         query = self._query(request, snapshot, query_parts)
@@ -182,19 +207,17 @@ class RailService:
         finally:
             trace.lap("redis", since)
 
-    @staticmethod
-    def _marker(snapshot: SessionSnapshot) -> str:
-        """Identifies the session state a cached rail was computed from."""
-        last = snapshot.events[-1] if snapshot.events else None
-        return f"{len(snapshot.events)}:{last}"
-
     def _from_cache(
-        self, snapshot: SessionSnapshot, request: RailRequest, trace: _Trace
+        self, snapshot: SessionSnapshot, request: RailRequest, loaded: LoadedRails, trace: _Trace
     ) -> list[Candidate] | None:
-        payload = snapshot.rail
-        if not isinstance(payload, dict) or payload.get("marker") != self._marker(snapshot):
-            return None  # computed from an older session state
-        items = payload.get("items", [])
+        payload = snapshot.rail or {}  # the store returns it only if computed from this state
+        attributes = loaded.pipeline.attributes
+        # An item that went out of stock since the rail was warmed leaves it at once.
+        items = [
+            i
+            for i in payload.get("items", [])  # type: ignore[union-attr]
+            if not getattr(attributes.get(i["item_id"]), "out_of_stock", False)
+        ]
         if len(items) < request.slots:
             return None
         self.metrics.cache_hits.inc()
@@ -265,7 +288,7 @@ class RailService:
                 self.metrics.fallbacks.labels(reason="triton").inc()
             sources["two_tower"] = VectorTowerSource(loaded.towers, result.vector)
             if result.source != "redis" and self.store is not None and snapshot is not None:
-                self._put_vector(request.session_id, loaded, result.vector, trace)
+                self._put_vector(request.session_id, loaded, result.vector, snapshot, trace)
         since = trace.lap("user_vector", since)
         table = pipeline.candidate_table([query], sources)
         since = trace.lap("candidates", since)
@@ -291,9 +314,11 @@ class RailService:
             )
             return table.frame["fused"].to_numpy(dtype=float)
 
-    def _put_vector(self, session_id: str, loaded: LoadedRails, vector, trace: _Trace) -> None:  # type: ignore[no-untyped-def]
+    def _put_vector(  # type: ignore[no-untyped-def]
+        self, session_id: str, loaded: LoadedRails, vector, snapshot: SessionSnapshot, trace: _Trace
+    ) -> None:
         try:
-            self.store.put_vector(session_id, loaded.version, vector)  # type: ignore[union-attr]
+            self.store.put_vector(session_id, loaded.version, vector, snapshot.marker)  # type: ignore[union-attr]
         except redis.RedisError:
             trace.reasons.append("redis unavailable: session vector not cached")
 
@@ -306,7 +331,7 @@ class RailService:
         trace: _Trace,
     ) -> None:
         payload = {
-            "marker": self._marker(snapshot),
+            "marker": snapshot.marker,
             "items": [{"item_id": c.item_id, "score": c.score} for c in items],
         }
         try:

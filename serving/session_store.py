@@ -5,12 +5,16 @@ one slot and one pipeline reads them together):
 
     rt:{s:<session>}:events                      list of the last N events (JSON), newest last
     rt:{s:<session>}:seen                        set of event ids already applied (idempotence)
-    rt:{s:<session>}:vec:<model version>         float32 session vector
-    rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON), with a short TTL
+    rt:{s:<session>}:n                           events applied so far: the state's version
+    rt:{s:<session>}:vec:<model version>         hash {marker, vector (float32 bytes)}
+    rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON with its marker), TTL
 
 Vectors and rails carry the model version in their key, so a promotion never serves a
-vector or rail computed by another model. Every call has a socket timeout (the stage
-budget): a slow or absent Redis raises quickly and the caller degrades.
+vector or rail computed by another model, and the marker (the event count they were
+computed from), so a session that moved on never gets a stale one. Appending is one Lua
+script: an event is marked seen and appended atomically, so a crash between the two can
+neither lose it nor apply it twice. Every call has a socket timeout (the stage budget): a
+slow or absent Redis raises quickly and the caller degrades.
 """
 
 from __future__ import annotations
@@ -24,13 +28,34 @@ import redis
 
 from towers.session_features import HistoryEvent
 
+# KEYS: events, seen, n. ARGV: max events, ttl, then (event id, payload) pairs.
+_APPEND = """
+local added = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[i + 1])
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+  redis.call('INCRBY', KEYS[3], added)
+end
+for k = 1, 3 do redis.call('EXPIRE', KEYS[k], tonumber(ARGV[2])) end
+return added
+"""
+
 
 @dataclass(frozen=True)
 class SessionSnapshot:
-    """Everything a rail request reads from Redis, in one round trip."""
+    """Everything a rail request reads from Redis, in one round trip.
+
+    `vector` and `rail` are None unless they were computed from this very state (`marker`).
+    """
 
     events: list[HistoryEvent]
     context: str | None
+    marker: str
     vector: np.ndarray | None
     rail: dict[str, object] | None
 
@@ -45,6 +70,7 @@ class SessionStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
+        self._append = self.client.register_script(_APPEND)
 
     @staticmethod
     def _key(session_id: str, *parts: str) -> str:
@@ -61,53 +87,74 @@ class SessionStore:
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.lrange(self._key(session_id, "events"), 0, -1)
-        pipe.get(self._key(session_id, "vec", version))
+        pipe.get(self._key(session_id, "n"))
+        pipe.hgetall(self._key(session_id, "vec", version))
         if rail is not None:
             pipe.get(self._key(session_id, "rail", version, rail))
-        raw_events, raw_vector, *raw_rail = pipe.execute()
+        raw_events, raw_n, raw_vector, *raw_rail = pipe.execute()
+        marker = (raw_n or b"0").decode()
         events, context = [], None
         for raw in raw_events:
             event = orjson.loads(raw)
             events.append(HistoryEvent(event["item_id"], event["event_type"], event["time_s"]))
             context = event.get("context") or context
-        vector = None if raw_vector is None else np.frombuffer(raw_vector, dtype=np.float32)
+        vector = None
+        if raw_vector.get(b"marker", b"").decode() == marker and b"vector" in raw_vector:
+            vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)
         cached = orjson.loads(raw_rail[0]) if raw_rail and raw_rail[0] is not None else None
-        return SessionSnapshot(events, context, vector, cached)
+        if cached is not None and cached.get("marker") != marker:
+            cached = None
+        return SessionSnapshot(events, context, marker, vector, cached)
 
     def append_events(
         self, session_id: str, events: Sequence[tuple[str, HistoryEvent, str | None]]
     ) -> int:
         """Append (event_id, event, context) triples not applied before; return how many were new.
 
-        Idempotent by event id: a redelivered event changes nothing.
+        Idempotent by event id and atomic: a redelivered event changes nothing.
         """
-        seen_key, events_key = self._key(session_id, "seen"), self._key(session_id, "events")
-        pipe = self.client.pipeline(transaction=False)
-        for event_id, _, _ in events:
-            pipe.sadd(seen_key, event_id)
-        fresh = [e for e, added in zip(events, pipe.execute(), strict=True) if added]
-        if not fresh:
+        if not events:
             return 0
-        pipe = self.client.pipeline(transaction=True)
-        for _, event, context in fresh:
+        args: list[object] = [self.max_events, self.state_ttl_s]
+        for event_id, event, context in events:
             payload = {"item_id": event.item_id, "event_type": event.event_type}
             payload.update(time_s=event.time_s, context=context)
-            pipe.rpush(events_key, orjson.dumps(payload))
-        pipe.ltrim(events_key, -self.max_events, -1)
-        for key in (events_key, seen_key):
-            pipe.expire(key, self.state_ttl_s)
-        pipe.execute()
-        return len(fresh)
+            args += [event_id, orjson.dumps(payload)]
+        keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
+        return int(self._append(keys=keys, args=args))
 
-    def put_vector(self, session_id: str, version: str, vector: np.ndarray) -> None:
+    def put_vector(self, session_id: str, version: str, vector: np.ndarray, marker: str) -> None:
         key = self._key(session_id, "vec", version)
-        self.client.set(key, np.asarray(vector, dtype=np.float32).tobytes(), ex=self.state_ttl_s)
+        blob = np.asarray(vector, dtype=np.float32).tobytes()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping={"marker": marker, "vector": blob})
+        pipe.expire(key, self.state_ttl_s)
+        pipe.execute()
 
     def put_rail(
         self, session_id: str, version: str, rail: str, payload: dict[str, object]
     ) -> None:
+        """Store a pre-warmed rail; `payload` carries the marker of the state it came from."""
         key = self._key(session_id, "rail", version, rail)
         self.client.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)
+
+    # Catalogue changes (price, stock) shared by the consumer (writes) and every API process
+    # (polls): one hash of the latest state per item and a version counter.
+    _CATALOGUE, _CATALOGUE_VERSION = "rt:catalogue", "rt:catalogue:version"
+
+    def put_catalogue_update(self, item_id: str, price: float | None, stock: int | None) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._CATALOGUE, item_id, orjson.dumps({"price": price, "stock": stock}))
+        pipe.incr(self._CATALOGUE_VERSION)
+        pipe.execute()
+
+    def catalogue_changes(self, since: int) -> tuple[int, dict[str, dict[str, object]]]:
+        """(current version, every item's latest change) if the version moved past `since`."""
+        version = int(self.client.get(self._CATALOGUE_VERSION) or 0)
+        if version == since:
+            return version, {}
+        raw = self.client.hgetall(self._CATALOGUE)
+        return version, {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
     def drop_rails(self, session_id: str, version: str, rails: Sequence[str]) -> None:
         """Invalidate pre-warmed rails (their session changed, or an item went out of stock)."""

@@ -48,3 +48,30 @@ def toy_events(
     for col in ("event_id", "event_type", "session_id", "item_id"):
         frame[col] = frame[col].astype("string")
     return frame
+
+
+@pytest.fixture(scope="session")
+def trained_rees46(tmp_path_factory):
+    """A REES46 model with towers, trained once per test session (two tower epochs, the full
+    ranking pipeline), exported to a temporary Triton repository; (settings, rails bundle).
+
+    Budgets are far above any stage here: tests assert behaviour, never timing (the
+    over-budget path has its own test with a budget nothing can meet).
+    """
+    from training.harness import run_evaluation
+
+    root = tmp_path_factory.mktemp("model")
+    settings = load_settings(
+        artifacts_dir=root / "artifacts",
+        reports_dir=root / "reports",
+        evaluation={"bootstrap_samples": 100, "max_sessions_per_task": 300},
+        training={"max_epochs": 2},
+        ranking={"mmr_lambda_grid": [0.85, 1.0]},
+        serving={
+            "triton_repository": root / "triton_models",
+            "budgets": {"redis_ms": 2000, "user_vector_ms": 5000, "ranker_ms": 5000},
+        },
+        log_level="WARNING",
+    )
+    run_evaluation(settings, ["rees46"], run_name="api", towers=True)
+    return settings, settings.artifacts_dir / "api-rees46-rails"

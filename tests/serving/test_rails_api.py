@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from railtower.settings import load_settings
 from serving.app import create_app
 from serving.local_services import LocalServer, free_port, redis_server, triton_server
 from serving.metrics import Metrics
@@ -22,31 +21,13 @@ from serving.service import RailService
 from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower
 from towers.session_features import HistoryEvent
-from training.harness import run_evaluation
 
 SESSION = [("1005115", "view"), ("1004767", "view"), ("1005105", "cart")]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A REES46 model with towers: its rails bundle and settings pointing at temp dirs."""
-    root = tmp_path_factory.mktemp("model")
-    settings = load_settings(
-        artifacts_dir=root / "artifacts",
-        reports_dir=root / "reports",
-        evaluation={"bootstrap_samples": 100, "max_sessions_per_task": 300},
-        training={"max_epochs": 2},
-        ranking={"mmr_lambda_grid": [0.85, 1.0]},
-        # Budgets far above any stage here: tests assert behaviour, never timing (the
-        # over-budget path has its own test with a budget nothing can meet).
-        serving={
-            "triton_repository": root / "triton_models",
-            "budgets": {"redis_ms": 2000, "user_vector_ms": 5000, "ranker_ms": 5000},
-        },
-        log_level="WARNING",
-    )
-    run_evaluation(settings, ["rees46"], run_name="api", towers=True)
-    return settings, settings.artifacts_dir / "api-rees46-rails"
+def trained(trained_rees46):
+    return trained_rees46
 
 
 def _start(server: LocalServer) -> LocalServer:

@@ -1,0 +1,200 @@
+"""The refresh consumer: events and catalogue changes from Kafka into Redis, at least once.
+
+One micro-batch (`step`):
+
+1. poll up to `streaming.max_batch` records from the events and catalogue topics;
+2. decode each; a malformed one goes to the dead-letter topic with its reason and its
+   original bytes (flushed before anything is committed: a rejected message is kept too);
+3. append each session's new events to Redis (idempotent by event id, atomic), publish
+   catalogue changes (price, stock) for every API process;
+4. re-serve the homepage rail of every touched session through the API's own request path,
+   which recomputes the session vector (Triton or in-process) and pre-warms the rail;
+5. commit the offsets, only now: a crash before this replays the batch, and step 3 makes the
+   replay change nothing that was already applied.
+
+The freshness of a refresh is measured from the record's producer timestamp to the end of
+its batch's Redis writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+
+from railtower.logs import get_logger
+from railtower.schemas import MalformedMessage, decode_catalogue_update, decode_event
+from railtower.settings import Settings
+from serving.api_models import RailRequest
+from serving.service import RailService
+from towers.session_features import HistoryEvent
+
+log = get_logger(__name__)
+
+
+@dataclass
+class BatchReport:
+    records: int = 0
+    new_events: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    catalogue_updates: int = 0
+    sessions_refreshed: int = 0
+    seconds: float = 0.0
+    # seconds from each applied event's producer timestamp to its session's refresh
+    freshness_s: list[float] = field(default_factory=list)
+
+
+class RefreshConsumer:
+    """One member of the refresh consumer group."""
+
+    def __init__(self, settings: Settings, service: RailService) -> None:
+        s = settings.streaming
+        self.settings, self.service = settings, service
+        self.consumer = self._new_consumer()
+        self.dead_letters = KafkaProducer(
+            bootstrap_servers=s.bootstrap_servers, acks="all", retries=5
+        )
+        self.slots = settings.evaluation.slots
+
+    def _new_consumer(self) -> KafkaConsumer:
+        s = self.settings.streaming
+        return KafkaConsumer(
+            s.events_topic,
+            s.catalogue_topic,
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            enable_auto_commit=False,  # offsets move only after the Redis writes
+            auto_offset_reset="earliest",
+            max_poll_records=s.max_batch,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            max_poll_interval_ms=120_000,
+        )
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.dead_letters.close()
+
+    def step(self) -> BatchReport:
+        """Consume, apply and commit one micro-batch."""
+        s = self.settings.streaming
+        started = time.monotonic()
+        report = BatchReport()
+        polled = self.consumer.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch)
+        by_session: dict[str, list[tuple[str, HistoryEvent, str | None]]] = defaultdict(list)
+        produced_at: dict[str, list[float]] = defaultdict(list)
+        for partition, records in polled.items():
+            for record in records:
+                report.records += 1
+                try:
+                    if partition.topic == s.catalogue_topic:
+                        self._catalogue(record.value, report)
+                        continue
+                    event = decode_event(record.value)
+                except MalformedMessage as exc:
+                    self._dead_letter(record, exc.reason, report)
+                    continue
+                context = event.device or event.locale or event.country
+                history = HistoryEvent(
+                    event.item_id, event.event_type, event.event_time.timestamp()
+                )
+                by_session[event.session_id].append((event.event_id, history, context))
+                produced_at[event.session_id].append(record.timestamp / 1000)
+        if report.dead_letters:
+            self.dead_letters.flush()
+        touched = []
+        for session_id, events in by_session.items():
+            added = self.service.store.append_events(session_id, events)  # type: ignore[union-attr]
+            report.new_events += added
+            report.duplicates += len(events) - added
+            if added:
+                touched.append(session_id)
+        for session_id in touched:
+            self.service.serve(
+                "homepage_hero", RailRequest(session_id=session_id, slots=self.slots)
+            )
+            now = time.time()
+            report.freshness_s += [now - t for t in produced_at[session_id]]
+        report.sessions_refreshed = len(touched)
+        if report.records:
+            self.consumer.commit()
+        report.seconds = time.monotonic() - started
+        if report.records:
+            worst = max(report.freshness_s, default=0.0)
+            log_fn = log.warning if worst > s.refresh_bound_s else log.info
+            log_fn(
+                "batch applied",
+                records=report.records,
+                new_events=report.new_events,
+                duplicates=report.duplicates,
+                dead_letters=report.dead_letters,
+                sessions=report.sessions_refreshed,
+                freshness_p50_s=round(float(np.median(report.freshness_s)), 3)
+                if report.freshness_s
+                else None,
+                freshness_max_s=round(worst, 3),
+            )
+        return report
+
+    def _catalogue(self, raw: bytes | None, report: BatchReport) -> None:
+        update = decode_catalogue_update(raw)
+        store = self.service.store
+        store.put_catalogue_update(update.item_id, update.price, update.stock)  # type: ignore[union-attr]
+        self.service.apply_catalogue_change(update.item_id, update.price, update.stock)
+        report.catalogue_updates += 1
+
+    def _dead_letter(self, record, reason: str, report: BatchReport) -> None:  # type: ignore[no-untyped-def]
+        headers = [
+            ("reason", reason.encode()),
+            ("source_topic", record.topic.encode()),
+            ("source_partition", str(record.partition).encode()),
+            ("source_offset", str(record.offset).encode()),
+        ]
+        self.dead_letters.send(
+            self.settings.streaming.dead_letter_topic,
+            key=record.key,
+            value=record.value if record.value is not None else b"",
+            headers=headers,
+        )
+        report.dead_letters += 1
+        log.warning("dead letter", reason=reason, topic=record.topic, offset=record.offset)
+
+    def run(self, stop_after_idle_s: float | None = None) -> None:
+        """Consume until interrupted (or, with `stop_after_idle_s`, until the topic is quiet).
+
+        A batch that fails (Redis or the broker gone) is not committed: the consumer backs
+        off, rejoins the group and resumes from the last committed offset, so the batch is
+        applied again once the part is back (and changes nothing it already applied).
+        """
+        idle_since = time.monotonic()
+        backoff = 0.5
+        while True:
+            try:
+                report = self.step()
+                backoff = 0.5
+            except (redis.RedisError, KafkaError) as exc:
+                log.warning("batch failed; rejoining from the committed offset", error=str(exc))
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self.rejoin()
+                continue
+            if report.records:
+                idle_since = time.monotonic()
+            elif (
+                stop_after_idle_s is not None and time.monotonic() - idle_since > stop_after_idle_s
+            ):
+                return
+
+    def rejoin(self) -> None:
+        """A fresh group member: it starts from the committed offsets, not past them."""
+        try:
+            self.consumer.close(autocommit=False)
+        except KafkaError:
+            pass
+        self.consumer = self._new_consumer()

@@ -1,0 +1,232 @@
+"""The refresh consumer against a real Kafka-protocol broker (tansu) and a real Redis.
+
+Both are started here and stopped after; if either cannot start, the tests fail.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from redis import RedisError
+
+from railtower.schemas import CatalogueUpdate, Event, decode_event, encode
+from serving.api_models import RailRequest
+from serving.local_services import free_port, kafka_broker, redis_server
+from serving.metrics import Metrics
+from serving.service import RailService
+from serving.session_store import SessionStore
+from streaming.consumer import RefreshConsumer
+from streaming.topics import ensure_topics
+
+T0 = datetime(2019, 10, 1, 2, 0, tzinfo=UTC)
+ITEMS = ["1005115", "1004767", "1005105", "4804056", "1002544", "1004856"]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    port = free_port()
+    server = kafka_broker(port, tmp_path_factory.mktemp("kafka")).start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def stack(trained_rees46, broker, tmp_path, request):
+    """Settings on fresh topics, a real Redis, and a service serving the trained model."""
+    settings, bundle = trained_rees46
+    redis_port = free_port()
+    redis = redis_server(redis_port, tmp_path).start()
+    name = request.node.name[:40].replace("[", "-").replace("]", "")
+    streaming = settings.streaming.model_copy(
+        update={
+            "bootstrap_servers": broker,
+            "events_topic": f"ev-{name}",
+            "catalogue_topic": f"cat-{name}",
+            "dead_letter_topic": f"dlq-{name}",
+            "group_id": f"g-{name}",
+            "partitions": 3,
+            "max_batch": 100,
+        }
+    )
+    settings = settings.model_copy(update={"streaming": streaming})
+    ensure_topics(streaming)
+    store = SessionStore(f"redis://127.0.0.1:{redis_port}/0", 2.0, 50, 3600, 300)
+    service = RailService(settings, None, store, None, Metrics())
+    assert service.load(bundle)
+    yield settings, service, redis
+    redis.stop()
+
+
+def _event(n: int, session: str, item: str, kind: str = "view") -> Event:
+    return Event(
+        event_id=f"{session}-{n}",
+        event_time=T0 + timedelta(seconds=30 * n),
+        event_type=kind,
+        session_id=session,
+        item_id=item,
+        device="mobile",
+    )
+
+
+def _produce(settings, messages, topic=None) -> None:  # type: ignore[no-untyped-def]
+    producer = KafkaProducer(bootstrap_servers=settings.streaming.bootstrap_servers, acks="all")
+    for key, value in messages:
+        producer.send(topic or settings.streaming.events_topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _drain(consumer: RefreshConsumer, until, timeout_s: float = 60.0) -> list:  # type: ignore[no-untyped-def]
+    reports, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reports.append(consumer.step())
+        if until(reports):
+            return reports
+    raise AssertionError(f"condition not reached in {timeout_s} s: {reports[-3:]}")
+
+
+def test_an_event_refreshes_the_vector_and_the_rail(stack):
+    settings, service, _ = stack
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(b"s1", encode(_event(k, "s1", i))) for k, i in enumerate(ITEMS[:3])])
+        reports = _drain(consumer, lambda r: sum(x.new_events for x in r) >= 3)
+        version = service.loaded.version
+        first = service.store.snapshot("s1", version, "homepage_hero")
+        assert [e.item_id for e in first.events] == ITEMS[:3]
+        assert first.vector is not None and first.rail is not None  # refreshed and pre-warmed
+        assert all(0 <= f < 30 for r in reports for f in r.freshness_s)
+
+        _produce(settings, [(b"s1", encode(_event(3, "s1", ITEMS[3])))])
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 1)
+        second = service.store.snapshot("s1", version, "homepage_hero")
+        assert second.marker != first.marker and second.rail is not None
+        served = service.serve("homepage_hero", RailRequest(session_id="s1"))
+        assert served.served_by == "cache"
+        assert ITEMS[3] not in [i.item_id for i in served.items]  # just seen: not a discovery
+    finally:
+        consumer.close()
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(stack):
+    settings, service, _ = stack
+    good = encode(_event(0, "s2", ITEMS[0]))
+    bad = [
+        b"{not json",
+        b'{"schema_version": 2, "event_id": "x"}',
+        encode(_event(1, "s2", ITEMS[1])).replace(b'"view"', b'"click"'),
+        b'{"schema_version": 1, "event_id": "e9"}',
+    ]
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(b"s2", m) for m in [bad[0], good, *bad[1:]]])
+        reports = _drain(consumer, lambda r: sum(x.records for x in r) >= 5)
+    finally:
+        consumer.close()
+    assert sum(r.dead_letters for r in reports) == 4
+    assert sum(r.new_events for r in reports) == 1  # the good one, despite its neighbours
+    dlq = KafkaConsumer(
+        settings.streaming.dead_letter_topic,
+        bootstrap_servers=settings.streaming.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    letters = [next(dlq) for _ in range(4)]
+    dlq.close()
+    reasons = [dict(m.headers)["reason"].decode() for m in letters]
+    assert {m.value for m in letters} == set(bad)  # the original bytes, untouched
+    assert reasons[0].startswith("not JSON")
+    assert any("schema_version 2 is not supported" in r for r in reasons)
+    assert any("event_type" in r for r in reasons)
+    assert any("Field required" in r for r in reasons)
+
+
+def test_a_consumer_killed_before_commit_applies_each_event_once(stack):
+    """Crash after the Redis writes, before the commit: the next member re-reads the batch,
+    and idempotent appends make the replay change nothing."""
+    settings, service, _ = stack
+    sessions = [f"k{n}" for n in range(20)]
+    messages = [
+        (s.encode(), encode(_event(k, s, ITEMS[(k + n) % len(ITEMS)])))
+        for n, s in enumerate(sessions)
+        for k in range(5)
+    ]
+    _produce(settings, messages)
+    crashing = RefreshConsumer(settings, service)
+
+    def crash() -> None:
+        raise RuntimeError("killed before commit")
+
+    crashing.consumer.commit = crash  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="killed"):
+        _drain(crashing, lambda r: False, timeout_s=30)
+    crashing.consumer.close(autocommit=False)
+    crashing.dead_letters.close()
+
+    survivor = RefreshConsumer(settings, service)
+    try:
+        reports = _drain(survivor, lambda r: sum(x.records for x in r) >= 100 - 0, timeout_s=60)
+    finally:
+        survivor.close()
+    version = service.loaded.version
+    applied = sum(len(service.store.snapshot(s, version, None).events) for s in sessions)
+    assert applied == 100  # nothing lost, nothing twice
+    assert sum(r.duplicates for r in reports) > 0  # the crashed batch really came back
+    for s in sessions:
+        events = service.store.snapshot(s, version, None).events
+        assert [e.time_s for e in events] == sorted(e.time_s for e in events)  # in order
+
+
+def test_out_of_stock_leaves_cached_rails_at_once(stack):
+    settings, service, _ = stack
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(b"s3", encode(_event(k, "s3", i))) for k, i in enumerate(ITEMS[:2])])
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 2)
+        cached = service.serve("homepage_hero", RailRequest(session_id="s3"))
+        assert cached.served_by == "cache"
+        victim = cached.items[0].item_id
+        update = CatalogueUpdate(update_id="u1", item_id=victim, time=T0, stock=0)
+        _produce(settings, [(victim.encode(), encode(update))], settings.streaming.catalogue_topic)
+        _drain(consumer, lambda r: sum(x.catalogue_updates for x in r) >= 1)
+    finally:
+        consumer.close()
+    after = service.serve("homepage_hero", RailRequest(session_id="s3"))
+    assert victim not in [i.item_id for i in after.items]
+    assert len(after.items) == 12
+    # another API process learns it from Redis
+    other = RailService(settings, service.loaded, service.store, None, Metrics())
+    other.loaded.pipeline.attributes.update(victim, stock=5)
+    assert other.sync_catalogue() >= 1
+    assert other.loaded.pipeline.attributes[victim].out_of_stock
+
+
+def test_redis_restarted_the_consumer_recovers_without_loss(stack, tmp_path):
+    settings, service, redis = stack
+    consumer = RefreshConsumer(settings, service)
+    try:
+        redis.stop()
+        _produce(settings, [(b"s4", encode(_event(k, "s4", i))) for k, i in enumerate(ITEMS[:4])])
+        deadline = time.monotonic() + 60
+        failed = None
+        while failed is None and time.monotonic() < deadline:
+            try:
+                consumer.step()  # the first polls of a new group may return nothing yet
+            except RedisError as exc:
+                failed = exc
+        assert failed is not None, "the batch should fail while Redis is down"
+        redis.start()
+        consumer.rejoin()
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 4)
+    finally:
+        consumer.close()
+    events = service.store.snapshot("s4", service.loaded.version, None).events
+    assert [e.item_id for e in events] == ITEMS[:4]
+
+
+def test_wire_round_trip_keeps_every_field():
+    event = _event(7, "s", "i", "purchase")
+    assert decode_event(encode(event)) == event
