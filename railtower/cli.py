@@ -186,6 +186,55 @@ def demo(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def replay(
+    dataset: str = typer.Option("rees46", "--dataset", "-d", help="data set whose events to send"),
+    speed: float = typer.Option(0.0, help="speed-up: 1 = real time, 60 = 1 h/min, 0 = max"),
+    limit: int = typer.Option(0, help="send at most this many events (0 = all)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Publish a data set's events to the events topic in time order, keyed by session."""
+    from railtower.datasets import load_dataset
+    from streaming.replay import replay as publish
+    from streaming.topics import ensure_topics
+
+    settings = _settings(config)
+    try:
+        events = load_dataset(dataset, settings).events
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if events is None:
+        console.print(f"[red]{dataset} has no events to replay[/red]")
+        raise typer.Exit(1)
+    ensure_topics(settings.streaming)
+    sent = publish(events, settings.streaming, speed, limit)
+    console.print(f"sent {sent:,} events to {settings.streaming.events_topic}")
+
+
+@app.command()
+def consume(
+    idle_exit: float = typer.Option(0.0, help="stop after this many idle seconds (0 = never)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Run one refresh consumer: events and catalogue changes from Kafka into Redis."""
+    from serving.app import build_service
+    from streaming.consumer import RefreshConsumer
+    from streaming.topics import ensure_topics
+
+    settings = _settings(config)
+    ensure_topics(settings.streaming)
+    service = build_service(settings)
+    if not service.ready:
+        console.print("[red]no model could be loaded; see the log[/red]")
+        raise typer.Exit(1)
+    consumer = RefreshConsumer(settings, service)
+    try:
+        consumer.run(stop_after_idle_s=idle_exit or None)
+    finally:
+        consumer.close()
+
+
 @app.command("distill-images")
 def distill_images(
     dataset: str = typer.Option("hm_catalogue", "--dataset", "-d", help="a data set with photos"),

@@ -32,7 +32,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     # Third-party chatter (matplotlib's unit notes, http clients) stays out of job logs.
-    for noisy in ("matplotlib", "PIL", "urllib3", "httpx"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "httpx", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

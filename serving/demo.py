@@ -1,27 +1,41 @@
 """`railtower demo`: the online path for real, end to end, on a few real sessions.
 
-Starts Redis, Triton (when the model has towers) and the API as separate processes on
-loopback, writes the first events of a few held-out sessions into Redis as the streaming
-consumer would, asks the API for each rail over HTTP, prints the slots with titles and
-categories, and stops everything it started.
+Starts Redis, Triton (when the model has towers), a Kafka-protocol broker and the API as
+separate processes on loopback, and a refresh consumer in this process; publishes the
+events of a few held-out sessions to the events topic one at a time, shows the homepage
+rail changing as each is consumed (refreshed and pre-warmed by the consumer, served from
+Redis by the API), then each rail over HTTP with titles and categories, and stops
+everything it started.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 
 import httpx
+from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
 from railtower.datasets import load_dataset
 from railtower.errors import RailtowerError
+from railtower.schemas import Event, encode
 from railtower.settings import Settings, load_dataset_spec
 from ranking.rails_bundle import RailsBundle
-from serving.app import production_pointer
-from serving.local_services import LocalServer, free_port, redis_server, triton_server
+from serving.app import build_service, production_pointer
+from serving.local_services import (
+    LocalServer,
+    free_port,
+    kafka_broker,
+    redis_server,
+    triton_server,
+)
 from serving.session_store import SessionStore
+from streaming.consumer import RefreshConsumer
+from streaming.topics import ensure_topics
 from towers.session_features import HistoryEvent
 from training.split import split_events
 
@@ -50,6 +64,12 @@ def run_demo(settings: Settings, sessions: int = 3) -> None:
             env["RAILTOWER_SERVING__TRITON_URL"] = f"127.0.0.1:{grpc}"
         else:
             env["RAILTOWER_SERVING__TRITON_URL"] = ""  # no towers: nothing to ask Triton
+        kafka_port = free_port()
+        started.append(kafka_broker(kafka_port, work).start())
+        streaming = settings.streaming.model_copy(
+            update={"bootstrap_servers": f"127.0.0.1:{kafka_port}"}
+        )
+        ensure_topics(streaming)
         api_port = free_port()
         api = LocalServer(
             "api",
@@ -74,9 +94,41 @@ def run_demo(settings: Settings, sessions: int = 3) -> None:
         started.append(api.start())
         base = f"http://127.0.0.1:{api_port}"
         _wait_ready(base)
+        consumer_settings = settings.model_copy(
+            update={
+                "streaming": streaming,
+                "serving": settings.serving.model_copy(
+                    update={
+                        "bundle": bundle,
+                        "redis_url": env["RAILTOWER_SERVING__REDIS_URL"],
+                        "triton_url": env["RAILTOWER_SERVING__TRITON_URL"] or None,
+                    }
+                ),
+            }
+        )
+        service = build_service(consumer_settings)
+        consumer = RefreshConsumer(consumer_settings, service)
+        stop = threading.Event()
+        thread = threading.Thread(target=consumer.run, kwargs={"stop": stop}, daemon=True)
+        thread.start()
+        producer = KafkaProducer(bootstrap_servers=streaming.bootstrap_servers, acks="all")
         store = SessionStore(env["RAILTOWER_SERVING__REDIS_URL"], 1.0, 50, 3600, 300)
         for session_id, history, context in _sessions(settings, rails, sessions):
-            _show_session(base, store, session_id, history, context)
+            _stream_session(
+                base,
+                producer,
+                streaming.events_topic,
+                store,
+                rails.version,
+                session_id,
+                history,
+                context,
+            )
+            _show_session(base, session_id, history)
+        stop.set()
+        thread.join(timeout=30)
+        consumer.close()
+        producer.close()
     finally:
         for server in reversed(started):
             server.stop()
@@ -121,21 +173,60 @@ def _sessions(settings: Settings, rails: RailsBundle, n: int):  # type: ignore[n
         yield str(session_id), history, context
 
 
-def _show_session(
+def _stream_session(  # noqa: PLR0913
     base: str,
+    producer: KafkaProducer,
+    topic: str,
     store: SessionStore,
+    version: str,
     session_id: str,
     history: list[HistoryEvent],
     context: str | None,
 ) -> None:
+    """Publish the session's events but the last, one by one; after each, the hero rail."""
+    console.rule(f"session {session_id}: streaming {len(history) - 1} events through Kafka")
+    table = Table(title="homepage_hero as the session's events arrive")
+    for column in ("event", "item", "type", "refreshed after", "served_by", "top 5 of the rail"):
+        table.add_column(column)
+    for k, event in enumerate(history[:-1]):
+        message = Event(
+            event_id=f"{session_id}-{k}",
+            event_time=datetime.fromtimestamp(event.time_s, UTC),
+            event_type=event.event_type,
+            session_id=session_id,
+            item_id=event.item_id,
+            device=context,
+        )
+        before = store.snapshot(session_id, version, None).marker
+        sent = time.monotonic()
+        producer.send(topic, key=session_id.encode(), value=encode(message))
+        producer.flush()
+        while time.monotonic() - sent < 30:  # until the consumer applied it and re-warmed
+            now = store.snapshot(session_id, version, "homepage_hero")
+            if now.marker != before and now.rail is not None:
+                break
+            time.sleep(0.02)
+        waited = time.monotonic() - sent
+        reply = httpx.post(
+            f"{base}/v1/rails/homepage_hero", json={"session_id": session_id}, timeout=10
+        ).json()
+        top = " ".join(i["item_id"] for i in reply["items"][:5])
+        table.add_row(
+            str(k + 1),
+            event.item_id,
+            event.event_type,
+            f"{waited * 1000:.0f} ms",
+            reply["served_by"],
+            top,
+        )
+    console.print(table)
+
+
+def _show_session(base: str, session_id: str, history: list[HistoryEvent]) -> None:
     shown = history[:-1]  # the last event is what the shopper did next: not yet known
-    store.append_events(
-        session_id, [(f"{session_id}-{k}", e, context) for k, e in enumerate(shown)]
-    )
-    console.rule(f"session {session_id}: {len(shown)} events so far, next: {history[-1].item_id}")
+    console.print(f"next item the shopper touched: {history[-1].item_id}")
     requests = [
         ("homepage_hero", {"session_id": session_id, "slots": 6}),
-        ("homepage_hero", {"session_id": session_id, "slots": 6}),  # now pre-warmed
         ("pdp_fbt", {"session_id": session_id, "item_id": shown[-1].item_id, "slots": 6}),
         ("cart_upsell", {"session_id": session_id, "cart": [shown[-1].item_id], "slots": 6}),
     ]

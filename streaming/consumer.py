@@ -18,6 +18,7 @@ its batch's Redis writes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -165,7 +166,9 @@ class RefreshConsumer:
         report.dead_letters += 1
         log.warning("dead letter", reason=reason, topic=record.topic, offset=record.offset)
 
-    def run(self, stop_after_idle_s: float | None = None) -> None:
+    def run(
+        self, stop_after_idle_s: float | None = None, stop: threading.Event | None = None
+    ) -> None:
         """Consume until interrupted (or, with `stop_after_idle_s`, until the topic is quiet).
 
         A batch that fails (Redis or the broker gone) is not committed: the consumer backs
@@ -174,7 +177,7 @@ class RefreshConsumer:
         """
         idle_since = time.monotonic()
         backoff = 0.5
-        while True:
+        while stop is None or not stop.is_set():
             try:
                 report = self.step()
                 backoff = 0.5
