@@ -1,0 +1,209 @@
+"""The refresh consumer: throughput and event -> refreshed-vector freshness, steady and burst.
+
+Usage:
+    python benchmarks/streaming.py --bundle artifacts/<run>-rees46-rails
+    python benchmarks/streaming.py            # the production bundle of serving.dataset
+
+Starts a Kafka-protocol broker (tansu), Redis and, when the model has towers, Triton, all on
+loopback; runs one consumer (this process, one core for the model) over keyed events of
+synthetic sessions drawn from the catalogue, in two regimes:
+
+- steady: a fixed rate (events/s) for a fixed time;
+- burst: a block of events sent as fast as the producer can.
+
+Freshness is the time from an event's producer timestamp to the end of its batch's Redis
+writes (the session's vector and pre-warmed rail are then current). Each regime runs with
+session vectors computed in-process and via Triton. Writes `reports/benchmarks/streaming.json`
+and `streaming.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import KafkaProducer
+
+from railtower.schemas import Event, encode
+from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from serving.app import production_pointer
+from serving.local_services import LocalServer, free_port, kafka_broker, redis_server, triton_server
+from serving.metrics import Metrics
+from serving.rail_service import load_rails
+from serving.service import RailService
+from serving.session_store import SessionStore
+from serving.user_vectors import TritonUserTower
+from streaming.consumer import BatchReport, RefreshConsumer
+from streaming.topics import ensure_topics
+
+OUT = PROJECT_ROOT / "reports" / "benchmarks"
+
+
+def _events(items: np.ndarray, n: int, sessions: int, seed: int) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    now = datetime.now(UTC)
+    return [
+        Event(
+            event_id=f"{seed}-{k}",
+            event_time=now,
+            event_type="view",
+            session_id=f"bench-{seed}-{rng.integers(sessions)}",
+            item_id=str(rng.choice(items)),
+        )
+        for k in range(n)
+    ]
+
+
+def _run(
+    settings: Settings, service: RailService, events: list[Event], rate: float | None
+) -> dict[str, Any]:
+    """Send `events` (at `rate` per second, or as fast as possible) while one consumer runs."""
+    reports: list[BatchReport] = []
+    consumer = RefreshConsumer(settings, service)
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            reports.append(consumer.step())
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    while not consumer.consumer.assignment():  # let the member join before timing
+        time.sleep(0.1)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.streaming.bootstrap_servers, acks=1, linger_ms=2
+    )
+    started = time.monotonic()
+    for k, event in enumerate(events):
+        if rate:
+            wait = started + k / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        producer.send(
+            settings.streaming.events_topic, key=event.session_id.encode(), value=encode(event)
+        )
+    producer.flush()
+    sent_s = time.monotonic() - started
+    deadline = time.monotonic() + 300
+    while (
+        sum(r.new_events + r.duplicates for r in reports) < len(events)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    done_s = time.monotonic() - started
+    stop.set()
+    thread.join(timeout=30)
+    consumer.close()
+    producer.close()
+    fresh = np.asarray([f for r in reports for f in r.freshness_s]) * 1000
+    applied = sum(r.new_events for r in reports)
+    busy = sum(r.seconds for r in reports if r.records)
+    return {
+        "events": len(events),
+        "applied": applied,
+        "rate_sent_per_s": len(events) / sent_s,
+        "wall_s": done_s,
+        "throughput_per_s": applied / done_s,
+        "throughput_busy_per_s": applied / busy if busy else 0.0,
+        "sessions_refreshed": sum(r.sessions_refreshed for r in reports),
+        "freshness_ms": {f"p{q}": float(np.percentile(fresh, q)) for q in (50, 95, 99)}
+        if len(fresh)
+        else {},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--rate", type=float, default=50.0, help="steady events/s")
+    parser.add_argument("--steady-seconds", type=float, default=20.0)
+    parser.add_argument("--burst", type=int, default=3000, help="events in the burst")
+    parser.add_argument("--sessions", type=int, default=400)
+    args = parser.parse_args()
+    settings = load_settings(log_level="WARNING")
+    bundle = (args.bundle or production_pointer(settings)).resolve()
+    loaded = load_rails(bundle, settings)
+    items = loaded.pipeline.stats.item_ids[np.argsort(-loaded.pipeline.stats.popularity)[:2000]]
+    work = settings.cache_dir / "bench-streaming"
+    started: list[LocalServer] = []
+    result: dict[str, Any] = {"bundle": loaded.version, "cpus": os.cpu_count(), "runs": {}}
+    try:
+        redis_port, kafka_port, grpc = free_port(), free_port(), free_port()
+        started.append(redis_server(redis_port, work).start())
+        started.append(kafka_broker(kafka_port, work).start())
+        triton = None
+        if loaded.towers is not None:
+            started.append(
+                triton_server(settings.serving.triton_repository, grpc, free_port(), work).start()
+            )
+            triton = TritonUserTower(f"127.0.0.1:{grpc}", "user_tower", 1.0)
+            while not triton.ready():
+                time.sleep(0.2)
+        store = SessionStore(f"redis://127.0.0.1:{redis_port}/0", 2.0, 50, 3600, 300)
+        modes = {"in_process": None, **({"triton": triton} if triton is not None else {})}
+        for n, (mode, client) in enumerate(modes.items()):
+            service = RailService(settings, None, store, client, Metrics())
+            service.load(bundle)
+            for regime, count, rate in (
+                ("steady", int(args.rate * args.steady_seconds), args.rate),
+                ("burst", args.burst, None),
+            ):
+                streaming = settings.streaming.model_copy(
+                    update={
+                        "bootstrap_servers": f"127.0.0.1:{kafka_port}",
+                        "events_topic": f"bench-{mode}-{regime}",
+                        "group_id": f"bench-{mode}-{regime}",
+                    }
+                )
+                run_settings = settings.model_copy(update={"streaming": streaming})
+                ensure_topics(streaming)
+                events = _events(items, count, args.sessions, seed=10 * n + (regime == "burst"))
+                result["runs"][f"{mode}/{regime}"] = _run(run_settings, service, events, rate)
+                print(mode, regime, result["runs"][f"{mode}/{regime}"])
+    finally:
+        for server in reversed(started):
+            server.stop()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "streaming.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (OUT / "streaming.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    head = [
+        "vectors / regime",
+        "events",
+        "sent/s",
+        "applied/s (wall)",
+        "applied/s (busy)",
+        "sessions refreshed",
+        "freshness p50 ms",
+        "p95",
+        "p99",
+    ]
+    lines = [f"# Refresh consumer ({r['bundle']}, {r['cpus']} CPUs, one consumer)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in r["runs"].items():
+        f = row["freshness_ms"]
+        cells = [
+            name,
+            f"{row['events']:,}",
+            f"{row['rate_sent_per_s']:.0f}",
+            f"{row['throughput_per_s']:.0f}",
+            f"{row['throughput_busy_per_s']:.0f}",
+            f"{row['sessions_refreshed']:,}",
+            *(f"{f.get(q, float('nan')):.0f}" for q in ("p50", "p95", "p99")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
