@@ -47,6 +47,8 @@ class BatchReport:
     catalogue_updates: int = 0
     sessions_refreshed: int = 0
     seconds: float = 0.0
+    # records still waiting on this member's partitions after the batch (consumer lag)
+    lag_records: int = 0
     # seconds from each applied event's producer timestamp to its session's refresh
     freshness_s: list[float] = field(default_factory=list)
 
@@ -125,6 +127,7 @@ class RefreshConsumer:
         report.sessions_refreshed = len(touched)
         if report.records:
             self.consumer.commit()
+            report.lag_records = self._lag()
         report.seconds = time.monotonic() - started
         if report.records:
             worst = max(report.freshness_s, default=0.0)
@@ -136,12 +139,20 @@ class RefreshConsumer:
                 duplicates=report.duplicates,
                 dead_letters=report.dead_letters,
                 sessions=report.sessions_refreshed,
+                lag_records=report.lag_records,
                 freshness_p50_s=round(float(np.median(report.freshness_s)), 3)
                 if report.freshness_s
                 else None,
                 freshness_max_s=round(worst, 3),
             )
         return report
+
+    def _lag(self) -> int:
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return 0
+        ends = self.consumer.end_offsets(assigned)
+        return int(sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned))
 
     def _catalogue(self, raw: bytes | None, report: BatchReport) -> None:
         update = decode_catalogue_update(raw)
