@@ -8,7 +8,6 @@ fails the test: nothing here is skipped.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,22 +230,3 @@ def test_session_store_is_idempotent_by_event_id(redis_url):
     assert [e.item_id for e in snapshot.events] == ["i4", "i5", "i6"]  # the last N only
     assert store.delete_session("s") >= 2
     assert store.snapshot("s", "v1", None).events == []
-
-
-def test_bundle_path_is_served_not_the_pointer(trained):
-    settings, bundle = trained
-    assert Path(bundle).exists()
-    assert not (settings.artifacts_dir / "production").exists()
-
-
-def test_a_ranker_over_budget_serves_the_fused_order_and_says_so(trained, redis_url):
-    client, service = _client(trained, redis_url[1], None, ranker_ms=1e-6)
-    _seed(service)
-    with client:
-        reply = client.post("/v1/rails/pdp_fbt", json={"session_id": "s1", "item_id": "1005115"})
-        metrics = client.get("/metrics").text
-    body = reply.json()
-    assert reply.status_code == 200 and body["served_by"] == "computed"
-    assert len(body["items"]) == 12
-    assert any("re-ranker over its" in r for r in body["reasons"])
-    assert 'railtower_fallbacks_total{reason="ranker_budget"} 1.0' in metrics
