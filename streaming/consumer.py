@@ -64,6 +64,7 @@ class RefreshConsumer:
             bootstrap_servers=s.bootstrap_servers, acks="all", retries=5
         )
         self.slots = settings.evaluation.slots
+        self._pending_letters: list = []  # type: ignore[type-arg]
 
     def _new_consumer(self) -> KafkaConsumer:
         s = self.settings.streaming
@@ -109,8 +110,11 @@ class RefreshConsumer:
                 )
                 by_session[event.session_id].append((event.event_id, history, context))
                 produced_at[event.session_id].append(record.timestamp / 1000)
-        if report.dead_letters:
+        if self._pending_letters:
             self.dead_letters.flush()
+            for future in self._pending_letters:
+                future.get(timeout=10)  # raises if the broker did not take it: no commit
+            self._pending_letters = []
         touched = []
         for session_id, events in by_session.items():
             added = self.service.store.append_events(session_id, events)  # type: ignore[union-attr]
@@ -168,11 +172,13 @@ class RefreshConsumer:
             ("source_partition", str(record.partition).encode()),
             ("source_offset", str(record.offset).encode()),
         ]
-        self.dead_letters.send(
-            self.settings.streaming.dead_letter_topic,
-            key=record.key,
-            value=record.value if record.value is not None else b"",
-            headers=headers,
+        self._pending_letters.append(
+            self.dead_letters.send(
+                self.settings.streaming.dead_letter_topic,
+                key=record.key,
+                value=record.value if record.value is not None else b"",
+                headers=headers,
+            )
         )
         report.dead_letters += 1
         log.warning("dead letter", reason=reason, topic=record.topic, offset=record.offset)
