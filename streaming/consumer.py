@@ -212,7 +212,11 @@ class RefreshConsumer:
                 return
 
     def rejoin(self) -> None:
-        """A fresh group member: it starts from the committed offsets, not past them."""
+        """A fresh group member: it starts from the committed offsets, not past them.
+
+        The failed batch's dead letters are sent again with it (at least once, like events).
+        """
+        self._pending_letters = []
         try:
             self.consumer.close(autocommit=False)
         except KafkaError:
