@@ -24,6 +24,8 @@ from training.split import session_bucket
 
 log = get_logger(__name__)
 
+RANKER_SALT = 7919
+
 
 @dataclass
 class RankerFit:
@@ -97,11 +99,15 @@ def fit_ranker(
         )
         log.info("ranker not trained", reason=reason)
         return RankerFit(None, groups, table.queries, reason=reason)
-    held = session_bucket(pd.Series(list(sessions), dtype=object), seed) < settings.validation_share
+    # Its own salt: the requests often come from one band of the data set's hash split
+    # (seed), where the same hash would put every session on one side.
+    buckets = session_bucket(pd.Series(list(sessions), dtype=object), seed + RANKER_SALT)
+    held = buckets < settings.validation_share
     rows_train = useful[queries] & ~held[queries]
     rows_valid = useful[queries] & held[queries]
     if not rows_valid.any() or not rows_train.any():
         reason = "all useful requests fell on one side of the session holdout"
+        log.warning("ranker not trained", reason=reason)
         return RankerFit(None, groups, table.queries, reason=reason)
     train = _dataset(features, labels, queries, rows_train)
     valid = _dataset(features, labels, queries, rows_valid, reference=train)

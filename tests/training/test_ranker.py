@@ -218,3 +218,31 @@ def test_no_relevant_candidate_at_all():
     fit = fit_ranker(features, np.zeros_like(labels), table, sessions, SMALL, slots=SLOTS, seed=7)
     assert fit.booster is None
     assert fit.groups == 0
+
+
+def test_requests_from_one_band_of_the_hash_split_still_get_a_holdout():
+    """Amazon-M2's validation split is the sessions whose seeded hash falls in [0.8, 0.9);
+    the ranker's own holdout must not reuse that hash, or nothing is held out."""
+    import numpy as np
+    import pandas as pd
+
+    from railtower.settings import RankerSettings
+    from ranking.candidate_fusion import fuse
+    from ranking.candidates import Candidate
+    from training.ranker import fit_ranker
+    from training.split import session_bucket
+
+    seed = 20191001
+    ids = pd.Series([f"session-{i}" for i in range(6000)])
+    band = ids[(session_bucket(ids, seed) >= 0.8) & (session_bucket(ids, seed) < 0.9)].tolist()
+    rng = np.random.default_rng(0)
+    queries = len(band)
+    rows = [[Candidate(f"i{j}", float(rng.random())) for j in range(10)] for _ in range(queries)]
+    table = fuse({"covisitation": rows}, queries, 10, 60)
+    from ranking.business_features import FEATURES
+
+    features = rng.random((len(table.frame), len(FEATURES))).astype(np.float32)
+    labels = (table.frame["item_id"] == "i0").to_numpy().astype(np.int32)
+    settings = RankerSettings(num_trees=5, min_groups=20, min_data_in_leaf=5)
+    fit = fit_ranker(features, labels, table, band, settings, slots=12, seed=seed)
+    assert fit.booster is not None, fit.reason
