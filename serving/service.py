@@ -274,11 +274,15 @@ class RailService:
                 query.anchor,
                 query.cart,
             )
+            # The stored vector encodes the session alone: a product page or a cart adds to
+            # the history, so those rails encode their own (and do not store it).
+            session_only = query.anchor is None and not query.cart
+            cached = snapshot.vector if snapshot is not None and session_only else None
             result = session_vector(
                 loaded.towers,
                 history,
                 query.context,
-                None if snapshot is None else snapshot.vector,
+                cached,
                 self.triton,
                 loaded.towers.triton_version,
             )
@@ -287,7 +291,7 @@ class RailService:
             if result.degraded:
                 self.metrics.fallbacks.labels(reason="triton").inc()
             sources["two_tower"] = VectorTowerSource(loaded.towers, result.vector)
-            if result.source != "redis" and self.store is not None and snapshot is not None:
+            if session_only and result.source != "redis" and snapshot is not None:
                 self._put_vector(request.session_id, loaded, result.vector, snapshot, trace)
         since = trace.lap("user_vector", since)
         table = pipeline.candidate_table([query], sources)

@@ -133,6 +133,8 @@ def test_pdp_and_cart_never_return_what_the_request_excludes(trained, triton, re
             json={"session_id": "s1", "cart": ["1005105", "4804056"], "slots": 10},
         ).json()
     assert len(pdp["items"]) == 10 and "1005115" not in [i["item_id"] for i in pdp["items"]]
+    # the stored vector is the session's alone; the page's product makes its own
+    assert pdp["vector_source"] == "triton" and cart["vector_source"] == "triton"
     assert len(cart["items"]) == 10
     assert not {"1005105", "4804056"} & {i["item_id"] for i in cart["items"]}
 
