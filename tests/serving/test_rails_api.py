@@ -125,6 +125,7 @@ def test_pdp_and_cart_never_return_what_the_request_excludes(trained, triton, re
     client, service = _client(trained, redis_url[1], triton[1])
     _seed(service)
     with client:
+        client.post("/v1/rails/homepage_hero", json={"session_id": "s1"})  # stores the vector
         pdp = client.post(
             "/v1/rails/pdp_fbt", json={"session_id": "s1", "item_id": "1005115", "slots": 10}
         ).json()
