@@ -59,12 +59,15 @@ def compute_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> d
         for k in range(repeats):
             history = sessions[k % len(sessions)]
             items = tuple(e.item_id for e in history)
+            types = tuple(e.event_type for e in history)
             if rail == "homepage_hero":
-                query = Query(items, tuple(e.event_type for e in history), exclude=frozenset(items))
+                query = Query(items, types, exclude=frozenset(items))
             elif rail == "pdp_fbt":
-                query = Query(items[:-1], anchor=items[-1], exclude=frozenset([items[-1]]))
+                query = Query(
+                    items[:-1], types[:-1], anchor=items[-1], exclude=frozenset(items[-1:])
+                )
             else:
-                query = Query(items, cart=items[-1:], exclude=frozenset(items[-1:]))
+                query = Query(items, types, cart=items[-1:], exclude=frozenset(items[-1:]))
             started = time.perf_counter()
             loaded.pipeline.run(rail, [query], stages=("rules",))
             times.append(time.perf_counter() - started)

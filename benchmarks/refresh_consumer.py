@@ -1,8 +1,8 @@
 """The refresh consumer: throughput and event -> refreshed-vector freshness, steady and burst.
 
 Usage:
-    python benchmarks/streaming.py --bundle artifacts/<run>-rees46-rails
-    python benchmarks/streaming.py            # the production bundle of serving.dataset
+    python benchmarks/refresh_consumer.py --bundle artifacts/<run>-rees46-rails
+    python benchmarks/refresh_consumer.py            # the production bundle of serving.dataset
 
 Starts a Kafka-protocol broker (tansu), Redis and, when the model has towers, Triton, all on
 loopback; runs one consumer (this process, one core for the model) over keyed events of
@@ -13,8 +13,8 @@ synthetic sessions drawn from the catalogue, in two regimes:
 
 Freshness is the time from an event's producer timestamp to the end of its batch's Redis
 writes (the session's vector and pre-warmed rail are then current). Each regime runs with
-session vectors computed in-process and via Triton. Writes `reports/benchmarks/streaming.json`
-and `streaming.md`.
+session vectors computed in-process and via Triton. Writes `reports/benchmarks/refresh_consumer.json`
+and `refresh_consumer.md`.
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ def main() -> None:
         for server in reversed(started):
             server.stop()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "streaming.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "streaming.md").write_text(markdown(result))
+    (OUT / "refresh_consumer.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (OUT / "refresh_consumer.md").write_text(markdown(result))
     print(markdown(result))
 
 
