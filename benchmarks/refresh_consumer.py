@@ -13,8 +13,8 @@ synthetic sessions drawn from the catalogue, in two regimes:
 
 Freshness is the time from an event's producer timestamp to the end of its batch's Redis
 writes (the session's vector and pre-warmed rail are then current). Each regime runs with
-session vectors computed in-process and via Triton. Writes `reports/benchmarks/refresh_consumer.json`
-and `refresh_consumer.md`.
+session vectors computed in-process and via Triton. Writes
+`reports/benchmarks/refresh_consumer.json` and `refresh_consumer.md`.
 """
 
 from __future__ import annotations

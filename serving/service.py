@@ -119,6 +119,10 @@ class RailService:
         if loaded is None or item_id not in loaded.pipeline.attributes:
             return False
         loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
+        if price is not None:
+            # the re-ranker's price features read the item statistics: keep them current too
+            stats = loaded.pipeline.stats
+            stats.price[stats.row[item_id]] = price
         return True
 
     def sync_catalogue(self) -> int:

@@ -227,6 +227,54 @@ def test_redis_restarted_the_consumer_recovers_without_loss(stack, tmp_path):
     assert [e.item_id for e in events] == ITEMS[:4]
 
 
+def test_a_price_change_reaches_the_rankers_features(stack):
+    settings, service, _ = stack
+    consumer = RefreshConsumer(settings, service)
+    item = ITEMS[0]
+    try:
+        update = CatalogueUpdate(update_id="p1", item_id=item, time=T0, price=1.5)
+        _produce(settings, [(item.encode(), encode(update))], settings.streaming.catalogue_topic)
+        _drain(consumer, lambda r: sum(x.catalogue_updates for x in r) >= 1)
+    finally:
+        consumer.close()
+    stats = service.loaded.pipeline.stats
+    assert stats.price[stats.row[item]] == 1.5
+    assert service.loaded.pipeline.attributes[item].price == 1.5
+
+
+def test_broker_restarted_the_consumer_recovers(trained_rees46, tmp_path):
+    """A memory-only broker loses its topics on restart: they are recreated and the same
+    consumer, after rejoining, applies what is produced next."""
+    settings, bundle = trained_rees46
+    port, redis_port = free_port(), free_port()
+    broker = kafka_broker(port, tmp_path / "k").start()
+    redis = redis_server(redis_port, tmp_path / "r").start()
+    streaming = settings.streaming.model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{port}", "group_id": "restart", "partitions": 2}
+    )
+    settings = settings.model_copy(update={"streaming": streaming})
+    store = SessionStore(f"redis://127.0.0.1:{redis_port}/0", 2.0, 50, 3600, 300)
+    service = RailService(settings, None, store, None, Metrics())
+    assert service.load(bundle)
+    try:
+        ensure_topics(streaming)
+        consumer = RefreshConsumer(settings, service)
+        _produce(settings, [(b"s5", encode(_event(0, "s5", ITEMS[0])))])
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 1)
+        broker.stop()
+        broker = kafka_broker(port, tmp_path / "k2").start()
+        ensure_topics(streaming)
+        consumer.rejoin()
+        _produce(settings, [(b"s5", encode(_event(1, "s5", ITEMS[1])))])
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 1)
+        consumer.close()
+    finally:
+        broker.stop()
+        redis.stop()
+    events = store.snapshot("s5", service.loaded.version, None).events
+    assert [e.item_id for e in events] == ITEMS[:2]
+
+
 def test_wire_round_trip_keeps_every_field():
     event = _event(7, "s", "i", "purchase")
     assert decode_event(encode(event)) == event
