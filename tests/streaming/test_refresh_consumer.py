@@ -268,10 +268,10 @@ def test_broker_restarted_the_consumer_recovers(trained_rees46, tmp_path):
         _produce(settings, [(b"s5", encode(_event(1, "s5", ITEMS[1])))])
         _drain(consumer, lambda r: sum(x.new_events for x in r) >= 1)
         consumer.close()
+        events = store.snapshot("s5", service.loaded.version, None).events
     finally:
         broker.stop()
         redis.stop()
-    events = store.snapshot("s5", service.loaded.version, None).events
     assert [e.item_id for e in events] == ITEMS[:2]
 
 
