@@ -32,7 +32,7 @@ from railtower.settings import Settings
 from ranking.baselines import BASELINES
 from ranking.business_features import ItemStats, build_features
 from ranking.item_attributes import ItemAttributes
-from ranking.rails import STAGES, RailPipeline
+from ranking.rails import STAGES, RailPipeline, ranked_ids
 from ranking.rails_bundle import write_rails_bundle
 from ranking.retriever import CandidateSource, Catalogue
 from ranking.rules import load_rule_set
@@ -201,7 +201,7 @@ def staged_evaluation(
                 tower = fitted.pipeline.sources["two_tower"]
                 rows["two_tower"] = tower.recommend(queries, settings.evaluation.candidates)
             for stage in STAGES:
-                rows[STAGE_ROWS[stage]] = [[c.item_id for c in row] for row in staged[stage]]
+                rows[STAGE_ROWS[stage]] = ranked_ids(staged, stage)
             for name, ranked in rows.items():
                 task = score_ranked(
                     ranked, name, rail, rail_cases, catalogue, settings, dataset.name, warm
