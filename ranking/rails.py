@@ -92,6 +92,7 @@ class RailPipeline:
         queries: Sequence[Query],
         stages: Sequence[Stage] = STAGES,
         mmr_lambda: float | None = None,
+        sources: Mapping[str, CandidateSource] | None = None,
     ) -> dict[Stage, list[list[Candidate]]]:
         """Each requested stage's ranked list per query (the full depth, slots first).
 
@@ -99,7 +100,7 @@ class RailPipeline:
         the candidate depth stays comparable across stages; the rules stage fills the slots
         from popular items when exclusions leave too few.
         """
-        table = self.candidate_table(queries)
+        table = self.candidate_table(queries, sources)
         out: dict[Stage, list[list[Candidate]]] = {}
         if "candidates" in stages:
             out["candidates"] = table.ranked()

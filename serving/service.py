@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
 from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
-from towers.session_features import HistoryEvent
+from towers.session_features import HistoryEvent, history_of
 
 log = get_logger(__name__)
 
@@ -137,6 +138,52 @@ class RailService:
             self.apply_catalogue_change(item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
         self._catalogue_version = version
         return len(changes)
+
+    def prewarm(self, session_ids: Sequence[str]) -> int:
+        """Recompute and store the session vector and homepage rail of many sessions at once.
+
+        The streaming consumer's path: one encoder call and one pipeline pass for the whole
+        micro-batch instead of a request per session; the same stages, rules and markers as
+        `serve`, so the API then answers these sessions from the cache. Returns how many
+        rails were stored. Raises redis.RedisError if Redis is down (nothing is committed).
+        """
+        loaded, store = self.loaded, self.store
+        if loaded is None or store is None or not session_ids:
+            return 0
+        pipeline, slots = loaded.pipeline, self.settings.evaluation.slots
+        snapshots = [store.snapshot(s, loaded.version, None) for s in session_ids]
+        queries = [
+            self._query(RailRequest(session_id=s, slots=slots), snap, (None, ()))
+            for s, snap in zip(session_ids, snapshots, strict=True)
+        ]
+        sources: dict[str, CandidateSource] = dict(pipeline.sources)
+        vectors = None
+        if loaded.towers is not None:
+            histories = [
+                history_of(q.session_items, q.session_types, q.session_times) for q in queries
+            ]
+            inputs = loaded.towers.session_inputs(histories, [q.context for q in queries])
+            if self.triton is not None:
+                try:
+                    vectors = self.triton.encode(inputs, loaded.towers.triton_version)
+                except Exception:  # noqa: BLE001 - Triton down or slow: encode here
+                    self.metrics.fallbacks.labels(reason="triton").inc()
+            if vectors is None:
+                vectors = loaded.towers.encode_inputs(inputs)
+            sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
+        ranked = pipeline.run("homepage_hero", queries, stages=("mmr",), sources=sources)["mmr"]
+        for n, (session_id, snap, query, row) in enumerate(
+            zip(session_ids, snapshots, queries, ranked, strict=True)
+        ):
+            items = pipeline.apply_rules("homepage_hero", row, query, slots, slots)
+            if vectors is not None:
+                store.put_vector(session_id, loaded.version, vectors[n], snap.marker)
+            payload = {
+                "marker": snap.marker,
+                "items": [{"item_id": c.item_id, "score": c.score} for c in items],
+            }
+            store.put_rail(session_id, loaded.version, "homepage_hero", payload)
+        return len(session_ids)
 
     # ------------------------------------------------------------------ the request path
 
@@ -269,8 +316,6 @@ class RailService:
         sources: dict[str, CandidateSource] = dict(pipeline.sources)
         since = time.perf_counter()
         if loaded.towers is not None:
-            from towers.session_features import history_of
-
             history = history_of(
                 query.session_items,
                 query.session_types,

@@ -20,6 +20,7 @@ from towers.session_features import HistoryEvent
 
 INPUT_NAMES = ("items", "types", "ages", "hour", "context")
 OUTPUT_NAME = "vector"
+MAX_BATCH = 128  # max_batch_size in triton_models/user_tower/config.pbtxt
 
 
 class TritonUserTower:
@@ -39,7 +40,18 @@ class TritonUserTower:
             return False
 
     def encode(self, inputs: dict[str, torch.Tensor], version: str = "") -> np.ndarray:
-        """(B, D) vectors. Raises tritonclient's InferenceServerException on error/timeout."""
+        """(B, D) vectors, in chunks of the model's max batch size.
+
+        Raises tritonclient's InferenceServerException on error or timeout.
+        """
+        size = len(inputs["items"])
+        if size > MAX_BATCH:
+            return np.concatenate(
+                [
+                    self.encode({k: v[i : i + MAX_BATCH] for k, v in inputs.items()}, version)
+                    for i in range(0, size, MAX_BATCH)
+                ]
+            )
         tensors = []
         for name in INPUT_NAMES:
             array = inputs[name].numpy()
@@ -87,20 +99,22 @@ def session_vector(
 
 
 class VectorTowerSource:
-    """The tower candidate source for one request whose session vector is already known."""
+    """The tower candidate source for requests whose session vectors are already known:
+    one (D,) vector for a single request, or (Q, D), one row per query."""
 
     name = "two_tower"
 
-    def __init__(self, towers: TowerBundle, vector: np.ndarray) -> None:
-        self.towers, self.vector = towers, vector
+    def __init__(self, towers: TowerBundle, vectors: np.ndarray) -> None:
+        self.towers, self.vectors = towers, np.atleast_2d(vectors)
 
     def fit(self, events, catalogue):  # type: ignore[no-untyped-def]  # noqa: ANN001, ARG002
         return self
 
     def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
-        ids, scores = self.towers.index.search(
-            np.repeat(self.vector[None, :], len(queries), axis=0), k, [q.exclude for q in queries]
-        )
+        vectors = self.vectors
+        if len(vectors) != len(queries):
+            vectors = np.repeat(vectors[:1], len(queries), axis=0)
+        ids, scores = self.towers.index.search(vectors, k, [q.exclude for q in queries])
         return [
             [Candidate(i, float(s)) for i, s in zip(row, row_scores, strict=True)]
             for row, row_scores in zip(ids, scores, strict=True)

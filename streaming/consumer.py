@@ -7,8 +7,9 @@ One micro-batch (`step`):
    original bytes (flushed before anything is committed: a rejected message is kept too);
 3. append each session's new events to Redis (idempotent by event id, atomic), publish
    catalogue changes (price, stock) for every API process;
-4. re-serve the homepage rail of every touched session through the API's own request path,
-   which recomputes the session vector (Triton or in-process) and pre-warms the rail;
+4. recompute the session vector (Triton or in-process) and the homepage rail of every
+   touched session in one batch (`RailService.prewarm`: the API's stages, rules and state
+   markers), so the API answers them from the pre-warmed cache;
 5. commit the offsets, only now: a crash before this replays the batch, and step 3 makes the
    replay change nothing that was already applied.
 
@@ -31,7 +32,6 @@ from kafka.errors import KafkaError
 from railtower.logs import get_logger
 from railtower.schemas import MalformedMessage, decode_catalogue_update, decode_event
 from railtower.settings import Settings
-from serving.api_models import RailRequest
 from serving.service import RailService
 from towers.session_features import HistoryEvent
 
@@ -63,7 +63,6 @@ class RefreshConsumer:
         self.dead_letters = KafkaProducer(
             bootstrap_servers=s.bootstrap_servers, acks="all", retries=5
         )
-        self.slots = settings.evaluation.slots
         self._pending_letters: list = []  # type: ignore[type-arg]
 
     def _new_consumer(self) -> KafkaConsumer:
@@ -122,11 +121,10 @@ class RefreshConsumer:
             report.duplicates += len(events) - added
             if added:
                 touched.append(session_id)
+        # one encoder call and one pipeline pass for every touched session of the batch
+        self.service.prewarm(touched)
+        now = time.time()
         for session_id in touched:
-            self.service.serve(
-                "homepage_hero", RailRequest(session_id=session_id, slots=self.slots)
-            )
-            now = time.time()
             report.freshness_s += [now - t for t in produced_at[session_id]]
         report.sessions_refreshed = len(touched)
         if report.records:
