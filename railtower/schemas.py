@@ -121,6 +121,35 @@ class Item(BaseModel):
     product_group: str | None = None
 
 
+class Impression(BaseModel):
+    """One rail as computed for one request, on the impressions topic.
+
+    The served arm is what the shopper saw (`shown`); a shadow arm (a challenger bundle or a
+    candidate rule set) is what it would have shown for the same request (`request_id`), computed
+    off the critical path. The evaluators join impressions with the events that followed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    impression_id: str = Field(min_length=1)
+    request_id: str = Field(min_length=1)
+    served_at: datetime
+    session_id: str = Field(min_length=1)
+    user_id: str | None = None
+    rail: str = Field(min_length=1)
+    # "production" for the served answer; "challenger:<version>" or "rules:<name>" for a shadow
+    arm: str = Field(min_length=1)
+    shown: bool
+    model_version: str
+    rule_set: str | None = None
+    items: list[str]
+    scores: list[float] = Field(default_factory=list)
+    # probability each slot's item had of being shown there (exploration slot); None = greedy
+    propensities: list[float] | None = None
+    served_by: str = "computed"
+
+
 class CatalogueUpdate(BaseModel):
     """A price and/or stock change of one item, on the catalogue topic."""
 
@@ -148,7 +177,7 @@ class MalformedMessage(ValueError):
         self.reason = reason
 
 
-def encode(message: Event | CatalogueUpdate) -> bytes:
+def encode(message: Event | CatalogueUpdate | Impression) -> bytes:
     return orjson.dumps(message.model_dump(mode="json"))
 
 
@@ -184,3 +213,8 @@ def decode_event(raw: bytes | None) -> Event:
 def decode_catalogue_update(raw: bytes | None) -> CatalogueUpdate:
     """Parse one catalogue-topic message. Raises MalformedMessage naming the problem."""
     return _decode(raw, CatalogueUpdate)  # type: ignore[return-value]
+
+
+def decode_impression(raw: bytes | None) -> Impression:
+    """Parse one impressions-topic message. Raises MalformedMessage naming the problem."""
+    return _decode(raw, Impression)  # type: ignore[return-value]

@@ -315,6 +315,8 @@ class StreamingSettings(_Section):
     events_topic: str = "railtower.events"
     catalogue_topic: str = "railtower.catalogue"
     dead_letter_topic: str = "railtower.dead-letter"
+    # Served and shadow rails (railtower.schemas.Impression), for shadow and online evaluation.
+    impressions_topic: str = "railtower.impressions"
     # Partitions of the events topic (a session's events stay on one, in order).
     partitions: int = Field(6, ge=1)
     group_id: str = "railtower-refresh"
