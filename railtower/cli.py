@@ -83,6 +83,14 @@ def evaluate(
     split: str = typer.Option("test", help="test (reported numbers) or validation (tuning)"),
     run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
     towers: bool = typer.Option(False, help="also train, export and score the two towers"),
+    bundle: Path | None = typer.Option(
+        None, help="score this trained rails bundle instead of training (never retrains)"
+    ),
+    events: str | None = typer.Option(
+        None,
+        help="with --bundle: a data set name or a canonical Parquet/CSV events file "
+        "(default: the bundle's data set); scored on sessions after its training window",
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Score every model on every rail each data set supports; write reports/<run>/."""
@@ -91,19 +99,32 @@ def evaluate(
 
     if split not in ("test", "validation"):
         raise typer.BadParameter("split must be 'test' or 'validation'")
+    if events is not None and bundle is None:
+        raise typer.BadParameter("--events needs --bundle (the bundle to score on them)")
     settings = _settings(config)
     try:
-        run = run_evaluation(settings, datasets, split, run_name, towers)  # type: ignore[arg-type]
-    except RailtowerError as exc:
+        if bundle is not None:
+            from ranking.rails_bundle import load_evaluation
+            from training.bundle_eval import evaluate_bundle
+
+            source = events or str(load_evaluation(bundle)["dataset"])
+            scored = evaluate_bundle(bundle, source, settings, run_name=run_name)
+            results, outputs = [scored.result], scored.outputs
+            shares = ", ".join(f"{r} {v:.1%}" for r, v in scored.cold_share.items())
+            console.print(f"cold share (targets unseen in training): {shares}", markup=False)
+        else:
+            run = run_evaluation(settings, datasets, split, run_name, towers)  # type: ignore[arg-type]
+            results, outputs = run.results, run.outputs
+    except (RailtowerError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    console.print(markdown_table(run.results, settings), markup=False, soft_wrap=True)
+    console.print(markdown_table(results, settings), markup=False, soft_wrap=True)
     console.print(
-        "\ncold-item slice:\n" + slice_table(run.results, settings, "cold"),
+        "\ncold-item slice:\n" + slice_table(results, settings, "cold"),
         markup=False,
         soft_wrap=True,
     )
-    console.print(f"\nreport: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
+    console.print(f"\nreport: {outputs['markdown']}\nplots:  {outputs['plots']}/")
 
 
 @app.command()
@@ -124,13 +145,103 @@ def promote(
     try:
         dataset = load_evaluation(bundle)["dataset"]
         link = pointer or settings.artifacts_dir / settings.promotion.pointer_dir / dataset
-        decision = run_gate(bundle, link, settings.promotion, settings.seed)
+        # With the settings, production evaluated on another window is re-scored on the
+        # candidate's held-out cases (training.bundle_eval), so the gate stays paired.
+        decision = run_gate(bundle, link, settings.promotion, settings.seed, rescore=settings)
     except RailtowerError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(decision.to_markdown(), markup=False, soft_wrap=True)
     if not decision.promote:
         raise typer.Exit(3)
+
+
+@app.command()
+def rollback(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="data set whose pointer moves back"),
+    reason: str = typer.Option(..., help="why (recorded in history.jsonl and the log)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Put back the bundle that was production before the current one (exit 3 if none)."""
+    from training.promotion import RollbackRefused
+    from training.promotion import rollback as run_rollback
+
+    settings = _settings(config)
+    try:
+        decision = run_rollback(settings.artifacts_dir, settings.promotion, dataset, reason)
+    except RollbackRefused as exc:
+        console.print(f"[red]rollback refused: {exc}[/red]", markup=False)
+        raise typer.Exit(3) from None
+    except (RailtowerError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]", markup=False)
+        raise typer.Exit(1) from None
+    console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+
+
+@app.command()
+def nightly(
+    datasets: list[str] = typer.Option(
+        None, "--dataset", "-d", help="data set names (default: nightly.datasets or all)"
+    ),
+    window_days: float | None = typer.Option(
+        None, help="newest days of events to train on (default nightly.window_days; 0 = all)"
+    ),
+    run_name: str | None = typer.Option(
+        None, help="run name (default: derived from the data windows and settings)"
+    ),
+    resume: bool = typer.Option(False, help="continue the newest unfinished run"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Train, evaluate and gate on the newest window; promote or refuse (exit 0 / 3)."""
+    from training.nightly import run_nightly
+
+    settings = _settings(config)
+    try:
+        result = run_nightly(settings, datasets, window_days, run_name, resume)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]", markup=False)
+        raise typer.Exit(1) from None
+    console.print(result.report_markdown.read_text(), markup=False, soft_wrap=True)
+    console.print(f"report: {result.report_markdown}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def drift(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="data set to check"),
+    bundle: Path | None = typer.Option(
+        None, help="rails bundle (default: the data set's production pointer)"
+    ),
+    recent_days: float | None = typer.Option(
+        None, help="newest days compared with the training window (default drift.recent_days)"
+    ),
+    run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    retrain: bool = typer.Option(False, help="when drift is flagged, run the nightly job"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Flag recent data that shifted from the bundle's training window (exit 4 when flagged)."""
+    from training.drift import EXIT_FLAGGED, run_drift
+    from training.nightly import run_nightly
+
+    settings = _settings(config)
+    try:
+        report = run_drift(settings, dataset, bundle, recent_days, run_name)
+    except RailtowerError as exc:
+        console.print(f"[red]{exc}[/red]", markup=False)
+        raise typer.Exit(1) from None
+    console.print(report.markdown_path.read_text(), markup=False, soft_wrap=True)
+    console.print(f"report: {report.markdown_path}\nplot:   {report.plot_path}")
+    if not report.flagged:
+        return
+    if retrain:
+        try:
+            result = run_nightly(settings, [dataset])
+        except RailtowerError as exc:
+            console.print(f"[red]{exc}[/red]", markup=False)
+            raise typer.Exit(1) from None
+        console.print(result.report_markdown.read_text(), markup=False, soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+    raise typer.Exit(EXIT_FLAGGED)
 
 
 @app.command("rules-dry-run")
@@ -191,10 +302,20 @@ def replay(
     dataset: str = typer.Option("rees46", "--dataset", "-d", help="data set whose events to send"),
     speed: float = typer.Option(0.0, help="speed-up: 1 = real time, 60 = 1 h/min, 0 = max"),
     limit: int = typer.Option(0, help="send at most this many events (0 = all)"),
+    inject_drops: float = typer.Option(
+        0.0, help="share of priced items that get an injected price drop (0 = none)"
+    ),
+    drop: float = typer.Option(0.3, help="fraction an injected drop takes off the price"),
+    seed: int = typer.Option(0, help="seed choosing the dropped items and their times"),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Publish a data set's events to the events topic in time order, keyed by session."""
+    """Publish a data set's events to the events topic in time order, keyed by session.
+
+    With --inject-drops, price drops go to the catalogue topic too (measure the deal
+    mechanics; figures from such a replay come from injected drops, not real prices).
+    """
     from railtower.datasets import load_dataset
+    from streaming.replay import inject_drops as drop_prices
     from streaming.replay import replay as publish
     from streaming.topics import ensure_topics
 
@@ -207,9 +328,21 @@ def replay(
     if events is None:
         console.print(f"[red]{dataset} has no events to replay[/red]")
         raise typer.Exit(1)
+    updates = []
+    if inject_drops:
+        try:
+            events, updates = drop_prices(events, inject_drops, drop, seed)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
     ensure_topics(settings.streaming)
-    sent = publish(events, settings.streaming, speed, limit)
+    sent = publish(events, settings.streaming, speed, limit, updates)
     console.print(f"sent {sent:,} events to {settings.streaming.events_topic}")
+    if updates:
+        console.print(
+            f"injected {len(updates):,} price drops of {drop:.0%} on "
+            f"{settings.streaming.catalogue_topic}"
+        )
 
 
 @app.command()
@@ -253,6 +386,116 @@ def distill_images(
     console.print(
         f"image encoder weights: {weights}\nuse them with: RAILTOWER_IMAGE__WEIGHTS_PATH={weights}"
     )
+
+
+ImpressionsOption = typer.Option(
+    ..., "--impressions", help="a JSONL file (one encoded Impression a line) or 'kafka'"
+)
+
+
+@app.command("shadow-report")
+def shadow_report(
+    impressions: str = ImpressionsOption,
+    events: str = typer.Option(
+        ..., "--events", help="a data set name, or an events file (.jsonl, .parquet, .csv)"
+    ),
+    horizon_minutes: float | None = typer.Option(
+        None, help="minutes after an impression that count (default monitor.horizon_minutes)"
+    ),
+    run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Score production and shadow arms on what shoppers did next; write reports/<run>/shadow/."""
+    from railtower.manifest import new_version
+    from training.shadow_eval import read_events, read_impressions, run_shadow_report
+
+    settings = _settings(config)
+    try:
+        logged = read_impressions(impressions, settings)
+        frame, catalogue = read_events(events, settings)
+        run = run_shadow_report(
+            settings,
+            logged,
+            frame,
+            catalogue,
+            horizon_minutes or settings.monitor.horizon_minutes,
+            run_name or new_version("shadow"),
+            events_source=events,
+        )
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(run.outputs["markdown"].read_text(), markup=False, soft_wrap=True)
+    console.print(f"report: {run.outputs['markdown']}\nplots:  {run.outputs['plots']}/")
+
+
+@app.command()
+def monitor(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="data set whose production to watch"),
+    impressions: str = ImpressionsOption,
+    events: str | None = typer.Option(
+        None, "--events", help="a data set name or an events file (default: --dataset)"
+    ),
+    dry_run: bool = typer.Option(False, help="report the decision, never roll back"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Roll production back when its online hit rate drops beyond monitor.max_relative_drop."""
+    from training.online_monitor import check_and_rollback
+    from training.shadow_eval import SessionTimelines, read_events, read_impressions
+
+    settings = _settings(config)
+    try:
+        logged = read_impressions(impressions, settings)
+        frame, _ = read_events(events or dataset, settings)
+        timelines = SessionTimelines(frame, settings.ranking.ranker.label_grades)
+        decision = check_and_rollback(settings, dataset, logged, timelines, dry_run)
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+
+
+@app.command("shadow-replay")
+def shadow_replay(
+    dataset: str = typer.Option("rees46", "--dataset", "-d", help="data set to replay"),
+    challenger: Path | None = typer.Option(None, help="challenger rails bundle"),
+    challenger_rules: Path | None = typer.Option(
+        None, help="or: a candidate rule set (JSON) on the production model"
+    ),
+    production: Path | None = typer.Option(
+        None, help="production rails bundle (default serving.bundle or the production pointer)"
+    ),
+    sessions: int = typer.Option(0, help="first N held-out sessions (0 = all)"),
+    output: Path | None = typer.Option(
+        None, help="impressions JSONL (default reports/<run>/shadow/impressions.jsonl)"
+    ),
+    run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Replay held-out sessions through production and a challenger; then the shadow report."""
+    from railtower.manifest import new_version
+    from training.shadow_replay import run_shadow_replay
+
+    settings = _settings(config)
+    run = run_name or new_version("shadow-replay")
+    bundle = production or settings.serving.bundle
+    if bundle is None:
+        bundle = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+    target = output or settings.reports_dir / run / "shadow" / "impressions.jsonl"
+    try:
+        result = run_shadow_replay(
+            settings, dataset, bundle, target, challenger, challenger_rules, sessions, run
+        )
+    except (RailtowerError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"{result.requests:,} requests, {result.impressions:,} impressions -> "
+        f"{result.impressions_path}; skipped {result.skipped}; fallbacks {result.degraded}"
+    )
+    if result.shadow is not None:
+        text = result.shadow.outputs["markdown"].read_text()
+        console.print(text, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

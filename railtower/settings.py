@@ -19,7 +19,15 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,8 +40,10 @@ from railtower.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
-RailName = Literal["homepage_hero", "pdp_fbt", "cart_upsell"]
-RAILS: tuple[RailName, ...] = ("homepage_hero", "pdp_fbt", "cart_upsell")
+RailName = Literal["homepage_hero", "pdp_fbt", "cart_upsell", "deals_for_you"]
+# deals_for_you is served, never evaluated: no data set has a natural target for it (what a
+# shopper would have bought had a deal been shown), so no DatasetSpec lists it.
+RAILS: tuple[RailName, ...] = ("homepage_hero", "pdp_fbt", "cart_upsell", "deals_for_you")
 
 _config_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
@@ -230,6 +240,61 @@ class RankerSettings(_Section):
     label_grades: dict[str, int] = {"view": 1, "cart": 2, "purchase": 3}
 
 
+class ExplorationSettings(_Section):
+    # 0-based slot a bandit fills on every rail (null = off): the greedy item or one of the
+    # next `window` eligible items below the cut, with its propensity logged for IPS.
+    slot: int | None = Field(None, ge=0)
+    policy: Literal["epsilon_greedy", "thompson"] = "epsilon_greedy"
+    epsilon: float = Field(0.1, ge=0.0, le=1.0)
+    window: int = Field(12, ge=1)
+    # Thompson: a never-shown item's click-rate prior is centred on its content-tower score
+    # (prior_rate when neutral) and weighs as much as `prior_strength` impressions.
+    prior_strength: float = Field(20.0, gt=0.0)
+    prior_rate: float = Field(0.02, gt=0.0, lt=1.0)
+    # Monte Carlo draws behind a Thompson propensity, and its floor (IPS weights stay finite).
+    propensity_draws: int = Field(256, ge=16)
+    min_propensity: float = Field(1e-3, gt=0.0, lt=0.5)
+
+
+class PriceHistorySettings(_Section):
+    # The two rolling windows (hours) of the price-history features: "short" for a fresh
+    # move, "long" for the item's own recent level (the deal reference).
+    short_window_h: float = Field(24.0, gt=0.0)
+    long_window_h: float = Field(24.0 * 28, gt=0.0)
+    # Deal spike: the latest price is more than k standard deviations below the long
+    # window's mean, over at least `min_points` prices.
+    deal_k: float = Field(2.0, gt=0.0)
+    min_points: int = Field(5, ge=2)
+
+    @model_validator(mode="after")
+    def _short_within_long(self) -> PriceHistorySettings:
+        if self.short_window_h > self.long_window_h:
+            raise ValueError(
+                f"ranking.prices.short_window_h ({self.short_window_h}) must not exceed "
+                f"long_window_h ({self.long_window_h})"
+            )
+        return self
+
+
+class DealsSettings(_Section):
+    # Candidates of deals_for_you: every item in a deal spike, plus the `strongest` largest
+    # discounts against the long rolling mean that reach `min_discount`.
+    strongest: int = Field(100, ge=0)
+    min_discount: float = Field(0.05, ge=0.0, lt=1.0)
+    # Score = deal strength x (affinity_floor + affinity): a deal the shopper shows no
+    # affinity for still counts `affinity_floor` of one they do. Affinity (0..1) averages
+    # the weighted signals the shopper gives (tower score, leaf / top category, brand,
+    # price-band closeness).
+    affinity_floor: float = Field(0.25, ge=0.0)
+    tower_weight: float = Field(1.0, ge=0.0)
+    leaf_weight: float = Field(1.0, ge=0.0)
+    top_weight: float = Field(0.5, ge=0.0)
+    brand_weight: float = Field(0.5, ge=0.0)
+    band_weight: float = Field(0.5, ge=0.0)
+    # Deal strength = discount against the long mean, plus this much for a deal spike.
+    spike_bonus: float = Field(0.1, ge=0.0)
+
+
 class RankingSettings(_Section):
     # Candidates each source contributes before fusion, and the most the fused pool keeps
     # (the re-ranker reads the whole pool and picks the best evaluation.candidates of it).
@@ -254,6 +319,12 @@ class RankingSettings(_Section):
     # Merchandising rule set applied last (JSON, see configs/rules/); null = no rules.
     rules_path: Path | None = Field(Path("configs/rules/example.json"), validate_default=True)
     ranker: RankerSettings = RankerSettings()
+    exploration: ExplorationSettings = ExplorationSettings()
+    # The re-ranker's price-history features (ranking.price_history); false leaves their
+    # columns empty (NaN), which LightGBM cannot split on: the "without" arm of a comparison.
+    price_features: bool = True
+    prices: PriceHistorySettings = PriceHistorySettings()
+    deals: DealsSettings = DealsSettings()
 
     @field_validator("rules_path")
     @classmethod
@@ -272,6 +343,53 @@ class PromotionSettings(_Section):
     bootstrap_samples: int = Field(1000, ge=100)
     # Where the production pointer of each data set lives: <artifacts_dir>/<pointer_dir>/<data set>.
     pointer_dir: str = "production"
+
+
+class NightlySettings(_Section):
+    # Days of the newest events each nightly run trains on (whole sessions that start inside
+    # it); 0 or null = every event. Fractions are allowed (REES46 spans 3 hours).
+    window_days: float | None = Field(28.0, ge=0.0)
+    # Data sets the nightly job trains; null = `datasets` (catalogue-only ones are skipped).
+    datasets: list[str] | None = None
+    # Folder under artifacts_dir holding each run's state.json and the run lock.
+    state_dir: str = "nightly"
+
+
+class DriftSettings(_Section):
+    # Days of the newest events compared against the bundle's training window.
+    recent_days: float = Field(1.0, gt=0.0)
+    # Population stability index above which a feature (event types, top-level categories,
+    # price bands) is flagged; 0.1 is a small shift, 0.25 a major one by the usual rule.
+    psi_threshold: float = Field(0.2, gt=0.0)
+    # Share of recent events on items never seen in the training window that is flagged.
+    max_unseen_share: float = Field(0.5, gt=0.0, le=1.0)
+    # Cosine distance between the activity-weighted mean item embeddings that is flagged.
+    max_mean_cosine_distance: float = Field(0.05, gt=0.0, le=2.0)
+    # Kernel MMD: flagged when the permutation p-value is below `mmd_alpha` and the MMD^2
+    # estimate reaches `mmd_min` (with thousands of events a negligible shift is significant).
+    mmd_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    mmd_min: float = Field(0.01, ge=0.0)
+    # Events sampled per window for the MMD and permutations of its test (bounds the cost to
+    # O((2 x sample)^2 x permutations)).
+    sample_size: int = Field(500, ge=20)
+    permutations: int = Field(200, ge=20)
+    # Top-level categories kept as their own PSI bin; the rest share one "other" bin.
+    max_categories: int = Field(20, ge=2)
+
+
+class MonitorSettings(_Section):
+    # Minutes after an impression whose view / cart / purchase events in its session count
+    # as its targets (`railtower shadow-report` and `railtower monitor`).
+    horizon_minutes: float = Field(30.0, gt=0.0)
+    # Each model version's most recent `window_minutes` of served impressions (measured back
+    # from its own last one) are compared; impressions whose horizon has not elapsed in the
+    # events yet are left out, so a fresh model is not judged on half-observed requests.
+    window_minutes: float = Field(1440.0, gt=0.0)
+    # Served impressions each of the two versions needs in its window before any decision.
+    min_impressions: int = Field(1000, ge=1)
+    # Roll back when the promoted model's hit rate@slots is more than this share below the
+    # previous model's (0.03 = 3% relative), on the point estimates.
+    max_relative_drop: float = Field(0.03, gt=0.0, lt=1.0)
 
 
 class StageBudgets(_Section):
@@ -302,6 +420,8 @@ class ServingSettings(_Section):
     # Model repository the export step writes versions into and tritonserver serves.
     triton_repository: Path = Field(Path("triton_models"), validate_default=True)
     max_slots: int = Field(50, ge=1)
+    # Price observations the Redis price stream keeps (serving/price_store.py), newest last.
+    price_points_max: int = Field(1_000_000, ge=1)
     budgets: StageBudgets = StageBudgets()
 
     @field_validator("bundle", "triton_repository")
@@ -325,6 +445,64 @@ class StreamingSettings(_Section):
     poll_timeout_ms: int = Field(200, ge=1)
     # Worst-case refresh bound the consumer reports against (the customer's 30 s).
     refresh_bound_s: float = Field(30.0, gt=0)
+
+
+class ShadowSettings(_Section):
+    """Shadow traffic (serving/shadow.py) and impression logging (serving/impressions.py)."""
+
+    # Share of sessions (0..1) whose requests also get a shadow computation; chosen by a
+    # stable hash of the session id, so a session is always in or always out.
+    share: float = Field(0.0, ge=0.0, le=1.0)
+    # A rails bundle to shadow against production (loaded and verified like production).
+    challenger_bundle: Path | None = None
+    # A candidate rule set (JSON) to shadow on the production model.
+    rules_path: Path | None = None
+    # Shadow worker threads, and the bounded queue of shadow jobs (a full queue drops the job).
+    workers: int = Field(1, ge=1, le=8)
+    queue_size: int = Field(256, ge=1)
+    # Where impressions go: kafka (streaming.impressions_topic), memory (in-process, for a
+    # first run and tests), or auto (kafka when the broker answers at startup, else memory).
+    sink: Literal["auto", "kafka", "memory"] = "auto"
+    # Impressions waiting for the sink's background thread; a full buffer drops (and counts).
+    sink_queue_size: int = Field(10_000, ge=1)
+    # Producer batching: how long kafka-python waits to fill a batch.
+    linger_ms: int = Field(50, ge=0)
+    # Days the per-item daily impression counts stay in Redis.
+    count_ttl_days: int = Field(35, ge=1)
+
+    @field_validator("challenger_bundle", "rules_path")
+    @classmethod
+    def _resolve_paths(cls, path: Path | None) -> Path | None:
+        return _project_path(path)
+
+
+class SecuritySettings(_Section):
+    """Admin authentication and the guards of the public endpoint (serving/security.py)."""
+
+    # Key the admin routes (/v1/admin/...) require in the X-API-Key header; null = those
+    # routes answer 503. Set it from the environment (RAILTOWER_SECURITY__ADMIN_API_KEY),
+    # never in a committed file.
+    admin_api_key: SecretStr | None = None
+    # Token bucket per client (X-Client-Id header, else the client IP) on POST /v1/rails/...:
+    # sustained requests per second and the burst allowed above it; 0 in either = no limit.
+    rate_limit_per_s: float = Field(0.0, ge=0.0)
+    rate_limit_burst: int = Field(0, ge=0)
+    # Clients whose buckets are remembered (the least recently seen is forgotten first), so
+    # a flood of made-up client ids cannot exhaust memory.
+    rate_limit_clients: int = Field(10_000, ge=1)
+    # Largest request body any POST may send, in bytes; a larger one is answered 413.
+    max_body_bytes: int = Field(65_536, ge=1024)
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        # A short key can be guessed; an empty one would make a missing header match it.
+        if key is not None and len(key.get_secret_value()) < 16:
+            raise ValueError(
+                "admin_api_key must be at least 16 characters; generate one with "
+                "`openssl rand -hex 32`, or leave it unset to disable the admin routes"
+            )
+        return key
 
 
 class Settings(BaseSettings):
@@ -354,8 +532,13 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     ranking: RankingSettings = RankingSettings()
     promotion: PromotionSettings = PromotionSettings()
+    nightly: NightlySettings = NightlySettings()
+    drift: DriftSettings = DriftSettings()
+    monitor: MonitorSettings = MonitorSettings()
     serving: ServingSettings = ServingSettings()
     streaming: StreamingSettings = StreamingSettings()
+    shadow: ShadowSettings = ShadowSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @field_validator("data_root", "reports_dir", "artifacts_dir", "cache_dir", "dataset_configs")
     @classmethod
@@ -420,7 +603,9 @@ def _explain(exc: ValidationError, source: str, env: bool = True) -> str:
     lines = [f"invalid configuration in {where}:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  - {field}: {err['msg']} (got {err.get('input')!r})")
+        # A rejected secret must not be echoed into a terminal or a log.
+        got = "a value, hidden" if field.endswith("api_key") else repr(err.get("input"))
+        lines.append(f"  - {field}: {err['msg']} (got {got})")
     return "\n".join(lines)
 
 

@@ -5,12 +5,15 @@ last sighting, price, category, brand, stock, margin, and the learned category
 complementarity) and saved with the bundle; :func:`build_features` turns a fused
 candidate table plus the queries that asked for it into the feature matrix, in the fixed
 column order of :data:`FEATURES`. Training calls it on past requests, serving on live ones.
+The price-history features (:mod:`ranking.price_history`) join them: the item's own recent
+price level, its discount against it and the deal-spike flag, from prices known strictly
+before each request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.schemas import category_levels
-from railtower.settings import EventWeights, RankingSettings
+from railtower.settings import EventWeights, PriceHistorySettings, RankingSettings
 from ranking.candidate_fusion import SOURCES, CandidateTable
+from ranking.price_history import PRICE_FEATURES, PriceHistory, price_features
 from ranking.retriever import Catalogue, Query, event_weight_array
 from towers.item_features import PriceBands, stable_bucket
 
@@ -46,7 +50,9 @@ SESSION_FEATURES = (
     "complement_lift",
 )
 CONTEXT_FEATURES = ("hour", "context", "session_length", "cart_size", "has_anchor")
-FEATURES: tuple[str, ...] = SOURCE_FEATURES + ITEM_FEATURES + SESSION_FEATURES + CONTEXT_FEATURES
+FEATURES: tuple[str, ...] = (
+    SOURCE_FEATURES + ITEM_FEATURES + SESSION_FEATURES + CONTEXT_FEATURES + PRICE_FEATURES
+)
 # LightGBM treats these as unordered categories, not numbers.
 CATEGORICAL: tuple[str, ...] = ("context",)
 _CONTEXT_BUCKETS = 64
@@ -72,6 +78,10 @@ class ItemStats:
             to cart or buy from leaf b"; the learned complementarity of pdp_fbt and cart.
         end_time: the window's last event (epoch seconds), "now" for queries with no clock.
         short_share: the trend window as a share of the whole window.
+        prices: every price the window's events showed, by item and time (the serving
+            path extends it with the catalogue topic's price updates); None: no prices.
+        price_settings: windows and deal threshold of the price-history features.
+        price_features: False leaves the price-history columns NaN (ranking.price_features).
     """
 
     item_ids: np.ndarray
@@ -89,6 +99,9 @@ class ItemStats:
     complement: sp.csr_matrix
     end_time: float
     short_share: float
+    prices: PriceHistory | None = None
+    price_settings: PriceHistorySettings = field(default_factory=lambda: PriceHistorySettings())
+    price_features: bool = True
 
     def __post_init__(self) -> None:
         self.row: dict[str, int] = {item: i for i, item in enumerate(self.item_ids.tolist())}
@@ -142,6 +155,12 @@ class ItemStats:
         sessions = ev["session_id"].astype("category").cat.codes.to_numpy()
         strong = ev["event_type"].isin(set(strong_event_types)).to_numpy()
         complement = _complement_lift(sessions, leaf[rows], strong, len(leaves))
+        prices = PriceHistory.empty(n)
+        if timed and "price" in ev.columns:
+            # arrival order within a timestamp is the events' order, as on the stream
+            prices = PriceHistory.from_observations(
+                n, rows, seconds, pd.to_numeric(ev["price"], errors="coerce").to_numpy(float)
+            )
         return cls(
             item_ids=np.asarray(catalogue.ids).astype(str),
             popularity=popularity,
@@ -158,6 +177,9 @@ class ItemStats:
             complement=complement,
             end_time=end,
             short_share=settings.short_window_share,
+            prices=prices,
+            price_settings=settings.prices,
+            price_features=settings.price_features,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -185,8 +207,20 @@ class ItemStats:
         lift = folder / "complement.npz"
         sp.save_npz(lift, self.complement)
         meta = folder / "item_stats.json"
-        meta.write_bytes(orjson.dumps({"end_time": self.end_time, "short_share": self.short_share}))
-        return [arrays, lift, meta]
+        meta.write_bytes(
+            orjson.dumps(
+                {
+                    "end_time": self.end_time,
+                    "short_share": self.short_share,
+                    "price_settings": self.price_settings.model_dump(),
+                    "price_features": self.price_features,
+                }
+            )
+        )
+        written = [arrays, lift, meta]
+        if self.prices is not None:
+            written.append(self.prices.save(folder / "price_history.npz"))
+        return written
 
     @classmethod
     def load(cls, folder: Path) -> ItemStats:
@@ -194,12 +228,31 @@ class ItemStats:
             arrays = {name: data[name] for name in cls._ARRAYS}
         meta = orjson.loads((folder / "item_stats.json").read_bytes())
         end = meta["end_time"]
+        history = folder / "price_history.npz"
         return cls(
             **arrays,
             complement=sp.load_npz(folder / "complement.npz").tocsr(),
             end_time=float("nan") if end is None else float(end),
             short_share=float(meta["short_share"]),
+            prices=PriceHistory.load(history) if history.exists() else None,
+            price_settings=PriceHistorySettings.model_validate(meta.get("price_settings", {})),
+            price_features=bool(meta.get("price_features", True)),
         )
+
+    def request_times(self, queries: Sequence[Query]) -> np.ndarray:
+        """Per query, the time its features are evaluated at: the session's last event,
+        else the window's end (NaN with no clock)."""
+        return np.array(
+            [max(q.session_times) if q.session_times else self.end_time for q in queries],
+            dtype=float,
+        )
+
+    def price_matrix(self, rows: np.ndarray, nows_s: np.ndarray) -> np.ndarray:
+        """Price-history features of item `rows` at `nows_s` (NaN when switched off)."""
+        if not self.price_features or self.prices is None:
+            return np.full((len(rows), len(PRICE_FEATURES)), np.nan)
+        clock = self.prices.request_clock(nows_s)
+        return price_features(self.prices, rows, clock, self.price_settings)
 
 
 def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemStats) -> np.ndarray:
@@ -244,6 +297,10 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
         if lo == hi:
             continue
         _session_features(out[lo:hi], rows[lo:hi], query, stats, col)
+    # Point in time: each row sees only the prices known before its own request.
+    nows = stats.request_times(queries)[query_of] if len(queries) else np.zeros(0)
+    start = col[PRICE_FEATURES[0]]
+    out[:, start : start + len(PRICE_FEATURES)] = stats.price_matrix(rows, nows)
     return out
 
 

@@ -6,6 +6,11 @@
   neighbours, the item tower's neighbours); the ranker's complementarity and same-shelf
   features put complements above substitutes. The viewed item is always excluded.
 - cart_upsell: seeded by the cart; nothing already in the cart is ever returned.
+- deals_for_you: items in a deal-spike state now, plus the strongest discounts against
+  their own rolling price level (ranking.price_history), ranked by deal strength times the
+  shopper's affinity (tower rank, category, brand and price-band match: the re-ranker's
+  own features). No data set has a target for it, so it has no trained ranker and the
+  harness never scores it.
 
 Every rail returns as many slots as asked while eligible items exist (popular items fill
 in when the candidates run out) and never a blocked or out-of-stock item. The evaluation
@@ -23,18 +28,22 @@ from typing import Literal
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 
 from railtower.settings import RankingSettings
-from ranking.business_features import ItemStats, build_features
+from ranking.business_features import FEATURES, ItemStats, build_features
 from ranking.candidate_fusion import CandidateTable, fuse
 from ranking.candidates import Candidate
 from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
+from ranking.price_history import column, deal_strength
 from ranking.retriever import CandidateSource, Query
 from ranking.rules import RuleSet, apply_rules
 
 Stage = Literal["candidates", "ranker", "mmr", "rules"]
 STAGES: tuple[Stage, ...] = ("candidates", "ranker", "mmr", "rules")
+DEALS_RAIL = "deals_for_you"
+_FEATURE = {name: i for i, name in enumerate(FEATURES)}
 
 
 @dataclass
@@ -63,23 +72,118 @@ class RailPipeline:
     _popular: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def candidate_table(
-        self, queries: Sequence[Query], sources: Mapping[str, CandidateSource] | None = None
+        self,
+        queries: Sequence[Query],
+        sources: Mapping[str, CandidateSource] | None = None,
+        rail: str | None = None,
     ) -> CandidateTable:
         """Every source's candidates for the batch, fused and cut to `depth`.
 
         `sources` replaces the pipeline's own (serving swaps in a tower source that reuses
-        a session vector from Redis or Triton).
+        a session vector from Redis or Triton). For deals_for_you the candidates are the
+        current deals instead, carrying the fused sources' evidence where they named one.
         """
         per_source = {
             name: source.candidates(queries, self.settings.per_source)
             for name, source in (sources or self.sources).items()
         }
-        return fuse(per_source, len(queries), self.depth, self.settings.rrf_k)
+        fused = fuse(per_source, len(queries), self.depth, self.settings.rrf_k)
+        return self.deal_table(fused, queries) if rail == DEALS_RAIL else fused
+
+    def deal_table(self, fused: CandidateTable, queries: Sequence[Query]) -> CandidateTable:
+        """Per query, the items in a deal spike at its time plus the strongest discounts.
+
+        Excluded and out-of-stock items never enter (the rules would drop them anyway, and
+        a slot is worth more to a deal that can be bought). Rows carry `deal_strength` and
+        the fused table's columns for the items the sources also named (NaN otherwise).
+        """
+        deals = self.settings.deals
+        prices = self.stats.prices
+        rows = prices.items_with_history() if prices is not None else np.zeros(0, np.int64)
+        nows = self.stats.request_times(queries)
+        evidence = fused.frame.set_index(["query", "item_id"])
+        parts = []
+        for q, query in enumerate(queries):
+            features = self.stats.price_matrix(rows, np.full(len(rows), nows[q]))
+            strength = deal_strength(features, deals.spike_bonus)
+            discount = np.nan_to_num(column(features, "price_discount_long"), nan=0.0)
+            spike = column(features, "price_deal_spike") == 1.0
+            order = np.argsort(-discount, kind="stable")
+            strongest = order[: deals.strongest]
+            strongest = strongest[discount[strongest] >= deals.min_discount]
+            chosen = np.union1d(np.flatnonzero(spike), strongest)
+            items = self.stats.item_ids[rows[chosen]].tolist()
+            keep = [
+                i
+                for i, item in enumerate(items)
+                if item not in query.exclude
+                and not getattr(self.attributes.get(item), "out_of_stock", False)
+            ]
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "query": q,
+                        "item_id": [items[i] for i in keep],
+                        "deal_strength": strength[chosen][keep],
+                    }
+                )
+            )
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if frame.empty:
+            return CandidateTable(fused.frame.iloc[0:0].assign(deal_strength=[]), len(queries))
+        frame = frame.join(evidence, on=["query", "item_id"])
+        frame["fused"] = frame["fused"].fillna(0.0)
+        frame["sources"] = frame["sources"].fillna(0).astype(np.int64)
+        frame = frame.sort_values(
+            ["query", "deal_strength", "item_id"], ascending=[True, False, True], kind="stable"
+        ).reset_index(drop=True)
+        columns = [*fused.frame.columns, "deal_strength"]
+        return CandidateTable(frame[columns], len(queries))
+
+    def deal_scores(self, table: CandidateTable, queries: Sequence[Query]) -> np.ndarray:
+        """Deal strength x (affinity_floor + the shopper's affinity), per table row.
+
+        Affinity (0..1) is the weighted mean of the signals this shopper gives on the item:
+        the tower's rank (when a tower runs), leaf and top category match, brand match and
+        price-band closeness, all read from the re-ranker's own features.
+        """
+        deals = self.settings.deals
+        if table.frame.empty:
+            return np.zeros(0)
+        x = build_features(table, queries, self.stats)
+        tower_rank = x[:, _FEATURE["two_tower_rank"]]
+        query_of = table.frame["query"].to_numpy()
+        tower_on = pd.Series(np.isfinite(tower_rank)).groupby(query_of).transform("any")
+        tower = np.where(
+            np.isfinite(tower_rank),
+            1.0 - (tower_rank - 1.0) / self.settings.per_source,
+            np.where(tower_on.to_numpy(), 0.0, np.nan),
+        )
+        band_gap = x[:, _FEATURE["band_gap"]]
+        signals = [
+            (deals.tower_weight, tower),
+            (deals.leaf_weight, x[:, _FEATURE["leaf_match"]]),
+            (deals.top_weight, x[:, _FEATURE["top_match"]]),
+            (deals.brand_weight, x[:, _FEATURE["brand_match"]]),
+            (deals.band_weight, 1.0 / (1.0 + np.abs(band_gap))),
+        ]
+        weighted = np.zeros(len(x))
+        weights = np.zeros(len(x))
+        for weight, signal in signals:
+            present = np.isfinite(signal)
+            weighted += np.where(present, weight * np.nan_to_num(signal), 0.0)
+            weights += np.where(present, weight, 0.0)
+        affinity = np.divide(weighted, weights, out=np.zeros(len(x)), where=weights > 0)
+        strength = table.frame["deal_strength"].to_numpy(dtype=float)
+        return strength * (deals.affinity_floor + affinity)
 
     def ranker_scores(
         self, rail: str, table: CandidateTable, queries: Sequence[Query]
     ) -> np.ndarray:
-        """The re-ranker's score per table row; the fused score where the rail has no ranker."""
+        """The re-ranker's score per table row; the fused score where the rail has no ranker
+        (deals_for_you: deal strength x affinity, see :meth:`deal_scores`)."""
+        if rail == DEALS_RAIL:
+            return np.asarray(self.deal_scores(table, queries), dtype=float)
         booster = self.rankers.get(rail)
         if booster is None or table.frame.empty:
             return table.frame["fused"].to_numpy(dtype=float)
@@ -100,10 +204,11 @@ class RailPipeline:
         the candidate depth stays comparable across stages; the rules stage fills the slots
         from popular items when exclusions leave too few.
         """
-        table = self.candidate_table(queries, sources)
+        table = self.candidate_table(queries, sources, rail)
         out: dict[Stage, list[list[Candidate]]] = {}
         if "candidates" in stages:
-            out["candidates"] = table.ranked()
+            # deals_for_you's candidates come ordered by how good a deal they are
+            out["candidates"] = table.ranked("deal_strength" if rail == DEALS_RAIL else "fused")
         if not set(stages) & {"ranker", "mmr", "rules"}:
             return out
         scored = CandidateTable(

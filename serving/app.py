@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,10 +22,20 @@ from starlette.concurrency import run_in_threadpool
 
 from railtower.logs import configure_logging, get_logger
 from railtower.settings import Settings, get_settings
+from serving.admin import PublishedRules, admin_router
 from serving.api_models import RailRequest, RailResponse
+from serving.console import console_router
 from serving.metrics import Metrics
+from serving.security import (
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    TokenBuckets,
+    require_admin,
+)
 from serving.service import BadRequest, RailService
 from serving.session_store import SessionStore
+from serving.shadow import ShadowRunner, build_shadow
+from serving.shadow_routes import shadow_router
 from serving.user_vectors import TritonUserTower
 
 log = get_logger(__name__)
@@ -48,6 +58,10 @@ def build_service(settings: Settings) -> RailService:
     )
     service = RailService(settings, None, store, triton, Metrics())
     service.load(s.bundle or production_pointer(settings))
+    # the merchandisers' published rule set, if any, before the first request (API, consumer)
+    PublishedRules.for_settings(settings, service.metrics).sync(service)
+    # every served impression is logged; sampled sessions also get the shadow arms
+    service.observer = build_shadow(settings, service.metrics)
     return service
 
 
@@ -56,17 +70,22 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     configure_logging(settings.log_level)
     service = service or build_service(settings)
     stop = threading.Event()
+    rules = PublishedRules.for_settings(settings, service.metrics)
+    rules.sync(service)
 
     def follow_pointer() -> None:
         pointer = production_pointer(settings)
         while not stop.wait(settings.serving.reload_interval_s):
-            service.reload_if_moved(pointer)
+            if service.reload_if_moved(pointer):
+                rules.sync(service)  # a published rule set outranks the new bundle's own
 
     def follow_catalogue() -> None:
         # Price and stock changes published by the consumer reach this process within a
-        # second: an item out of stock leaves every rail, cached ones included.
+        # second: an item out of stock leaves every rail, cached ones included. So does a
+        # rule set published through any API process (serving/admin.py).
         while not stop.wait(1.0):
             service.sync_catalogue()
+            rules.sync(service)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -75,9 +94,27 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
             threading.Thread(target=follow_pointer, name="bundle-watch", daemon=True).start()
         yield
         stop.set()
+        if isinstance(service.observer, ShadowRunner):
+            service.observer.close()  # flushes the impressions still buffered
 
     app = FastAPI(title="Railtower rails API", lifespan=lifespan)
     app.state.service = service
+    app.state.settings = settings
+    # admin routes, all behind the X-API-Key check (serving/admin.py, serving/security.py)
+    app.include_router(admin_router(service, rules))
+    guard = settings.security
+    if guard.rate_limit_per_s > 0 and guard.rate_limit_burst > 0:
+        buckets = TokenBuckets(
+            guard.rate_limit_per_s, guard.rate_limit_burst, guard.rate_limit_clients
+        )
+        app.add_middleware(RateLimitMiddleware, buckets=buckets, metrics=service.metrics)
+    # added last, so it runs first: an oversized body is refused before anything reads it
+    app.add_middleware(BodyLimitMiddleware, max_bytes=guard.max_body_bytes, metrics=service.metrics)
+    if isinstance(service.observer, ShadowRunner):
+        # shadow control is an admin route like the others: X-API-Key (serving/security.py)
+        app.include_router(shadow_router(service.observer), dependencies=[Depends(require_admin)])
+    # the merchandising console: /console and /v1/console/... (serving/console.py)
+    app.include_router(console_router(service))
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:

@@ -43,3 +43,24 @@ class Metrics:
             registry=self.registry,
         )
         self.model_info = Info("railtower_model", "The served model", registry=self.registry)
+        # Impression logging and shadow traffic (serving/impressions.py, serving/shadow.py).
+        self.impressions = Counter(
+            "railtower_impressions_total",
+            "Impressions by arm kind (production, challenger, rules) and outcome "
+            "(logged, dropped: sink buffer full, failed: the broker refused it)",
+            ["arm", "outcome"],
+            registry=self.registry,
+        )
+        self.shadow_jobs = Counter(
+            "railtower_shadow_jobs_total",
+            "Shadow jobs by outcome (queued, completed, dropped: queue full, failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.shadow_seconds = Histogram(
+            "railtower_shadow_seconds",
+            "Time one shadow arm took to compute, off the request path",
+            ["arm"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )

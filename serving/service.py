@@ -2,10 +2,12 @@
 
     session state (Redis) -> pre-warmed rail? -> session vector (Redis, Triton, in-process)
     -> fused candidates -> re-ranker (within budget, else fused order) -> MMR -> rules
+    -> hand-off to the observer (impression log and shadow arms, serving/shadow.py)
 
 Every stage that is slow or down degrades the answer and says why in `reasons`; nothing
 blocks the rail. Popularity under the rules is the last fallback. The served model can be
 swapped while requests run: each request reads `self.loaded` once and uses that model only.
+The stages after the session vector live in `serving.stages`, shared with the shadow arms.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import redis
 
 from railtower.errors import ArtifactMismatch
@@ -27,8 +31,10 @@ from ranking.candidates import Candidate
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
+from serving.price_store import PriceFollower, PriceStore
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
+from serving.stages import StageOutput, Trace, build_query, query_history, run_stages
 from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
 from towers.session_features import HistoryEvent, history_of
 
@@ -43,17 +49,41 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-@dataclass
-class _Trace:
-    started: float = field(default_factory=time.perf_counter)
-    timings: dict[str, float] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
-    vector_source: str = "none"
+@dataclass(frozen=True)
+class ServedRequest:
+    """What the served path computed for one request: the hand-off to impression logging
+    and the shadow arms, which reuse it instead of reading Redis again."""
 
-    def lap(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        self.timings[stage] = round((now - since) * 1000, 3)
-        return now
+    rail: str
+    request: RailRequest
+    loaded: LoadedRails
+    snapshot: SessionSnapshot | None
+    query: Query
+    served_by: ServedBy
+    items: list[Candidate]
+    # the list the rules stage read (MMR output) when the rail was computed, else None
+    before_rules: list[Candidate] | None
+    # the production session vector the rail used; None when cached or without towers
+    vector: np.ndarray | None
+
+
+class ServedObserver(Protocol):
+    """Sees every served request after its answer is computed (serving.shadow.ShadowRunner).
+
+    `observe` runs on the request thread: it must only hand work off, never compute.
+    """
+
+    def observe(self, served: ServedRequest) -> None: ...
+
+    def catalogue_changed(self, item_id: str, price: float | None, stock: int | None) -> None: ...
+
+
+@dataclass
+class _Answer:
+    served_by: ServedBy
+    items: list[Candidate]
+    before_rules: list[Candidate] | None = None
+    vector: np.ndarray | None = None
 
 
 class RailService:
@@ -74,6 +104,19 @@ class RailService:
         self._swap_lock = threading.Lock()
         self.source: Path | None = None
         self._catalogue_version = 0
+        # Price observations the consumer published (serving.price_store): deals and the
+        # re-ranker's price-history features follow them.
+        self.prices = (
+            None
+            if store is None
+            else PriceFollower(
+                PriceStore(
+                    store.client, settings.serving.price_points_max, settings.serving.state_ttl_s
+                )
+            )
+        )
+        # Impression logging and shadow traffic (serving.shadow); set by serving.app.
+        self.observer: ServedObserver | None = None
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -116,6 +159,8 @@ class RailService:
 
         Returns False for an item the model does not know (it cannot be recommended anyway).
         """
+        if self.observer is not None:  # a shadowed challenger must see the same stock
+            self.observer.catalogue_changed(item_id, price, stock)
         loaded = self.loaded
         if loaded is None or item_id not in loaded.pipeline.attributes:
             return False
@@ -132,6 +177,8 @@ class RailService:
             return 0
         try:
             version, changes = self.store.catalogue_changes(self._catalogue_version)
+            if self.prices is not None:
+                self.prices.sync(self.loaded)
         except redis.RedisError:
             return 0  # Redis down: keep the attributes we have
         for item_id, change in changes.items():
@@ -153,7 +200,7 @@ class RailService:
         pipeline, slots = loaded.pipeline, self.settings.evaluation.slots
         snapshots = [store.snapshot(s, loaded.version, None) for s in session_ids]
         queries = [
-            self._query(RailRequest(session_id=s, slots=slots), snap, (None, ()))
+            build_query(RailRequest(session_id=s, slots=slots), snap, (None, ()))
             for s, snap in zip(session_ids, snapshots, strict=True)
         ]
         sources: dict[str, CandidateSource] = dict(pipeline.sources)
@@ -192,25 +239,64 @@ class RailService:
         if loaded is None:
             raise BadRequest(503, "no model loaded yet; see /readyz")
         query_parts = self._validate(rail, request, loaded)
-        trace = _Trace()
+        trace = Trace()
         snapshot = self._snapshot(rail, request, loaded, trace)
+        query = build_query(request, snapshot, query_parts)
+        answer = self._answer(rail, request, query, snapshot, loaded, trace)
+        if self.observer is not None:
+            self._hand_off(rail, request, query, snapshot, loaded, answer)
+        return self._respond(rail, request, loaded, answer.served_by, answer.items, trace)
+
+    def _answer(
+        self,
+        rail: str,
+        request: RailRequest,
+        query: Query,
+        snapshot: SessionSnapshot | None,
+        loaded: LoadedRails,
+        trace: Trace,
+    ) -> _Answer:
         if snapshot is not None and snapshot.rail is not None:
             cached = self._from_cache(snapshot, request, loaded, trace)
             if cached is not None:
-                return self._respond(rail, request, loaded, "cache", cached, trace)
-        query = self._query(request, snapshot, query_parts)
+                return _Answer("cache", cached)
         try:
-            items = self._compute(rail, request, query, snapshot, loaded, trace)
-            served: ServedBy = "computed"
+            output, vector = self._compute(rail, request, query, snapshot, loaded, trace)
         except Exception as exc:  # noqa: BLE001 - the rail must still answer
             log.exception("rail computation failed; serving popularity", rail=rail)
             self.metrics.errors.labels(kind="compute").inc()
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
             items = loaded.pipeline.apply_rules(rail, [], query, request.slots, request.slots)
-            served = "fallback"
-        if served == "computed" and rail == "homepage_hero" and snapshot is not None:
-            self._write_cache(request, loaded, snapshot, items, trace)
-        return self._respond(rail, request, loaded, served, items, trace)
+            return _Answer("fallback", items)
+        if rail == "homepage_hero" and snapshot is not None:
+            self._write_cache(request, loaded, snapshot, output.slots, trace)
+        return _Answer("computed", output.slots, output.before_rules, vector)
+
+    def _hand_off(
+        self,
+        rail: str,
+        request: RailRequest,
+        query: Query,
+        snapshot: SessionSnapshot | None,
+        loaded: LoadedRails,
+        answer: _Answer,
+    ) -> None:
+        served = ServedRequest(
+            rail=rail,
+            request=request,
+            loaded=loaded,
+            snapshot=snapshot,
+            query=query,
+            served_by=answer.served_by,
+            items=answer.items,
+            before_rules=answer.before_rules,
+            vector=answer.vector,
+        )
+        try:
+            self.observer.observe(served)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - logging and shadow never fail the served rail
+            self.metrics.errors.labels(kind="observer").inc()
+            log.exception("impression / shadow hand-off failed; the rail is still served")
 
     def _validate(
         self, rail: str, request: RailRequest, loaded: LoadedRails
@@ -242,7 +328,7 @@ class RailService:
         return anchor, tuple(dict.fromkeys(request.cart))
 
     def _snapshot(
-        self, rail: str, request: RailRequest, loaded: LoadedRails, trace: _Trace
+        self, rail: str, request: RailRequest, loaded: LoadedRails, trace: Trace
     ) -> SessionSnapshot | None:
         if self.store is None:
             trace.reasons.append("no session store configured: request data only")
@@ -259,7 +345,7 @@ class RailService:
             trace.lap("redis", since)
 
     def _from_cache(
-        self, snapshot: SessionSnapshot, request: RailRequest, loaded: LoadedRails, trace: _Trace
+        self, snapshot: SessionSnapshot, request: RailRequest, loaded: LoadedRails, trace: Trace
     ) -> list[Candidate] | None:
         payload = snapshot.rail or {}  # the store returns it only if computed from this state
         attributes = loaded.pipeline.attributes
@@ -281,27 +367,8 @@ class RailService:
         snapshot: SessionSnapshot | None,
         parts: tuple[str | None, tuple[str, ...]],
     ) -> Query:
-        anchor, cart = parts
-        events = snapshot.events if snapshot is not None else []
-        items = tuple(e.item_id for e in events)
-        context = request.context.key() if request.context else None
-        if context is None and snapshot is not None:
-            context = snapshot.context
-        if anchor is not None:
-            exclude = frozenset([anchor])
-        elif cart:
-            exclude = frozenset(cart)
-        else:  # the hero rail is for discovery: nothing the shopper already saw
-            exclude = frozenset(items)
-        return Query(
-            session_items=items,
-            session_types=tuple(e.event_type for e in events),
-            session_times=tuple(e.time_s for e in events) if events else (),
-            context=context,
-            anchor=anchor,
-            cart=cart,
-            exclude=exclude,
-        )
+        # Kept for callers written before serving.stages existed (serving/console.py).
+        return build_query(request, snapshot, parts)
 
     def _compute(
         self,
@@ -310,26 +377,18 @@ class RailService:
         query: Query,
         snapshot: SessionSnapshot | None,
         loaded: LoadedRails,
-        trace: _Trace,
-    ) -> list[Candidate]:
-        pipeline = loaded.pipeline
-        sources: dict[str, CandidateSource] = dict(pipeline.sources)
+        trace: Trace,
+    ) -> tuple[StageOutput, np.ndarray | None]:
         since = time.perf_counter()
+        vector = None
         if loaded.towers is not None:
-            history = history_of(
-                query.session_items,
-                query.session_types,
-                query.session_times,
-                query.anchor,
-                query.cart,
-            )
             # The stored vector encodes the session alone: a product page or a cart adds to
             # the history, so those rails encode their own (and do not store it).
             session_only = query.anchor is None and not query.cart
             cached = snapshot.vector if snapshot is not None and session_only else None
             result = session_vector(
                 loaded.towers,
-                history,
+                query_history(query),
                 query.context,
                 cached,
                 self.triton,
@@ -339,23 +398,18 @@ class RailService:
             trace.vector_source = result.source
             if result.degraded:
                 self.metrics.fallbacks.labels(reason="triton").inc()
-            sources["two_tower"] = VectorTowerSource(loaded.towers, result.vector)
+            vector = result.vector
             if session_only and result.source != "redis" and snapshot is not None:
                 self._put_vector(request.session_id, loaded, result.vector, snapshot, trace)
-        since = trace.lap("user_vector", since)
-        table = pipeline.candidate_table([query], sources)
-        since = trace.lap("candidates", since)
-        scores = self._rank_within_budget(rail, table, query, loaded, trace)
-        since = trace.lap("ranker", since)
-        ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
-        diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, request.slots)
-        since = trace.lap("mmr", since)
-        slots = pipeline.apply_rules(rail, diversified, query, request.slots, request.slots)
-        trace.lap("rules", since)
-        return slots
+        trace.lap("user_vector", since)
+
+        def rank(table: CandidateTable) -> np.ndarray:
+            return self._rank_within_budget(rail, table, query, loaded, trace)
+
+        return run_stages(loaded, rail, query, request.slots, vector, rank, trace), vector
 
     def _rank_within_budget(
-        self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: _Trace
+        self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: Trace
     ):  # type: ignore[no-untyped-def]
         future = self._pool.submit(loaded.pipeline.ranker_scores, rail, table, [query])
         try:
@@ -368,7 +422,7 @@ class RailService:
             return table.frame["fused"].to_numpy(dtype=float)
 
     def _put_vector(  # type: ignore[no-untyped-def]
-        self, session_id: str, loaded: LoadedRails, vector, snapshot: SessionSnapshot, trace: _Trace
+        self, session_id: str, loaded: LoadedRails, vector, snapshot: SessionSnapshot, trace: Trace
     ) -> None:
         try:
             self.store.put_vector(session_id, loaded.version, vector, snapshot.marker)  # type: ignore[union-attr]
@@ -381,7 +435,7 @@ class RailService:
         loaded: LoadedRails,
         snapshot: SessionSnapshot,
         items: list[Candidate],
-        trace: _Trace,
+        trace: Trace,
     ) -> None:
         payload = {
             "marker": snapshot.marker,
@@ -399,7 +453,7 @@ class RailService:
         loaded: LoadedRails,
         served: ServedBy,
         items: list[Candidate],
-        trace: _Trace,
+        trace: Trace,
     ) -> RailResponse:
         attributes = loaded.pipeline.attributes
         titles = loaded.titles

@@ -8,19 +8,29 @@ one slot and one pipeline reads them together):
     rt:{s:<session>}:n                           events applied so far: the state's version
     rt:{s:<session>}:vec:<model version>         hash {marker, vector (float32 bytes)}
     rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON with its marker), TTL
+    rt:{u:<user>}:sessions                       set of the user's session ids (deletion)
+    rt:catalogue, rt:catalogue:version           latest price/stock per item, change version
+
+Every key has a TTL: session state, vectors, the user's session set and the catalogue live
+`state_ttl_s` after their last write (user data always expires), pre-warmed rails
+`rail_ttl_s`.
 
 Vectors and rails carry the model version in their key, so a promotion never serves a
 vector or rail computed by another model, and the marker (the event count they were
-computed from), so a session that moved on never gets a stale one. Appending is one Lua
-script: an event is marked seen and appended atomically, so a crash between the two can
-neither lose it nor apply it twice. Every call has a socket timeout (the stage budget): a
-slow or absent Redis raises quickly and the caller degrades.
+computed from), so a session that moved on never gets a stale one. Once a published rule
+set is in force (`rules_epoch`, set by serving.admin.PublishedRules), the marker also names
+it ("<count>@<epoch>"): a rail warmed under other rules is not served, while vectors, which
+no rule changes, keep the count alone. Appending is one Lua script: an event is marked seen
+and appended atomically, so a crash between the two can neither lose it nor apply it twice.
+Every call has a socket timeout (the stage budget): a slow or absent Redis raises quickly
+and the caller degrades.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -44,6 +54,35 @@ end
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], tonumber(ARGV[2])) end
 return added
 """
+
+# KEYS: catalogue hash, version. ARGV: item id, payload, ttl. The version is a millisecond
+# clock that only moves forward: both keys expire, and a counter restarting at 1 after
+# expiry could equal the version an API process last saw and hide a change from it.
+_CATALOGUE_UPDATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now <= last then now = last + 1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('SET', KEYS[2], string.format('%d', now), 'EX', tonumber(ARGV[3]))
+return now
+"""
+
+# Characters SCAN's MATCH treats as a pattern: an id containing one must match only itself
+# (a session id "*" must never delete every session).
+_GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What a deletion removed: the sessions it covered, the keys found by kind (events,
+    seen, n, vec, rail, user_sessions) and how many were deleted (fewer when some expired
+    between the scan and the delete)."""
+
+    sessions: list[str]
+    keys: dict[str, int] = field(default_factory=dict)
+    deleted: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,10 +110,18 @@ class SessionStore:
         )
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
         self._append = self.client.register_script(_APPEND)
+        self._catalogue_update = self.client.register_script(_CATALOGUE_UPDATE)
+        # The published rule set in force in this process (None = the bundle's own rules);
+        # it becomes part of the rail marker, see the module docstring.
+        self.rules_epoch: str | None = None
 
     @staticmethod
     def _key(session_id: str, *parts: str) -> str:
         return ":".join(("rt", f"{{s:{session_id}}}", *parts))
+
+    @staticmethod
+    def _user_key(user_id: str) -> str:
+        return f"rt:{{u:{user_id}}}:sessions"
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -92,14 +139,15 @@ class SessionStore:
         if rail is not None:
             pipe.get(self._key(session_id, "rail", version, rail))
         raw_events, raw_n, raw_vector, *raw_rail = pipe.execute()
-        marker = (raw_n or b"0").decode()
+        count = (raw_n or b"0").decode()
+        marker = count if self.rules_epoch is None else f"{count}@{self.rules_epoch}"
         events, context = [], None
         for raw in raw_events:
             event = orjson.loads(raw)
             events.append(HistoryEvent(event["item_id"], event["event_type"], event["time_s"]))
             context = event.get("context") or context
         vector = None
-        if raw_vector.get(b"marker", b"").decode() == marker and b"vector" in raw_vector:
+        if raw_vector.get(b"marker", b"").decode() == count and b"vector" in raw_vector:
             vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)
         cached = orjson.loads(raw_rail[0]) if raw_rail and raw_rail[0] is not None else None
         if cached is not None and cached.get("marker") != marker:
@@ -107,11 +155,25 @@ class SessionStore:
         return SessionSnapshot(events, context, marker, vector, cached)
 
     def append_events(
-        self, session_id: str, events: Sequence[tuple[str, HistoryEvent, str | None]]
+        self,
+        session_id: str,
+        events: Sequence[tuple[str, HistoryEvent, str | None]],
+        user_ids: Iterable[str] = (),
     ) -> int:
         """Append (event_id, event, context) triples not applied before; return how many were new.
 
         Idempotent by event id and atomic: a redelivered event changes nothing.
+
+        Args:
+            session_id: the session the events belong to.
+            events: (event id, event, context) triples, oldest first.
+            user_ids: the user ids these events carry (usually one; none for guests): the
+                session joins each user's session set, so `delete_user` finds it.
+
+        The user's set lives in the user's hash slot, so it cannot join the session's script
+        on Redis Cluster; it is written first in the same round trip and always (SADD is
+        idempotent), so whenever a session's data exists its user can reach it, including
+        after a crash between the two and the redelivery that follows.
         """
         if not events:
             return 0
@@ -121,7 +183,16 @@ class SessionStore:
             payload.update(time_s=event.time_s, context=context)
             args += [event_id, orjson.dumps(payload)]
         keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
-        return int(self._append(keys=keys, args=args))
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in dict.fromkeys(u for u in user_ids if u):
+            pipe.sadd(self._user_key(user_id), session_id)
+            pipe.expire(self._user_key(user_id), self.state_ttl_s)
+        self._append(keys=keys, args=args, client=pipe)
+        return int(pipe.execute()[-1])
+
+    def user_sessions(self, user_id: str) -> list[str]:
+        """The session ids linked to `user_id` (those whose events carried it)."""
+        return sorted(_text(m) for m in self.client.smembers(self._user_key(user_id)))
 
     def put_vector(self, session_id: str, version: str, vector: np.ndarray, marker: str) -> None:
         key = self._key(session_id, "vec", version)
@@ -143,10 +214,9 @@ class SessionStore:
     _CATALOGUE, _CATALOGUE_VERSION = "rt:catalogue", "rt:catalogue:version"
 
     def put_catalogue_update(self, item_id: str, price: float | None, stock: int | None) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self._CATALOGUE, item_id, orjson.dumps({"price": price, "stock": stock}))
-        pipe.incr(self._CATALOGUE_VERSION)
-        pipe.execute()
+        payload = orjson.dumps({"price": price, "stock": stock})
+        keys = [self._CATALOGUE, self._CATALOGUE_VERSION]
+        self._catalogue_update(keys=keys, args=[item_id, payload, self.state_ttl_s])
 
     def catalogue_changes(self, since: int) -> tuple[int, dict[str, dict[str, object]]]:
         """(current version, every item's latest change) if the version moved past `since`."""
@@ -162,5 +232,60 @@ class SessionStore:
 
     def delete_session(self, session_id: str) -> int:
         """Remove everything stored for a session; returns the number of keys deleted."""
-        keys = list(self.client.scan_iter(match=self._key(session_id, "*")))
-        return int(self.client.delete(*keys)) if keys else 0
+        return self.delete_sessions([session_id]).deleted
+
+    def delete_sessions(self, session_ids: Sequence[str]) -> Deletion:
+        """Remove every key of these sessions (events, seen set, count, vectors, rails).
+
+        One SCAN of the keyspace whatever the number of sessions (vectors and rails carry
+        model versions, so their names cannot be listed in advance). Events that arrive
+        after the scan create new state: stop the sender first for a lasting deletion.
+        """
+        prefixes = {self._key(s, ""): s for s in dict.fromkeys(session_ids)}
+        if len(prefixes) == 1:  # one session: let Redis filter by its exact prefix
+            match = next(iter(prefixes)).translate(_GLOB) + "*"
+        else:
+            match = "rt:{s:*"
+        found: list[str] = []
+        kinds: Counter[str] = Counter()
+        for raw in self.client.scan_iter(match=match, count=1000):
+            key = _text(raw)
+            prefix = _prefix_in(key, prefixes)
+            if prefix is not None:
+                found.append(key)
+                kinds[key[len(prefix) :].split(":", 1)[0]] += 1
+        deleted = 0
+        for start in range(0, len(found), 500):  # bounded DEL commands
+            deleted += int(self.client.delete(*found[start : start + 500]))
+        return Deletion(list(prefixes.values()), dict(kinds), deleted)
+
+    def delete_user(self, user_id: str) -> Deletion:
+        """Remove a user's state: every linked session's keys, then the link set itself.
+
+        The set goes last, so a deletion interrupted half-way can simply be run again.
+        """
+        sessions = self.user_sessions(user_id)
+        deletion = self.delete_sessions(sessions) if sessions else Deletion([])
+        removed = int(self.client.delete(self._user_key(user_id)))
+        keys = dict(deletion.keys)
+        if removed:
+            keys["user_sessions"] = removed
+        return Deletion(deletion.sessions, keys, deletion.deleted + removed)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _prefix_in(key: str, prefixes: dict[str, str]) -> str | None:
+    """The prefix of `prefixes` that `key` starts with (a session key is '<prefix><kind>...').
+
+    Each '}:' in the key is a place a session's prefix could end (a session id may itself
+    contain '}:'), so each is tried; no quadratic scan over the prefixes.
+    """
+    end = key.find("}:")
+    while end != -1:
+        if key[: end + 2] in prefixes:
+            return key[: end + 2]
+        end = key.find("}:", end + 1)
+    return None

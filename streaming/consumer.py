@@ -6,7 +6,10 @@ One micro-batch (`step`):
 2. decode each; a malformed one goes to the dead-letter topic with its reason and its
    original bytes (flushed before anything is committed: a rejected message is kept too);
 3. append each session's new events to Redis (idempotent by event id, atomic), publish
-   catalogue changes (price, stock) for every API process;
+   catalogue changes (price, stock) for every API process, and append the batch's prices
+   (events' prices and price updates) to the price stream (serving.price_store, idempotent
+   by event / update id), then extend the served model's price history from it, so deals
+   and the re-ranker's price features see them before the rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
    touched session in one batch (`RailService.prewarm`: the API's stages, rules and state
    markers), so the API answers them from the pre-warmed cache;
@@ -32,6 +35,7 @@ from kafka.errors import KafkaError
 from railtower.logs import get_logger
 from railtower.schemas import MalformedMessage, decode_catalogue_update, decode_event
 from railtower.settings import Settings
+from serving.price_store import PricePoint
 from serving.service import RailService
 from towers.session_features import HistoryEvent
 
@@ -45,6 +49,8 @@ class BatchReport:
     duplicates: int = 0
     dead_letters: int = 0
     catalogue_updates: int = 0
+    # new price observations (events' prices and price updates) added to the price stream
+    price_points: int = 0
     sessions_refreshed: int = 0
     seconds: float = 0.0
     # records still waiting on this member's partitions after the batch (consumer lag)
@@ -92,22 +98,35 @@ class RefreshConsumer:
         polled = self.consumer.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch)
         by_session: dict[str, list[tuple[str, HistoryEvent, str | None]]] = defaultdict(list)
         produced_at: dict[str, list[float]] = defaultdict(list)
+        prices: list[PricePoint] = []
+        # the users each session's events name: deleting a user finds these sessions
+        users: dict[str, set[str]] = defaultdict(set)
         for partition, records in polled.items():
             for record in records:
                 report.records += 1
                 try:
                     if partition.topic == s.catalogue_topic:
-                        self._catalogue(record.value, report)
+                        self._catalogue(record.value, report, prices)
                         continue
                     event = decode_event(record.value)
                 except MalformedMessage as exc:
                     self._dead_letter(record, exc.reason, report)
                     continue
+                if event.price is not None:
+                    # the price the shopper saw is an observation of the item's price, as
+                    # the training window's events were (ranking.business_features)
+                    prices.append(
+                        PricePoint(
+                            event.event_id, event.item_id, event.event_time.timestamp(), event.price
+                        )
+                    )
                 context = event.device or event.locale or event.country
                 history = HistoryEvent(
                     event.item_id, event.event_type, event.event_time.timestamp()
                 )
                 by_session[event.session_id].append((event.event_id, history, context))
+                if event.user_id:
+                    users[event.session_id].add(event.user_id)
                 produced_at[event.session_id].append(record.timestamp / 1000)
         if self._pending_letters:
             self.dead_letters.flush()
@@ -116,11 +135,20 @@ class RefreshConsumer:
             self._pending_letters = []
         touched = []
         for session_id, events in by_session.items():
-            added = self.service.store.append_events(session_id, events)  # type: ignore[union-attr]
+            added = self.service.store.append_events(  # type: ignore[union-attr]
+                session_id, events, users.get(session_id, ())
+            )
             report.new_events += added
             report.duplicates += len(events) - added
             if added:
                 touched.append(session_id)
+        if prices:
+            report.price_points = self.service.prices.store.append(prices)  # type: ignore[union-attr]
+        if report.records and self.service.prices is not None:
+            # the one path by which serving learns prices: this process reads the stream
+            # like every API process does (before re-warming: rails see the new prices);
+            # an idle poll touches no Redis
+            self.service.prices.sync(self.service.loaded)
         # one encoder call and one pipeline pass for every touched session of the batch
         self.service.prewarm(touched)
         now = time.time()
@@ -140,6 +168,7 @@ class RefreshConsumer:
                 new_events=report.new_events,
                 duplicates=report.duplicates,
                 dead_letters=report.dead_letters,
+                price_points=report.price_points,
                 sessions=report.sessions_refreshed,
                 lag_records=report.lag_records,
                 freshness_p50_s=round(float(np.median(report.freshness_s)), 3)
@@ -156,8 +185,12 @@ class RefreshConsumer:
         ends = self.consumer.end_offsets(assigned)
         return int(sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned))
 
-    def _catalogue(self, raw: bytes | None, report: BatchReport) -> None:
+    def _catalogue(self, raw: bytes | None, report: BatchReport, prices: list[PricePoint]) -> None:
         update = decode_catalogue_update(raw)
+        if update.price is not None:
+            prices.append(
+                PricePoint(update.update_id, update.item_id, update.time.timestamp(), update.price)
+            )
         store = self.service.store
         store.put_catalogue_update(update.item_id, update.price, update.stock)  # type: ignore[union-attr]
         self.service.apply_catalogue_change(update.item_id, update.price, update.stock)

@@ -12,7 +12,8 @@ from railtower.settings import StreamingSettings
 
 
 def ensure_topics(settings: StreamingSettings, timeout_s: float = 30.0) -> None:
-    """Create the events (partitioned), catalogue and dead-letter topics if they are missing.
+    """Create the events and impressions (partitioned), catalogue and dead-letter topics if
+    they are missing.
 
     Retries while the broker starts; raises KafkaError if it never answers.
     """
@@ -20,6 +21,8 @@ def ensure_topics(settings: StreamingSettings, timeout_s: float = 30.0) -> None:
         settings.events_topic: settings.partitions,
         settings.catalogue_topic: 1,
         settings.dead_letter_topic: 1,
+        # keyed by session id like the events, so one session's impressions stay in order
+        settings.impressions_topic: settings.partitions,
     }
     deadline = time.monotonic() + timeout_s
     while True:

@@ -15,14 +15,12 @@ training per data set), so they are a window staler than the baselines beside th
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pandas as pd
 
 from railtower.datasets import Dataset
@@ -39,6 +37,11 @@ from ranking.rules import load_rule_set
 from training.evaluate import TaskResult, per_case_metrics, score_ranked
 from training.metrics import bootstrap_ci
 from training.ranker import RankerFit, fit_ranker, graded_labels
+from training.records import (  # cases_fingerprint: re-exported, it used to live here
+    cases_fingerprint,  # noqa: F401
+    evaluation_record,
+    held_out_of_split,
+)
 from training.split import Split, SplitName, holdout
 from training.tasks import EvalCase, build_cases
 
@@ -249,30 +252,18 @@ def _write_bundle(
     settings: Settings,
     target: SplitName,
 ) -> None:
-    evaluation = {
-        "dataset": dataset.name,
-        "split": target,
-        "window": split.summary(),
-        "rails": {
-            rail: {
-                "fingerprint": cases_fingerprint(rail_cases),
-                "coverage_ceiling": min(
-                    1.0, len(rail_cases) * settings.evaluation.slots / len(dataset.items)
-                ),
-                "sessions": [c.session_id for c in rail_cases],
-                "models": {
-                    t.model: {
-                        "ndcg": t.metrics[f"ndcg@{settings.evaluation.slots}"].mean,
-                        "coverage": t.coverage,
-                        "per_case_ndcg": t.per_case_ndcg,
-                    }
-                    for t in tasks
-                    if t.rail == rail
-                },
-            }
-            for rail, rail_cases in cases.items()
-        },
-    }
+    # One record shape for every writer (training.records); `held_out` lets the gate
+    # rebuild these cases later and score another bundle on them.
+    evaluation = evaluation_record(
+        dataset.name,
+        target,
+        split.summary(),
+        cases,
+        tasks,
+        settings,
+        len(dataset.items),
+        held_out_of_split(split, target, settings),
+    )
     tower = fitted.pipeline.sources.get("two_tower")
     tower_bundle = getattr(getattr(tower, "bundle", None), "version", None)
     events = split.fit_events(target)
@@ -298,24 +289,6 @@ def _write_bundle(
         dataset.items,
         dataset.spec.session_kind,
     )
-
-
-def cases_fingerprint(cases: list[EvalCase]) -> str:
-    """Identifies the held-out cases: two evaluations compare only on identical cases."""
-    digest = hashlib.sha256()
-    for c in cases:
-        digest.update(
-            orjson.dumps(
-                [
-                    c.session_id,
-                    sorted(c.targets),
-                    list(c.query.session_items),
-                    c.query.anchor,
-                    list(c.query.cart),
-                ]
-            )
-        )
-    return digest.hexdigest()[:16]
 
 
 def mmr_sweep(

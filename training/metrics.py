@@ -72,7 +72,12 @@ def rank_by_score(items: Sequence[Hashable], scores: Sequence[float]) -> list[Ha
 
 
 def bootstrap_ci(
-    values: np.ndarray, clusters: np.ndarray, samples: int, level: float, seed: int
+    values: np.ndarray,
+    clusters: np.ndarray,
+    samples: int,
+    level: float,
+    seed: int,
+    denominators: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """Mean and percentile interval, resampling whole clusters (sessions) with replacement.
 
@@ -82,8 +87,10 @@ def bootstrap_ci(
     Args:
         values: (N,) per-case metric; NaN values are left out.
         clusters: (N,) cluster id per case.
+        denominators: (N,) optional; the statistic is then the ratio sum(values) /
+            sum(denominators) (self-normalised estimators), else the mean.
     Returns:
-        (mean, low, high).
+        (mean or ratio, low, high).
     """
     keep = ~np.isnan(values)
     values, clusters = values[keep], clusters[keep]
@@ -92,10 +99,12 @@ def bootstrap_ci(
     _, cluster_idx = np.unique(clusters, return_inverse=True)
     n = int(cluster_idx.max()) + 1
     sums = np.bincount(cluster_idx, weights=values, minlength=n)
-    counts = np.bincount(cluster_idx, minlength=n).astype(float)
+    per_case = np.ones(len(values)) if denominators is None else denominators[keep]
+    counts = np.bincount(cluster_idx, weights=per_case, minlength=n).astype(float)
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(float)
     means = (weights @ sums) / np.maximum(weights @ counts, 1e-12)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(values.mean()), float(low), float(high)
+    point = values.mean() if denominators is None else sums.sum() / max(counts.sum(), 1e-12)
+    return float(point), float(low), float(high)

@@ -21,6 +21,7 @@ from ranking.business_features import (
 )
 from ranking.candidate_fusion import fuse
 from ranking.candidates import Candidate
+from ranking.price_history import PRICE_FEATURES
 from ranking.retriever import Catalogue, Query
 from tests.conftest import toy_events
 
@@ -101,7 +102,8 @@ def row_of(stats: ItemStats, item: str) -> int:
 
 def test_feature_names_are_unique_and_grouped():
     assert len(FEATURES) == len(set(FEATURES))
-    assert FEATURES == SOURCE_FEATURES + ITEM_FEATURES + SESSION_FEATURES + CONTEXT_FEATURES
+    groups = SOURCE_FEATURES + ITEM_FEATURES + SESSION_FEATURES + CONTEXT_FEATURES
+    assert FEATURES == groups + PRICE_FEATURES
     for name in ("leaf_match", "top_match", "brand_match", "price_vs_session", "complement_lift"):
         assert name in FEATURES
 

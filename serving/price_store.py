@@ -1,0 +1,149 @@
+"""Price history in Redis: the refresh consumer appends, every API process follows.
+
+Keys (one hash tag, so on Redis Cluster they share a slot and one script touches them all):
+
+    rt:{price}:points           stream of price observations {item, t (epoch s), p}, capped
+    rt:{price}:seen:<point id>  marks an applied observation (event or update id), with a TTL
+
+The consumer appends each micro-batch's prices (events' prices and the catalogue topic's
+price updates) in one Lua script that marks and appends atomically, so a redelivered batch
+adds nothing twice. Each process (the consumer's own included) then reads the stream from
+its cursor and extends the served model's :class:`~ranking.price_history.PriceHistory`:
+the one path by which serving learns prices, so every process computes the same features
+from the same observations. A hot-swapped model starts from its bundle's history and
+replays the whole stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from railtower.logs import get_logger
+from ranking.price_history import PriceHistory
+from serving.rail_service import LoadedRails
+
+log = get_logger(__name__)
+
+POINTS_KEY = "rt:{price}:points"
+_SEEN_PREFIX = "rt:{price}:seen:"
+_READ_BATCH = 10_000
+
+# KEYS: stream, then one seen-marker per point. ARGV: max length, marker TTL, then
+# (item, time, price) triples in KEYS order.
+_APPEND = """
+local added = 0
+for i = 2, #KEYS do
+  local a = 3 + (i - 2) * 3
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', tonumber(ARGV[2])) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+               'item', ARGV[a], 't', ARGV[a + 1], 'p', ARGV[a + 2])
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+@dataclass(frozen=True)
+class PricePoint:
+    """One price observation: `point_id` (the event or update id) makes it idempotent."""
+
+    point_id: str
+    item_id: str
+    time_s: float
+    price: float
+
+
+class PriceStore:
+    """The price stream in Redis (appends from the consumer, reads from every process)."""
+
+    def __init__(self, client: redis.Redis, max_points: int, seen_ttl_s: int) -> None:
+        if max_points < 1 or seen_ttl_s < 1:
+            raise ValueError(
+                f"max_points ({max_points}) and seen_ttl_s ({seen_ttl_s}) must be >= 1; "
+                "see serving.price_points_max and serving.state_ttl_s"
+            )
+        self.client, self.max_points, self.seen_ttl_s = client, max_points, seen_ttl_s
+        self._append = client.register_script(_APPEND)
+
+    def append(self, points: Sequence[PricePoint]) -> int:
+        """Append the points not applied before; return how many were new.
+
+        Raises:
+            redis.RedisError: Redis is down (the consumer does not commit the batch).
+        """
+        if not points:
+            return 0
+        keys = [POINTS_KEY, *(f"{_SEEN_PREFIX}{p.point_id}" for p in points)]
+        args: list[str | int | float] = [self.max_points, self.seen_ttl_s]
+        for p in points:
+            args += [p.item_id, repr(float(p.time_s)), repr(float(p.price))]
+        return int(self._append(keys=keys, args=args))
+
+    def read(self, after: str) -> tuple[str, list[tuple[str, float, float]]]:
+        """(new cursor, [(item, time_s, price)]) of the entries after stream id `after`
+        ("0" = from the start)."""
+        out: list[tuple[str, float, float]] = []
+        cursor = after
+        while True:
+            low = "-" if cursor == "0" else f"({cursor}"
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrange(  # type: ignore[assignment]
+                POINTS_KEY, min=low, max="+", count=_READ_BATCH
+            )
+            for entry_id, fields in entries:
+                out.append((fields[b"item"].decode(), float(fields[b"t"]), float(fields[b"p"])))
+                cursor = entry_id.decode()
+            if len(entries) < _READ_BATCH:
+                return cursor, out
+
+
+class PriceFollower:
+    """Keeps the served model's price history current from the Redis stream."""
+
+    def __init__(self, store: PriceStore) -> None:
+        self.store = store
+        self._version: str | None = None
+        self._cursor = "0"
+        # the consumer's step and an app's catalogue watch may share one follower: each
+        # stream entry must extend the history exactly once
+        self._lock = threading.Lock()
+
+    def sync(self, loaded: LoadedRails | None) -> int:
+        """Apply the stream's new observations to `loaded`; return how many were read.
+
+        Raises:
+            redis.RedisError: Redis is down (callers keep the history they have).
+        """
+        if loaded is None:
+            return 0
+        with self._lock:
+            return self._sync(loaded)
+
+    def _sync(self, loaded: LoadedRails) -> int:
+        if loaded.version != self._version:
+            # a new model holds its bundle's history only: replay every live observation
+            self._version, self._cursor = loaded.version, "0"
+        cursor, entries = self.store.read(self._cursor)
+        self._cursor = cursor
+        if not entries:
+            return 0
+        stats = loaded.pipeline.stats
+        rows = np.array([stats.row.get(item, -1) for item, _, _ in entries], dtype=np.int64)
+        times = np.array([t for _, t, _ in entries])
+        prices = np.array([p for _, _, p in entries])
+        history = stats.prices or PriceHistory.empty(len(stats.item_ids))
+        stats.prices = history.extend(rows, times, prices, advance_clock=True)
+        unknown = int((rows < 0).sum())
+        log.info(
+            "price history extended",
+            version=loaded.version,
+            points=len(entries),
+            unknown_items=unknown,
+            clock_s=stats.prices.clock_s,
+        )
+        return len(entries)

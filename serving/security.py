@@ -1,0 +1,238 @@
+"""Guards of the rails API: admin authentication, per-client rate limits, body size limits.
+
+- `require_admin`: a FastAPI dependency on every `/v1/admin/...` route. The key is
+  `security.admin_api_key` (set it from the environment); without one the admin routes are
+  off (503), so a deployment that forgot the key exposes nothing. The comparison takes the
+  same time whatever the key sent, so response times leak nothing about it.
+- `RateLimitMiddleware`: a token bucket per client on `POST /v1/rails/...` (the public,
+  CPU-heavy endpoint). The client is the `X-Client-Id` header, else the peer IP. Trust the
+  header only behind a gateway that sets it: a client choosing its own id can take a fresh
+  bucket per request. The table of buckets is bounded (least recently seen forgotten first).
+- `BodyLimitMiddleware`: every POST body is capped at `security.max_body_bytes`, checked on
+  `Content-Length` before anything is read and again on the bytes actually received (a
+  client can send a false length, or none with chunked encoding).
+
+Both middlewares are plain ASGI: they add no per-request task or buffering to the hot path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Header, Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from railtower.logs import get_logger
+from railtower.settings import SecuritySettings
+from serving.metrics import Metrics
+from serving.service import BadRequest
+
+log = get_logger(__name__)
+
+RAILS_PREFIX = "/v1/rails/"
+# A client id longer than this is cut: the bucket table's memory is bounded per entry too.
+MAX_CLIENT_ID = 128
+
+
+# ------------------------------------------------------------------------------ admin key
+
+
+def require_admin(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    """Let the request through only with the configured admin key in `X-API-Key`.
+
+    Raises:
+        BadRequest: 503 when no key is configured (admin routes off), 401 when the header
+            is missing or wrong.
+    """
+    state = request.app.state
+    settings = getattr(state, "settings", None) or state.service.settings
+    security: SecuritySettings = settings.security
+    if security.admin_api_key is None:
+        raise BadRequest(503, "admin endpoints disabled: set RAILTOWER_SECURITY__ADMIN_API_KEY")
+    if x_api_key is None:
+        raise BadRequest(401, "admin endpoint: send the admin key in the X-API-Key header")
+    expected = security.admin_api_key.get_secret_value().encode()
+    if not hmac.compare_digest(x_api_key.encode(), expected):
+        log.warning("admin key rejected", path=request.url.path, client=_peer(request.scope))
+        raise BadRequest(401, "admin endpoint: the X-API-Key header does not match the key")
+
+
+# ------------------------------------------------------------------------------ rate limit
+
+
+class TokenBuckets:
+    """One token bucket per client: `rate_per_s` tokens a second, at most `burst` saved.
+
+    Args:
+        rate_per_s: sustained requests per second per client.
+        burst: requests a client may send at once (the bucket's size).
+        max_clients: buckets kept; the least recently seen client is forgotten first (it
+            comes back with a full bucket, which bounds memory, not fairness).
+        clock: seconds, monotonic; tests pass their own.
+
+    Example:
+        >>> now = [0.0]
+        >>> buckets = TokenBuckets(1.0, 2, 100, clock=lambda: now[0])
+        >>> [buckets.take("a") for _ in range(3)]
+        [0.0, 0.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        max_clients: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1 or max_clients < 1:
+            raise ValueError(
+                f"need rate_per_s > 0, burst >= 1, max_clients >= 1; got {rate_per_s}, "
+                f"{burst}, {max_clients} (a rate or burst of 0 means: build no limiter)"
+            )
+        self.rate_per_s, self.burst, self.max_clients = rate_per_s, float(burst), max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """Spend one token of `client`'s bucket; 0.0 if it had one, else seconds until it will."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate_per_s
+            self._buckets[client] = (tokens, now)  # re-inserted: most recently seen
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class RateLimitMiddleware:
+    """429 for a client over its token bucket on `POST /v1/rails/...`; others pass."""
+
+    def __init__(self, app: ASGIApp, buckets: TokenBuckets, metrics: Metrics) -> None:
+        self.app, self.buckets, self.metrics = app, buckets, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not scope["path"].startswith(RAILS_PREFIX)
+        ):
+            await self.app(scope, receive, send)
+            return
+        client = _client_id(scope)
+        wait = self.buckets.take(client)
+        if wait <= 0:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.errors.labels(kind="rate_limited").inc()
+        retry = max(1, math.ceil(wait))
+        b = self.buckets
+        response = JSONResponse(
+            {
+                "error": f"rate limit exceeded for client {client!r}: {b.rate_per_s:g} "
+                f"requests/s with bursts of {b.burst:g} (security.rate_limit_per_s, "
+                f"security.rate_limit_burst); retry in {retry} s"
+            },
+            status_code=429,
+            headers={"Retry-After": str(retry)},
+        )
+        await response(scope, receive, send)
+
+
+def _client_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-client-id" and value:
+            return "id:" + value.decode("latin-1")[:MAX_CLIENT_ID]
+    return "ip:" + _peer(scope)
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+# ------------------------------------------------------------------------------ body size
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app when the received bytes pass the limit."""
+
+
+class BodyLimitMiddleware:
+    """413 for a POST whose body is over `max_bytes`, announced or actually sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send, f"Content-Length is {declared} bytes")
+            return
+        received, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            # Once the limit is passed, whatever the app answers (FastAPI turns an error
+            # while reading into a 400) gives way to the 413 sent below.
+            nonlocal started
+            if over and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except _BodyTooLarge:
+            pass
+        if over and not started:
+            await self._refuse(scope, receive, send, f"at least {received} bytes were sent")
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+        self.metrics.errors.labels(kind="http_413").inc()
+        response = JSONResponse(
+            {
+                "error": f"request body too large: {what}, the limit is {self.max_bytes} "
+                "bytes (security.max_body_bytes)"
+            },
+            status_code=413,
+        )
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # malformed: the server refuses it; the byte count still applies
+    return None

@@ -1,0 +1,126 @@
+"""The stages of one rail computation once the request is parsed: shared by the served path
+(serving.service) and the shadow arms (serving.shadow), so a shadow arm is computed exactly
+as it would have been served.
+
+    build_query -> session vector -> run_stages: fused candidates -> re-ranker -> MMR -> rules
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ranking.candidate_fusion import CandidateTable
+from ranking.candidates import Candidate
+from ranking.retriever import CandidateSource, Query
+from serving.api_models import RailRequest
+from serving.rail_service import LoadedRails
+from serving.session_store import SessionSnapshot
+from serving.user_vectors import VectorTowerSource, session_vector
+from towers.session_features import HistoryEvent, history_of
+
+
+@dataclass
+class Trace:
+    """Per-stage timings and degradation reasons of one rail computation."""
+
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    vector_source: str = "none"
+
+    def lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = round((now - since) * 1000, 3)
+        return now
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    slots: list[Candidate]
+    before_rules: list[Candidate]  # MMR's order, the rules stage's input
+
+
+Ranker = Callable[[CandidateTable], np.ndarray]
+
+
+def build_query(
+    request: RailRequest,
+    snapshot: SessionSnapshot | None,
+    parts: tuple[str | None, tuple[str, ...]],
+) -> Query:
+    """The pipeline's query for a request: its session from the snapshot, its anchor or
+    cart, and what it must never return."""
+    anchor, cart = parts
+    events = snapshot.events if snapshot is not None else []
+    items = tuple(e.item_id for e in events)
+    context = request.context.key() if request.context else None
+    if context is None and snapshot is not None:
+        context = snapshot.context
+    if anchor is not None:
+        exclude = frozenset([anchor])
+    elif cart:
+        exclude = frozenset(cart)
+    else:  # the hero rail is for discovery: nothing the shopper already saw
+        exclude = frozenset(items)
+    return Query(
+        session_items=items,
+        session_types=tuple(e.event_type for e in events),
+        session_times=tuple(e.time_s for e in events) if events else (),
+        context=context,
+        anchor=anchor,
+        cart=cart,
+        exclude=exclude,
+    )
+
+
+def query_history(query: Query) -> list[HistoryEvent]:
+    """The history the session tower encodes for `query` (the session, then page or cart)."""
+    return history_of(
+        query.session_items, query.session_types, query.session_times, query.anchor, query.cart
+    )
+
+
+def in_process_vector(loaded: LoadedRails, query: Query) -> np.ndarray | None:
+    """The session vector from the bundle's own TorchScript tower: no Redis, no Triton (the
+    shadow arms' way, so shadow traffic never loads a shared service)."""
+    if loaded.towers is None:
+        return None
+    return session_vector(loaded.towers, query_history(query), query.context, None, None).vector
+
+
+def run_stages(
+    loaded: LoadedRails,
+    rail: str,
+    query: Query,
+    slots: int,
+    vector: np.ndarray | None,
+    rank: Ranker,
+    trace: Trace,
+) -> StageOutput:
+    """Fused candidates -> re-ranker -> MMR -> rules for one request whose vector is known.
+
+    Args:
+        vector: (D,) session vector for the tower source; None keeps the pipeline's own.
+        rank: the re-ranker call, table -> (rows,) scores (the served path's has a budget).
+        trace: receives the per-stage timings.
+    """
+    pipeline = loaded.pipeline
+    sources: dict[str, CandidateSource] = dict(pipeline.sources)
+    if loaded.towers is not None and vector is not None:
+        sources["two_tower"] = VectorTowerSource(loaded.towers, vector)
+    since = time.perf_counter()
+    # deals_for_you draws its own candidates (the current deals): the rail decides
+    table = pipeline.candidate_table([query], sources, rail)
+    since = trace.lap("candidates", since)
+    scores = rank(table)
+    since = trace.lap("ranker", since)
+    ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
+    diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, slots)
+    since = trace.lap("mmr", since)
+    out = pipeline.apply_rules(rail, diversified, query, slots, slots)
+    trace.lap("rules", since)
+    return StageOutput(out, diversified)

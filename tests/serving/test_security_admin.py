@@ -1,0 +1,494 @@
+"""Admin key, rate limit, body limit, the admin routes (rules, promote, rollback, deletion).
+
+Unit tests use small apps and a clock of their own; the rules-publishing tests serve the
+session's trained REES46 model; the `integration` tests start a real Redis (and fail, never
+skip, if it cannot start).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, SecretStr
+
+from railtower.settings import load_settings
+from serving.admin import PublishedRules, rule_errors
+from serving.app import create_app
+from serving.local_services import free_port, redis_server
+from serving.metrics import Metrics
+from serving.security import (
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    TokenBuckets,
+    require_admin,
+)
+from serving.service import RailService
+from serving.session_store import SessionStore
+from tests.training.test_promotion import _bundle, record
+from towers.session_features import HistoryEvent
+
+KEY = "k" * 32
+ADMIN = {"X-API-Key": KEY}
+SESSION = [("1005115", "view"), ("1004767", "view"), ("1005105", "cart")]
+
+
+def _settings(tmp_path, **security):
+    return load_settings(
+        artifacts_dir=tmp_path / "artifacts",
+        serving={"triton_url": None},
+        security={"admin_api_key": KEY, **security},
+        log_level="WARNING",
+    )
+
+
+def _no_model_app(settings) -> TestClient:
+    """The real app around a service with no model (enough for guards and validation)."""
+    return TestClient(create_app(settings, RailService(settings, None, None, None, Metrics())))
+
+
+def _rules(*rules, name="test", version="1") -> str:
+    return json.dumps({"name": name, "version": version, "rules": list(rules)}, indent=2)
+
+
+# ------------------------------------------------------------------------------ token bucket
+
+
+def test_token_bucket_allows_the_burst_then_refills_with_the_clock():
+    now = [100.0]
+    buckets = TokenBuckets(2.0, 3, 100, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a") == pytest.approx(0.5)  # one token every 0.5 s
+    assert buckets.take("b") == 0.0  # another client has its own bucket
+    now[0] += 0.5
+    assert buckets.take("a") == 0.0
+    assert buckets.take("a") > 0
+    now[0] += 60  # refills up to the burst, not beyond
+    assert [buckets.take("a") for _ in range(4)][-1] > 0
+
+
+def test_token_bucket_table_is_bounded_least_recently_seen_first():
+    buckets = TokenBuckets(1.0, 1, 3, clock=lambda: 0.0)
+    for client in ("a", "b", "c"):
+        buckets.take(client)
+    buckets.take("a")  # a is now the most recently seen (and empty)
+    buckets.take("d")  # evicts b
+    assert len(buckets) == 3
+    assert buckets.take("a") > 0  # a was kept: still empty
+    assert buckets.take("b") == 0.0  # b was forgotten: a full bucket again
+
+
+def test_token_bucket_refuses_settings_that_mean_no_limiter():
+    with pytest.raises(ValueError, match="rate_per_s > 0"):
+        TokenBuckets(0.0, 5, 10)
+
+
+class Body(BaseModel):
+    text: str
+
+
+def _guarded_app(buckets: TokenBuckets | None, max_bytes: int, metrics: Metrics) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/rails/{rail}")
+    async def rail(rail: str, request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.post("/parsed")
+    async def parsed(body: Body) -> dict[str, int]:
+        return {"chars": len(body.text)}
+
+    if buckets is not None:
+        app.add_middleware(RateLimitMiddleware, buckets=buckets, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, metrics=metrics)
+    return app
+
+
+def test_rate_limit_answers_429_with_retry_after_and_counts_it():
+    now, metrics = [0.0], Metrics()
+    buckets = TokenBuckets(0.5, 2, 100, clock=lambda: now[0])
+    client = TestClient(_guarded_app(buckets, 1024, metrics))
+    codes = [client.post("/v1/rails/homepage_hero", content=b"{}").status_code for _ in range(2)]
+    refused = client.post("/v1/rails/homepage_hero", content=b"{}")
+    assert codes == [200, 200] and refused.status_code == 429
+    assert refused.headers["Retry-After"] == "2"  # 1 token at 0.5/s
+    assert "rate limit exceeded" in refused.json()["error"]
+    assert "security.rate_limit_per_s" in refused.json()["error"]
+    # X-Client-Id names the client: another id has its own bucket
+    other = client.post("/v1/rails/homepage_hero", content=b"{}", headers={"X-Client-Id": "b"})
+    assert other.status_code == 200
+    assert client.post("/parsed", json={"text": "x"}).status_code == 200  # not rate limited
+    now[0] += 2.0
+    assert client.post("/v1/rails/homepage_hero", content=b"{}").status_code == 200
+    assert metrics.errors.labels(kind="rate_limited")._value.get() == 1
+
+
+# ------------------------------------------------------------------------------ body limit
+
+
+def test_body_over_the_limit_by_content_length_is_413():
+    metrics = Metrics()
+    client = TestClient(_guarded_app(None, 1024, metrics))
+    assert client.post("/v1/rails/x", content=b"a" * 1024).json() == {"bytes": 1024}
+    reply = client.post("/v1/rails/x", content=b"a" * 1025)
+    assert reply.status_code == 413
+    assert "1024 bytes (security.max_body_bytes)" in reply.json()["error"]
+    assert "Content-Length is 1025" in reply.json()["error"]
+    assert metrics.errors.labels(kind="http_413")._value.get() == 1
+
+
+def test_chunked_body_over_the_limit_is_413_even_for_a_parsed_route():
+    client = TestClient(_guarded_app(None, 1024, Metrics()))
+
+    def chunks(n: int):
+        for _ in range(n):
+            yield b"a" * 300
+
+    small = client.post("/v1/rails/x", content=chunks(3))
+    assert small.status_code == 200 and small.json() == {"bytes": 900}
+    raw = client.post("/v1/rails/x", content=chunks(5))
+    assert raw.status_code == 413 and "at least" in raw.json()["error"]
+    # FastAPI would turn the read error into a 400; the client must still learn why
+    parsed = client.post("/parsed", content=chunks(5), headers={"Content-Type": "application/json"})
+    assert parsed.status_code == 413
+
+
+def test_body_limit_applies_to_the_real_app(tmp_path):
+    with _no_model_app(_settings(tmp_path)) as client:
+        reply = client.post("/v1/admin/rules/validate", content=b" " * 70_000, headers=ADMIN)
+    assert reply.status_code == 413 and "65536" in reply.json()["error"]
+
+
+def test_the_real_app_rate_limits_rails_only(tmp_path):
+    settings = _settings(tmp_path, rate_limit_per_s=0.001, rate_limit_burst=1)
+    with _no_model_app(settings) as client:
+        first = client.post("/v1/rails/homepage_hero", json={"session_id": "s"})
+        second = client.post("/v1/rails/homepage_hero", json={"session_id": "s"})
+        health = [client.get("/healthz").status_code for _ in range(3)]
+    assert first.status_code == 503  # allowed through: no model loaded
+    assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
+    assert health == [200, 200, 200]
+
+
+# ------------------------------------------------------------------------------ admin key
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "status", "says"),
+    [
+        (None, ADMIN, 503, "admin endpoints disabled: set RAILTOWER_SECURITY__ADMIN_API_KEY"),
+        (KEY, {}, 401, "X-API-Key header"),
+        (KEY, {"X-API-Key": "k" * 31 + "x"}, 401, "does not match"),
+        (KEY, ADMIN, 200, None),
+    ],
+)
+def test_admin_key_is_required(tmp_path, key, headers, status, says):
+    settings = load_settings(artifacts_dir=tmp_path, security={"admin_api_key": key})
+    with _no_model_app(settings) as client:
+        reply = client.post("/v1/admin/rules/validate", content=_rules(), headers=headers)
+        metrics = client.get("/metrics").text
+    assert reply.status_code == status
+    if says is None:
+        assert reply.json()["valid"] is True
+    else:
+        assert says in reply.json()["error"]
+        assert f'railtower_errors_total{{kind="http_{status}"}} 1.0' in metrics
+
+
+def test_require_admin_works_on_any_router(tmp_path):
+    app = FastAPI()
+    app.state.settings = _settings(tmp_path)
+
+    @app.get("/v1/admin/ping", dependencies=[Depends(require_admin)])
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/v1/admin/ping", headers=ADMIN).json() == {"ok": True}
+    assert client.get("/v1/admin/ping").status_code != 200
+
+
+def test_a_short_admin_key_is_refused_without_echoing_it(tmp_path):
+    from railtower.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 16 characters") as caught:
+        load_settings(artifacts_dir=tmp_path, security={"admin_api_key": "hunter2"})
+    assert "hunter2" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------ rules
+
+
+def test_validate_answers_200_with_a_summary(tmp_path):
+    text = _rules(
+        {"kind": "block", "item_id": "a"},
+        {"kind": "boost", "brand": "samsung", "factor": 1.5},
+        {"kind": "block", "category": "electronics"},
+    )
+    with _no_model_app(_settings(tmp_path)) as client:
+        reply = client.post("/v1/admin/rules/validate", content=text, headers=ADMIN)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["valid"] is True and body["name"] == "test" and body["rules"] == 3
+    assert body["kinds"] == {"block": 2, "boost": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "why"),
+    [
+        (_rules({"kind": "pin", "item_id": "a", "slot": 0}), 8, "rules[0].slot", "count from 1"),
+        (
+            _rules({"kind": "boost", "item_id": "a", "factor": 0.5}),
+            8,
+            "rules[0].factor",
+            "greater than 1",
+        ),
+        (_rules({"kind": "nope", "item_id": "a"}), 6, "rules[0].kind", "unknown kind"),
+        ('{"name": "x",\n  "version": 1,\n}', 3, None, "not valid JSON"),
+        ("/etc/passwd", 1, None, "a rule set is a JSON object"),
+    ],
+)
+def test_validate_and_publish_refuse_with_line_and_field(tmp_path, text, line, field, why):
+    with _no_model_app(_settings(tmp_path)) as client:
+        checked = client.post("/v1/admin/rules/validate", content=text, headers=ADMIN)
+        published = client.post("/v1/admin/rules", content=text, headers=ADMIN)
+    for reply in (checked, published):
+        assert reply.status_code == 422
+        body = reply.json()
+        assert body["valid"] is False
+        first = body["errors"][0]
+        assert set(first) == {"line", "field", "why"}
+        assert (first["line"], first["field"]) == (line, field), body
+        assert why in first["why"]
+    assert not (tmp_path / "artifacts" / "rules").exists()  # nothing published
+
+
+def test_rule_errors_keep_an_unknown_wording_whole():
+    from railtower.errors import RuleSetError
+
+    errors = rule_errors(RuleSetError("x", ["something new"]))
+    assert errors == [{"line": None, "field": None, "why": "something new"}]
+
+
+@pytest.fixture(scope="module")
+def model(trained_rees46):
+    return trained_rees46
+
+
+def _served(settings, bundle, store=None) -> RailService:
+    service = RailService(settings, None, store, None, Metrics())
+    assert service.load(bundle)
+    return service
+
+
+def _model_settings(model, tmp_path, **serving):
+    """The trained model's settings with the admin key; a data set name of the test's own,
+    so its published rules (artifacts/rules/<data set>/) are no other test's."""
+    settings, bundle = model
+    own = {"triton_url": None, "bundle": bundle, "dataset": f"t-{tmp_path.name}"}
+    return settings.model_copy(
+        update={
+            "serving": settings.serving.model_copy(update={**own, **serving}),
+            "security": settings.security.model_copy(update={"admin_api_key": SecretStr(KEY)}),
+        }
+    ), bundle
+
+
+def test_publish_blocks_an_item_in_the_next_rail_and_every_process_follows(model, tmp_path):
+    settings, bundle = _model_settings(model, tmp_path)
+    service = _served(settings, bundle)
+    ask = {"session_id": "s1", "slots": 8}
+    with TestClient(create_app(settings, service)) as client:
+        before = client.post("/v1/rails/pdp_fbt", json={**ask, "item_id": "1005115"}).json()
+        top = before["items"][0]["item_id"]
+        text = _rules({"kind": "block", "item_id": top, "note": "recall"}, name="recall")
+        published = client.post("/v1/admin/rules", content=text, headers=ADMIN)
+        after = client.post("/v1/rails/pdp_fbt", json={**ask, "item_id": "1005115"}).json()
+        current = client.get("/v1/admin/rules", headers=ADMIN).json()
+    assert published.status_code == 200, published.text
+    body = published.json()
+    assert body["valid"] and body["published"] and body["name"] == "recall"
+    assert top not in [i["item_id"] for i in after["items"]] and len(after["items"]) == 8
+    assert current["source"] == "published" and current["rule_set"]["name"] == "recall"
+    assert current["published_version"] == body["published_version"]
+    folder = settings.artifacts_dir / "rules" / settings.serving.dataset
+    assert json.loads((folder / "published.json").read_text())["name"] == "recall"
+    assert len(list((folder / "history").glob("*.json"))) == 1
+
+    # another API process on the same artifacts: its watch loop's sync picks it up
+    other = _served(settings, bundle)
+    assert other.loaded.pipeline.rule_set.name != "recall"
+    follower = PublishedRules.for_settings(settings, other.metrics)
+    assert follower.sync(other) is True
+    assert other.loaded.pipeline.rule_set.name == "recall"
+    assert follower.sync(other) is False  # nothing changed since
+    # a bundle loaded later (a promotion) serves the published rules too
+    assert other.load(bundle) and other.loaded.pipeline.rule_set.name != "recall"
+    assert follower.sync(other) is True and other.loaded.pipeline.rule_set.name == "recall"
+
+
+def test_a_broken_published_file_keeps_the_last_good_rules(model, tmp_path):
+    settings, bundle = _model_settings(model, tmp_path)
+    service = _served(settings, bundle)
+    rules = PublishedRules.for_settings(settings, service.metrics)
+    rules.publish(_rules({"kind": "block", "item_id": "1005115"}, name="good"))
+    assert rules.sync(service) and service.loaded.pipeline.rule_set.name == "good"
+    rules.path.write_text("{broken")
+    assert rules.sync(service) is False
+    assert service.loaded.pipeline.rule_set.name == "good"
+    assert service.metrics.errors.labels(kind="rules_load")._value.get() == 1
+
+
+# ------------------------------------------------------------------------------ promote, rollback
+
+
+def _values(level: float):
+    rng = np.random.default_rng(5)
+    return {r: np.clip(rng.uniform(0, 0.4, 300) + level, 0, 1) for r in ("homepage_hero",)}
+
+
+def test_promote_and_rollback_routes(tmp_path):
+    settings = _settings(tmp_path)
+    artifacts = settings.artifacts_dir
+    good = _bundle(artifacts / "good", record(_values(0.2)))
+    _bundle(artifacts / "bad", record(_values(0.0)))
+    with _no_model_app(settings) as client:
+        first = client.post("/v1/admin/promote", json={"bundle": "good"}, headers=ADMIN)
+        refused = client.post("/v1/admin/promote", json={"bundle": "bad"}, headers=ADMIN)
+        outside = client.post("/v1/admin/promote", json={"bundle": "../x"}, headers=ADMIN)
+        nothing = client.post(
+            "/v1/admin/rollback", json={"dataset": "shop", "reason": "test"}, headers=ADMIN
+        )
+        anonymous = client.post("/v1/admin/rollback", json={"dataset": "shop", "reason": "x"})
+    assert first.status_code == 200 and first.json()["promoted"] is True
+    assert refused.status_code == 409
+    assert refused.json()["promoted"] is False
+    assert any("below production" in r for r in refused.json()["reasons"])
+    assert outside.status_code == 422 and "inside artifacts_dir" in outside.json()["error"]
+    assert nothing.status_code == 409 and nothing.json()["rolled_back"] is False
+    assert "first production bundle" in nothing.json()["error"]
+    assert anonymous.status_code == 401
+    assert (artifacts / "production" / "shop").resolve() == good.resolve()
+
+    better = _bundle(artifacts / "better", record(_values(0.3)))
+    with _no_model_app(settings) as client:
+        assert client.post("/v1/admin/promote", json={"bundle": str(better)}, headers=ADMIN).json()[
+            "promoted"
+        ]
+        back = client.post(
+            "/v1/admin/rollback", json={"dataset": "shop", "reason": "canary"}, headers=ADMIN
+        )
+    assert back.status_code == 200, back.text
+    assert back.json()["rolled_back"] and back.json()["restored"] == "good"
+    assert (artifacts / "production" / "shop").resolve() == good.resolve()
+
+
+def test_deletion_routes_need_a_store(tmp_path):
+    with _no_model_app(_settings(tmp_path)) as client:
+        reply = client.delete("/v1/admin/users/u1", headers=ADMIN)
+    assert reply.status_code == 503 and "no session store" in reply.json()["error"]
+
+
+# ------------------------------------------------------------------------------ integration
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    port = free_port()
+    server = redis_server(port, tmp_path).start()  # raises (fails the test) if it cannot start
+    yield f"redis://127.0.0.1:{port}/0"
+    server.stop()
+
+
+def _all_keys(store: SessionStore) -> list[str]:
+    return sorted(k.decode() for k in store.client.scan_iter(match="*", count=1000))
+
+
+def _fill(store: SessionStore, user: str | None, session: str) -> None:
+    events = [
+        (f"{session}-{k}", HistoryEvent(item, kind, 1569890000.0 + 60 * k), "desktop")
+        for k, (item, kind) in enumerate(SESSION)
+    ]
+    store.append_events(session, events, [user] if user else ())
+    store.put_vector(session, "v1", np.ones(4, dtype=np.float32), "3")
+    store.put_rail(session, "v1", "homepage_hero", {"marker": "3", "items": []})
+
+
+@pytest.mark.integration
+def test_deleting_a_user_removes_every_key_of_theirs(tmp_path, redis_url):
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    for session in ("a1", "a2"):
+        _fill(store, "alice", session)
+    _fill(store, "bob", "b1")
+    _fill(store, None, "*")  # a guest whose session id is a glob pattern
+    store.put_catalogue_update("1005115", 9.99, 0)
+    assert store.user_sessions("alice") == ["a1", "a2"]
+    settings = _settings(tmp_path, rate_limit_per_s=0)
+    settings = settings.model_copy(
+        update={"serving": settings.serving.model_copy(update={"redis_url": redis_url})}
+    )
+    service = RailService(settings, None, store, None, Metrics())
+    with TestClient(create_app(settings, service)) as client:
+        reply = client.delete("/v1/admin/users/alice", headers=ADMIN)
+        again = client.delete("/v1/admin/users/alice", headers=ADMIN)
+        guest = client.delete("/v1/admin/sessions/*", headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["sessions"] == 2 and sorted(body["session_ids"]) == ["a1", "a2"]
+    # per session: events, seen, n, vector, rail; plus alice's session set
+    assert body["keys"] == {"events": 2, "seen": 2, "n": 2, "vec": 2, "rail": 2, "user_sessions": 1}
+    assert body["keys_deleted"] == 11
+    assert again.json()["keys_deleted"] == 0
+    keys = _all_keys(store)
+    assert not [k for k in keys if "{s:a1}" in k or "{s:a2}" in k or "{u:alice}" in k]
+    assert len([k for k in keys if "{s:b1}" in k]) == 5 and "rt:{u:bob}:sessions" in keys
+    # "*" deleted only the session named "*", not everyone's
+    assert guest.json()["keys_deleted"] == 5
+    assert not [k for k in _all_keys(store) if "{s:*}" in k]
+    assert len([k for k in _all_keys(store) if "{s:b1}" in k]) == 5
+
+
+@pytest.mark.integration
+def test_every_key_the_store_writes_has_a_ttl(redis_url):
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    _fill(store, "carol", "c1")
+    _fill(store, "carol", "c2")
+    store.append_events("c1", [("c1-0", HistoryEvent("x", "view", 1.0), None)], ["carol"])
+    store.put_catalogue_update("1005115", 9.99, 0)
+    store.put_catalogue_update("1005115", 8.99, 3)
+    keys = _all_keys(store)
+    assert {"rt:catalogue", "rt:catalogue:version", "rt:{u:carol}:sessions"} <= set(keys)
+    assert len(keys) == 13
+    ttls = {k: store.client.ttl(k) for k in keys}
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+    assert ttls["rt:{s:c1}:rail:v1:homepage_hero"] <= 300 < ttls["rt:{s:c1}:events"]
+    # the catalogue version only moves forward, so a process never misses a change
+    version, changes = store.catalogue_changes(0)
+    assert version > 0 and changes["1005115"] == {"price": 8.99, "stock": 3}
+    store.put_catalogue_update("1005115", 7.99, 3)
+    assert store.catalogue_changes(version)[0] > version
+
+
+@pytest.mark.integration
+def test_publish_invalidates_pre_warmed_rails(model, tmp_path, redis_url):
+    settings, bundle = _model_settings(model, tmp_path, redis_url=redis_url)
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    _fill(store, "dana", "d1")
+    service = _served(settings, bundle, store)
+    ask = {"session_id": "d1", "slots": 8}
+    with TestClient(create_app(settings, service)) as client:
+        computed = client.post("/v1/rails/homepage_hero", json=ask).json()
+        cached = client.post("/v1/rails/homepage_hero", json=ask).json()
+        blocked = cached["items"][2]["item_id"]
+        text = _rules({"kind": "block", "item_id": blocked}, name="pull")
+        assert client.post("/v1/admin/rules", content=text, headers=ADMIN).status_code == 200
+        after = client.post("/v1/rails/homepage_hero", json=ask).json()
+        again = client.post("/v1/rails/homepage_hero", json=ask).json()
+    assert computed["served_by"] == "computed" and cached["served_by"] == "cache"
+    assert after["served_by"] == "computed"  # the rail warmed under the old rules is not served
+    assert blocked not in [i["item_id"] for i in after["items"]] and len(after["items"]) == 8
+    assert again["served_by"] == "cache" and again["items"] == after["items"]
+    assert all(store.client.ttl(k) > 0 for k in _all_keys(store))
