@@ -37,7 +37,13 @@ import orjson
 from railtower.settings import PROJECT_ROOT, load_settings
 from ranking.retriever import Query
 from serving.app import production_pointer
-from serving.local_services import LocalServer, free_port, redis_server, triton_server
+from serving.local_services import (
+    LocalServer,
+    api_command,
+    free_port,
+    redis_server,
+    triton_server,
+)
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower
@@ -182,19 +188,7 @@ def main() -> None:
             while not triton.ready():
                 time.sleep(0.2)
             env["RAILTOWER_SERVING__TRITON_URL"] = f"127.0.0.1:{grpc}"
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "serving.app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(api_port),
-            "--log-level",
-            "warning",
-        ]
+        command = api_command(api_port)
         started.append(LocalServer("api", command, api_port, work, env, 120).start())
         base = f"http://127.0.0.1:{api_port}"
         while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:

@@ -35,7 +35,13 @@ import orjson
 
 from benchmarks.rails_api import _head, _row, _sessions, closed_loop
 from railtower.settings import PROJECT_ROOT, load_settings
-from serving.local_services import LocalServer, free_port, kafka_broker, redis_server
+from serving.local_services import (
+    LocalServer,
+    api_command,
+    free_port,
+    kafka_broker,
+    redis_server,
+)
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 
@@ -73,19 +79,7 @@ def phase(
 ) -> dict[str, Any]:
     """Start the API with `env`, load it at each concurrency, read the shadow report, stop."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "serving.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    command = api_command(port)
     api = LocalServer(f"api-{name}", command, port, WORK, env, 180).start()
     base = f"http://127.0.0.1:{port}"
     try:

@@ -498,5 +498,39 @@ def shadow_replay(
         console.print(text, markup=False, soft_wrap=True)
 
 
+@app.command("exploration-replay")
+def exploration_replay(
+    dataset: str = typer.Option("rees46", "--dataset", "-d", help="data set to replay"),
+    sessions: int = typer.Option(0, help="first N held-out sessions (0 = all)"),
+    slot: int = typer.Option(11, help="0-based slot the epsilon-greedy bandit fills"),
+    epsilon: float = typer.Option(0.2, help="the logging policy's epsilon"),
+    alternative_epsilon: float = typer.Option(
+        0.05, help="the epsilon-greedy policy to value on the log (same slot and choice set)"
+    ),
+    production: Path | None = typer.Option(
+        None, help="rails bundle (default serving.bundle or the production pointer)"
+    ),
+    run_name: str | None = typer.Option(None, help="folder under reports/ (default: timestamp)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Replay held-out sessions with the exploration slot on; value other epsilons by IPS."""
+    from railtower.manifest import new_version
+    from training.exploration_replay import run_exploration_replay
+
+    settings = _settings(config)
+    run = run_name or new_version("exploration-replay")
+    bundle = production or settings.serving.bundle
+    if bundle is None:
+        bundle = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+    try:
+        result = run_exploration_replay(
+            settings, dataset, bundle, run, sessions, slot, epsilon, alternative_epsilon
+        )
+    except (RailtowerError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(result.outputs["markdown"].read_text(), markup=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

@@ -147,6 +147,11 @@ class Impression(BaseModel):
     scores: list[float] = Field(default_factory=list)
     # probability each slot's item had of being shown there (exploration slot); None = greedy
     propensities: list[float] | None = None
+    # the exploration slot's draw, so another exploration policy can be valued on the log:
+    # which slot explored, how many items it chose among, and the one the greedy rail had
+    explored_slot: int | None = Field(default=None, ge=0)
+    choice_set_size: int | None = Field(default=None, ge=1)
+    greedy_item: str | None = None
     served_by: str = "computed"
 
 

@@ -10,7 +10,6 @@ everything it started.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from ranking.rails_bundle import RailsBundle
 from serving.app import build_service, production_pointer
 from serving.local_services import (
     LocalServer,
+    api_command,
     free_port,
     kafka_broker,
     redis_server,
@@ -73,19 +73,7 @@ def run_demo(settings: Settings, sessions: int = 3) -> None:
         api_port = free_port()
         api = LocalServer(
             "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "serving.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(api_port),
-                "--log-level",
-                "warning",
-            ],
+            api_command(api_port),
             api_port,
             work,
             env,

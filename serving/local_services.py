@@ -93,6 +93,14 @@ class LocalServer:
         return self.process is not None and self.process.poll() is None
 
 
+def api_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The rails API under uvicorn in a child process (settings come from its environment)."""
+    return [
+        *(sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app"),
+        *("--host", host, "--port", str(port), "--log-level", "warning"),
+    ]
+
+
 def redis_server(port: int, workdir: Path) -> LocalServer:
     """A memory-only Redis on loopback (Debian's redis-server; scripts/services.sh installs it)."""
     binary = shutil.which("redis-server")

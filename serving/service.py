@@ -28,13 +28,23 @@ from railtower.logs import get_logger
 from railtower.settings import RAILS, Settings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.exploration import Explored, InMemoryArmStats
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
 from serving.price_store import PriceFollower, PriceStore
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
-from serving.stages import StageOutput, Trace, build_query, query_history, run_stages
+from serving.stages import (
+    StageOutput,
+    Trace,
+    build_query,
+    exploration_rng,
+    explore_slot,
+    query_history,
+    rules_length,
+    run_stages,
+)
 from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
 from towers.session_features import HistoryEvent, history_of
 
@@ -65,6 +75,8 @@ class ServedRequest:
     before_rules: list[Candidate] | None
     # the production session vector the rail used; None when cached or without towers
     vector: np.ndarray | None
+    # the exploration slot's draw (ranking.exploration) when it filled a slot of this rail
+    explored: Explored | None = None
 
 
 class ServedObserver(Protocol):
@@ -84,6 +96,7 @@ class _Answer:
     items: list[Candidate]
     before_rules: list[Candidate] | None = None
     vector: np.ndarray | None = None
+    explored: Explored | None = None
 
 
 class RailService:
@@ -117,6 +130,9 @@ class RailService:
         )
         # Impression logging and shadow traffic (serving.shadow); set by serving.app.
         self.observer: ServedObserver | None = None
+        # Thompson's click / impression counts per item: in memory, per process, for now
+        # (nothing feeds clicks back yet, so Thompson samples from its priors alone).
+        self.arm_stats = InMemoryArmStats({}, {})
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -219,16 +235,19 @@ class RailService:
                 vectors = loaded.towers.encode_inputs(inputs)
             sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
         ranked = pipeline.run("homepage_hero", queries, stages=("mmr",), sources=sources)["mmr"]
+        length = rules_length(self.settings.ranking.exploration, slots)
         for n, (session_id, snap, query, row) in enumerate(
             zip(session_ids, snapshots, queries, ranked, strict=True)
         ):
-            items = pipeline.apply_rules("homepage_hero", row, query, slots, slots)
+            items = pipeline.apply_rules("homepage_hero", row, query, length, slots)
+            # The exploration draw happens here, at warm time, seeded as the API would seed
+            # it for this state; the cached rail keeps its propensities (see _from_cache).
+            request = RailRequest(session_id=session_id, slots=slots)
+            explored = self._explore("homepage_hero", request, snap, items)
+            items = explored.items if explored is not None else items
             if vectors is not None:
                 store.put_vector(session_id, loaded.version, vectors[n], snap.marker)
-            payload = {
-                "marker": snap.marker,
-                "items": [{"item_id": c.item_id, "score": c.score} for c in items],
-            }
+            payload = _rail_payload(snap.marker, items, explored)
             store.put_rail(session_id, loaded.version, "homepage_hero", payload)
         return len(session_ids)
 
@@ -259,7 +278,7 @@ class RailService:
         if snapshot is not None and snapshot.rail is not None:
             cached = self._from_cache(snapshot, request, loaded, trace)
             if cached is not None:
-                return _Answer("cache", cached)
+                return _Answer("cache", cached[0], explored=cached[1])
         try:
             output, vector = self._compute(rail, request, query, snapshot, loaded, trace)
         except Exception as exc:  # noqa: BLE001 - the rail must still answer
@@ -268,9 +287,26 @@ class RailService:
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
             items = loaded.pipeline.apply_rules(rail, [], query, request.slots, request.slots)
             return _Answer("fallback", items)
+        explored = self._explore(rail, request, snapshot, output.slots)
+        items = explored.items if explored is not None else output.slots
         if rail == "homepage_hero" and snapshot is not None:
-            self._write_cache(request, loaded, snapshot, output.slots, trace)
-        return _Answer("computed", output.slots, output.before_rules, vector)
+            self._write_cache(request, loaded, snapshot, items, trace, explored)
+        return _Answer("computed", items, output.before_rules, vector, explored)
+
+    def _explore(
+        self,
+        rail: str,
+        request: RailRequest,
+        snapshot: SessionSnapshot | None,
+        ruled: list[Candidate],
+    ) -> Explored | None:
+        """The exploration slot over the rules' output; None when `ranking.exploration` is off."""
+        settings = self.settings.ranking.exploration
+        if settings.slot is None:
+            return None
+        marker = snapshot.marker if snapshot is not None else None
+        rng = exploration_rng(self.settings.seed, rail, request, marker)
+        return explore_slot(settings, ruled, request.slots, rng, self.arm_stats)
 
     def _hand_off(
         self,
@@ -291,6 +327,7 @@ class RailService:
             items=answer.items,
             before_rules=answer.before_rules,
             vector=answer.vector,
+            explored=answer.explored,
         )
         try:
             self.observer.observe(served)  # type: ignore[union-attr]
@@ -346,29 +383,36 @@ class RailService:
 
     def _from_cache(
         self, snapshot: SessionSnapshot, request: RailRequest, loaded: LoadedRails, trace: Trace
-    ) -> list[Candidate] | None:
+    ) -> tuple[list[Candidate], Explored | None] | None:
+        """The pre-warmed rail, and its exploration draw when it was warmed with one.
+
+        The exploration slot is drawn when the rail is computed (request or warm time) and
+        the draw is stored with the rail, so a cached answer shows exactly what the stored
+        propensities describe. A cached rail that explored and lost an item since (out of
+        stock) is recomputed instead: the slots would shift under the logged propensity.
+        """
         payload = snapshot.rail or {}  # the store returns it only if computed from this state
         attributes = loaded.pipeline.attributes
+        stored = payload.get("items", [])
         # An item that went out of stock since the rail was warmed leaves it at once.
         items = [
             i
-            for i in payload.get("items", [])  # type: ignore[union-attr]
+            for i in stored  # type: ignore[union-attr]
             if not getattr(attributes.get(i["item_id"]), "out_of_stock", False)
         ]
         if len(items) < request.slots:
             return None
+        explored = _stored_exploration(payload, request.slots)
+        if "exploration" in payload and (len(items) < len(stored) or explored is None):  # type: ignore[arg-type]
+            return None
         self.metrics.cache_hits.inc()
         trace.vector_source = "cache"
-        return [Candidate(i["item_id"], float(i["score"])) for i in items[: request.slots]]
-
-    def _query(
-        self,
-        request: RailRequest,
-        snapshot: SessionSnapshot | None,
-        parts: tuple[str | None, tuple[str, ...]],
-    ) -> Query:
-        # Kept for callers written before serving.stages existed (serving/console.py).
-        return build_query(request, snapshot, parts)
+        top = [Candidate(i["item_id"], float(i["score"])) for i in items[: request.slots]]
+        if explored is not None:
+            explored = Explored(
+                top, explored.slot, explored.choice_set, explored.chosen, explored.probabilities
+            )
+        return top, explored
 
     def _compute(
         self,
@@ -406,7 +450,9 @@ class RailService:
         def rank(table: CandidateTable) -> np.ndarray:
             return self._rank_within_budget(rail, table, query, loaded, trace)
 
-        return run_stages(loaded, rail, query, request.slots, vector, rank, trace), vector
+        length = rules_length(self.settings.ranking.exploration, request.slots)
+        output = run_stages(loaded, rail, query, request.slots, vector, rank, trace, length)
+        return output, vector
 
     def _rank_within_budget(
         self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: Trace
@@ -436,11 +482,9 @@ class RailService:
         snapshot: SessionSnapshot,
         items: list[Candidate],
         trace: Trace,
+        explored: Explored | None = None,
     ) -> None:
-        payload = {
-            "marker": snapshot.marker,
-            "items": [{"item_id": c.item_id, "score": c.score} for c in items],
-        }
+        payload = _rail_payload(snapshot.marker, items, explored)
         try:
             self.store.put_rail(request.session_id, loaded.version, "homepage_hero", payload)  # type: ignore[union-attr]
         except redis.RedisError:
@@ -481,6 +525,39 @@ class RailService:
             ],
             timings_ms=trace.timings,
         )
+
+
+def _rail_payload(
+    marker: str, items: Sequence[Candidate], explored: Explored | None
+) -> dict[str, object]:
+    """The cached rail: its items and, when the exploration slot drew, that draw."""
+    payload: dict[str, object] = {
+        "marker": marker,
+        "items": [{"item_id": c.item_id, "score": c.score} for c in items],
+    }
+    if explored is not None and explored.slot is not None:
+        payload["exploration"] = {
+            "slot": explored.slot,
+            "choice_set": explored.choice_set,
+            "probabilities": [explored.probabilities[i] for i in explored.choice_set],
+        }
+    return payload
+
+
+def _stored_exploration(payload: dict[str, object], slots: int) -> Explored | None:
+    """The exploration draw stored with a cached rail (its items are set by the caller); None
+    when the rail was warmed without one or for a different number of slots."""
+    stored = payload.get("exploration")
+    if not isinstance(stored, dict):
+        return None
+    items = payload.get("items", [])
+    slot = int(stored["slot"])
+    if slot >= slots or len(items) != slots:  # type: ignore[arg-type]
+        return None  # warmed for another slot count: the draw was over another cut
+    choice = [str(i) for i in stored["choice_set"]]
+    chosen = str(items[slot]["item_id"])  # type: ignore[index]
+    probabilities = dict(zip(choice, map(float, stored["probabilities"]), strict=True))
+    return Explored([], slot, choice, chosen, probabilities)
 
 
 def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:

@@ -40,6 +40,7 @@ from railtower.schemas import Impression
 from railtower.settings import Settings, ShadowSettings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.exploration import Explored
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
@@ -224,6 +225,7 @@ class ShadowRunner:
                 rule_set_label(served.loaded.pipeline.rule_set),
                 served.items,
                 shown=True,
+                explored=served.explored,
             )
         )
         arms = tuple(a for a in (self._challenger_arm, self._rules_arm) if a is not None)
@@ -431,7 +433,10 @@ def _impression(
     rule_set: str | None,
     items: list[Candidate],
     shown: bool,
+    explored: Explored | None = None,
 ) -> Impression:
+    # Only the shown arm carries propensities: a shadow arm's list is never drawn, only computed.
+    drew = explored is not None and explored.slot is not None
     return Impression(
         impression_id=uuid.uuid4().hex,
         request_id=request_id,
@@ -445,6 +450,10 @@ def _impression(
         rule_set=rule_set,
         items=[c.item_id for c in items],
         scores=[float(c.score) for c in items],
+        propensities=explored.propensities() if explored is not None else None,
+        explored_slot=explored.slot if drew else None,  # type: ignore[union-attr]
+        choice_set_size=len(explored.choice_set) if drew else None,  # type: ignore[union-attr]
+        greedy_item=explored.choice_set[0] if drew else None,  # type: ignore[union-attr]
         served_by=served.served_by if shown else "computed",
     )
 

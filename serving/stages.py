@@ -7,14 +7,17 @@ as it would have been served.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from railtower.settings import ExplorationSettings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.exploration import ArmStats, Explored, explore
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailRequest
 from serving.rail_service import LoadedRails
@@ -100,6 +103,7 @@ def run_stages(
     vector: np.ndarray | None,
     rank: Ranker,
     trace: Trace,
+    length: int | None = None,
 ) -> StageOutput:
     """Fused candidates -> re-ranker -> MMR -> rules for one request whose vector is known.
 
@@ -107,6 +111,8 @@ def run_stages(
         vector: (D,) session vector for the tower source; None keeps the pipeline's own.
         rank: the re-ranker call, table -> (rows,) scores (the served path's has a budget).
         trace: receives the per-stage timings.
+        length: how many ruled items to return (default `slots`); the exploration slot asks
+            for more, its choice set below the cut (see `rules_length`).
     """
     pipeline = loaded.pipeline
     sources: dict[str, CandidateSource] = dict(pipeline.sources)
@@ -121,6 +127,46 @@ def run_stages(
     ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
     diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, slots)
     since = trace.lap("mmr", since)
-    out = pipeline.apply_rules(rail, diversified, query, slots, slots)
+    out = pipeline.apply_rules(rail, diversified, query, length or slots, slots)
     trace.lap("rules", since)
     return StageOutput(out, diversified)
+
+
+# ------------------------------------------------------------------ the exploration slot
+
+
+def rules_length(settings: ExplorationSettings, slots: int) -> int:
+    """How many ruled items a rail computes: its slots, plus the exploration window when the
+    slot is on and within the rail (the choice set must obey the rules too)."""
+    if settings.slot is None or settings.slot >= slots:
+        return slots
+    return slots + settings.window
+
+
+def exploration_rng(
+    seed: int, rail: str, request: RailRequest, marker: str | None
+) -> np.random.Generator:
+    """The bandit's generator for one request, seeded by what the request is (rail, session,
+    the session state's marker, page item, cart): a replay draws the same, and a pre-warmed
+    rail draws what the API would have for the same state. The randomness the propensity
+    refers to is over requests, which a hash spreads uniformly."""
+    key = "\x1f".join(
+        [str(seed), rail, request.session_id, marker or "", request.item_id or "", *request.cart]
+    )
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def explore_slot(
+    settings: ExplorationSettings,
+    ruled: Sequence[Candidate],
+    slots: int,
+    rng: np.random.Generator,
+    stats: ArmStats | None = None,
+) -> Explored | None:
+    """The exploration slot over the rules' output (None when it is off): `ruled` is already
+    free of blocked, excluded and out-of-stock items, so whatever the bandit picks obeys
+    every rule. Returns the top `slots` with the slot filled, and its propensities."""
+    if settings.slot is None:
+        return None
+    return explore(ruled, slots, settings, rng, stats)

@@ -24,6 +24,7 @@ over its budget would serve the fused order and make the result depend on the lo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from serving.api_models import RailRequest
 from serving.impressions import MemoryImpressionSink
 from serving.local_services import LocalServer, free_port, redis_server
 from serving.metrics import Metrics
-from serving.rail_service import load_rails
+from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService
 from serving.session_store import SessionStore
 from serving.shadow import ShadowRunner
@@ -90,52 +91,44 @@ def _context(event: pd.Series) -> str | None:
     return None
 
 
-def run_shadow_replay(
-    settings: Settings,
-    dataset: str,
-    production: Path,
-    output: Path,
-    challenger: Path | None = None,
-    challenger_rules: Path | None = None,
-    sessions: int = 0,
-    run_name: str | None = None,
-) -> ReplayResult:
-    """Replay held-out sessions through production and a challenger; write the impressions
-    (JSONL at `output`) and, with `run_name`, the shadow report under reports/<run>/shadow/.
-
-    Raises:
-        ArtifactMismatch: a bundle is missing or altered.
-        ServiceError: Redis could not start.
-        ValueError: no challenger, or a challenger identical to production.
-    """
-    if (challenger is None) == (challenger_rules is None):
-        raise ValueError("give exactly one challenger: a rails bundle or a rule set (JSON)")
+def with_lifted_budgets(settings: Settings) -> Settings:
+    """`settings` with the stage budgets lifted: a replay measures the models, not the load."""
     serving = settings.serving.model_copy(
         update={"budgets": settings.serving.budgets.model_copy(update=_LIFTED_BUDGETS)}
     )
-    settings = settings.model_copy(update={"serving": serving})
-    served = load_rails(production, settings)
-    rival = None if challenger is None else load_rails(challenger, settings)
-    rule_set: RuleSet | None = None if challenger_rules is None else load_rule_set(challenger_rules)
-    if rival is not None and rival.version == served.version:
-        raise ValueError(
-            f"the challenger {challenger} is the production model ({served.version}); "
-            "shadow a bundle trained differently"
-        )
-    events = held_out_sessions(settings, dataset, sessions)
-    log.info(
-        "shadow replay",
-        production=served.version,
-        challenger=rival.version if rival else f"rules:{rule_set.name}",  # type: ignore[union-attr]
-        sessions=int(events["session_id"].nunique()),
-        events=len(events),
-    )
-    redis: LocalServer = redis_server(free_port(), settings.cache_dir / "shadow-replay").start()
-    metrics = Metrics()
-    sink = MemoryImpressionSink(metrics, keep=10**7)
-    # every session shadowed; one worker, drained after each event: a synchronous shadow
-    shadow_settings = settings.shadow.model_copy(update={"share": 1.0, "workers": 1})
-    runner = ShadowRunner(shadow_settings, sink, metrics, challenger=rival, rule_set=rule_set)
+    return settings.model_copy(update={"serving": serving})
+
+
+@dataclass
+class WalkedEvents:
+    """What `replay_events` logged: impressions re-stamped with their events' times."""
+
+    impressions: list[Impression]
+    requests: int
+    degraded: int
+    skipped: dict[str, int]
+    runner: dict[str, object]
+
+
+def replay_events(
+    settings: Settings,
+    served: LoadedRails,
+    events: pd.DataFrame,
+    runner: ShadowRunner,
+    sink: MemoryImpressionSink,
+    metrics: Metrics,
+    cache_name: str,
+    rails: Sequence[str] = REPLAY_RAILS,
+) -> WalkedEvents:
+    """Walk `events` in order through a real Redis and `RailService.serve` (steps 1-3 of the
+    module docstring) with `runner` as the observer; closes the runner and its sink.
+
+    Raises:
+        ServiceError: Redis could not start.
+        RailtowerError: the runner did not finish an event within 120 s.
+    """
+    redis: LocalServer = redis_server(free_port(), settings.cache_dir / cache_name).start()
+    serving = settings.serving
     logged: list[Impression] = []
     requests, degraded, skipped = 0, 0, {"pdp_item_not_in_catalogue": 0}
     try:
@@ -143,7 +136,7 @@ def run_shadow_replay(
             f"redis://127.0.0.1:{redis.port}/0", 2.0, serving.session_events, 86400, 86400
         )
         service = RailService(settings, None, store, None, metrics)
-        service.loaded = served  # loaded and verified above
+        service.loaded = served  # loaded and verified by the caller
         service.observer = runner.start()
         started = time.monotonic()
         for n, (_, event) in enumerate(events.iterrows(), 1):
@@ -152,7 +145,7 @@ def run_shadow_replay(
                 str(event["item_id"]), str(event["event_type"]), event["event_time"].timestamp()
             )
             store.append_events(session, [(str(event["event_id"]), history, _context(event))])
-            for rail in REPLAY_RAILS:
+            for rail in rails:
                 if rail == "pdp_fbt" and history.item_id not in served.catalogue.index:
                     skipped["pdp_item_not_in_catalogue"] += 1
                     continue
@@ -182,6 +175,53 @@ def run_shadow_replay(
     finally:
         runner.close()  # closes the sink too
         redis.stop()
+    return WalkedEvents(logged, requests, degraded, skipped, stats)
+
+
+def run_shadow_replay(
+    settings: Settings,
+    dataset: str,
+    production: Path,
+    output: Path,
+    challenger: Path | None = None,
+    challenger_rules: Path | None = None,
+    sessions: int = 0,
+    run_name: str | None = None,
+) -> ReplayResult:
+    """Replay held-out sessions through production and a challenger; write the impressions
+    (JSONL at `output`) and, with `run_name`, the shadow report under reports/<run>/shadow/.
+
+    Raises:
+        ArtifactMismatch: a bundle is missing or altered.
+        ServiceError: Redis could not start.
+        ValueError: no challenger, or a challenger identical to production.
+    """
+    if (challenger is None) == (challenger_rules is None):
+        raise ValueError("give exactly one challenger: a rails bundle or a rule set (JSON)")
+    settings = with_lifted_budgets(settings)
+    served = load_rails(production, settings)
+    rival = None if challenger is None else load_rails(challenger, settings)
+    rule_set: RuleSet | None = None if challenger_rules is None else load_rule_set(challenger_rules)
+    if rival is not None and rival.version == served.version:
+        raise ValueError(
+            f"the challenger {challenger} is the production model ({served.version}); "
+            "shadow a bundle trained differently"
+        )
+    events = held_out_sessions(settings, dataset, sessions)
+    log.info(
+        "shadow replay",
+        production=served.version,
+        challenger=rival.version if rival else f"rules:{rule_set.name}",  # type: ignore[union-attr]
+        sessions=int(events["session_id"].nunique()),
+        events=len(events),
+    )
+    metrics = Metrics()
+    sink = MemoryImpressionSink(metrics, keep=10**7)
+    # every session shadowed; one worker, drained after each event: a synchronous shadow
+    shadow_settings = settings.shadow.model_copy(update={"share": 1.0, "workers": 1})
+    runner = ShadowRunner(shadow_settings, sink, metrics, challenger=rival, rule_set=rule_set)
+    walked = replay_events(settings, served, events, runner, sink, metrics, "shadow-replay")
+    logged, stats = walked.impressions, walked.runner
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(b"".join(encode(i) + b"\n" for i in logged))
     log.info("impressions written", path=str(output), impressions=len(logged), shadow=stats)
@@ -197,4 +237,6 @@ def run_shadow_replay(
             run_name,
             events_source=dataset,
         )
-    return ReplayResult(output, len(logged), requests, skipped, degraded, report, stats)
+    return ReplayResult(
+        output, len(logged), walked.requests, walked.skipped, walked.degraded, report, stats
+    )
