@@ -322,7 +322,7 @@ class RankingSettings(_Section):
     exploration: ExplorationSettings = ExplorationSettings()
     # The re-ranker's price-history features (ranking.price_history); false leaves their
     # columns empty (NaN), which LightGBM cannot split on: the "without" arm of a comparison.
-    price_features: bool = True
+    price_features: bool = False
     prices: PriceHistorySettings = PriceHistorySettings()
     deals: DealsSettings = DealsSettings()
 

@@ -247,9 +247,13 @@ class ItemStats:
             dtype=float,
         )
 
-    def price_matrix(self, rows: np.ndarray, nows_s: np.ndarray) -> np.ndarray:
-        """Price-history features of item `rows` at `nows_s` (NaN when switched off)."""
-        if not self.price_features or self.prices is None:
+    def price_matrix(self, rows: np.ndarray, nows_s: np.ndarray, ranker: bool = True) -> np.ndarray:
+        """Price-history features of item `rows` at `nows_s`, NaN without a price history.
+
+        `ranking.price_features` switches them off for the re-ranker only (`ranker=True`):
+        the deals rail reads the same features whatever the ranker uses.
+        """
+        if (ranker and not self.price_features) or self.prices is None:
             return np.full((len(rows), len(PRICE_FEATURES)), np.nan)
         clock = self.prices.request_clock(nows_s)
         return price_features(self.prices, rows, clock, self.price_settings)

@@ -104,7 +104,7 @@ class RailPipeline:
         evidence = fused.frame.set_index(["query", "item_id"])
         parts = []
         for q, query in enumerate(queries):
-            features = self.stats.price_matrix(rows, np.full(len(rows), nows[q]))
+            features = self.stats.price_matrix(rows, np.full(len(rows), nows[q]), ranker=False)
             strength = deal_strength(features, deals.spike_bonus)
             discount = np.nan_to_num(column(features, "price_discount_long"), nan=0.0)
             spike = column(features, "price_deal_spike") == 1.0

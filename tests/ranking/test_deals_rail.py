@@ -146,11 +146,20 @@ def test_before_the_drops_there_are_no_deals_and_popular_items_fill_the_rail():
     assert len(shown) >= SLOTS
 
 
-def test_without_price_features_the_rail_still_fills_from_popular_items():
+def test_the_rankers_price_switch_does_not_empty_the_deals_rail():
     pipe = pipeline()
+    on = pipe.run(DEALS_RAIL, [AUDIO_SHOPPER], stages=("candidates",))
     pipe.stats = replace(STATS, price_features=False)
+    off = pipe.run(DEALS_RAIL, [AUDIO_SHOPPER], stages=("candidates", "rules"))
+    assert ranked_ids(off, "candidates") == ranked_ids(on, "candidates") != [[]]
+    assert len(ranked_ids(off, "rules")[0]) >= SLOTS
+
+
+def test_without_a_price_history_the_rail_still_fills_from_popular_items():
+    pipe = pipeline()
+    pipe.stats = replace(STATS, prices=None)
     out = pipe.run(DEALS_RAIL, [AUDIO_SHOPPER], stages=("candidates", "rules"))
-    assert ranked_ids(out, "candidates") == [[]]  # no price features: no deal is known
+    assert ranked_ids(out, "candidates") == [[]]  # no price history: no deal is known
     assert len(ranked_ids(out, "rules")[0]) >= SLOTS
 
 

@@ -195,7 +195,7 @@ def test_training_features_of_earlier_requests_ignore_a_later_price_change():
         Query(session_items=("b",), session_times=(t0 + 7.5 * H,)),
     ]
     start = FEATURES.index(PRICE_FEATURES[0])
-    ranking = RankingSettings()
+    ranking = RankingSettings(price_features=True)
     base = build_features(_table(2), queries, _stats(_events(PRICED), ITEMS, ranking))
     later = PRICED + [("s9", "a", 8, 1.0), ("s9", "b", 9, 1.0)]
     again = build_features(_table(2), queries, _stats(_events(later), ITEMS, ranking))
@@ -213,7 +213,8 @@ def test_switching_price_features_off_leaves_their_columns_empty():
     x = build_features(_table(1), queries, _stats(_events(PRICED), ITEMS, off))
     start = FEATURES.index(PRICE_FEATURES[0])
     assert np.isnan(x[:, start : start + len(PRICE_FEATURES)]).all()
-    on = build_features(_table(1), queries, _stats(_events(PRICED), ITEMS, RankingSettings()))
+    on_settings = RankingSettings(price_features=True)
+    on = build_features(_table(1), queries, _stats(_events(PRICED), ITEMS, on_settings))
     assert np.isfinite(on[:, start + COL["price_last"]]).all()
 
 
