@@ -154,7 +154,7 @@ def test_a_published_price_drop_appears_in_deals_for_you_over_the_api(stack):
     history = api_service.loaded.pipeline.stats.prices
     now = np.array([stats.end_time + 120])
     features = api_service.loaded.pipeline.stats.price_matrix(
-        np.array([stats.row[item]]), history.request_clock(now)
+        np.array([stats.row[item]]), history.request_clock(now), ranker=False
     )
     assert column(features, "price_discount_long")[0] > 0.3
     assert column(features, "price_deal_spike")[0] == 1.0
