@@ -102,6 +102,17 @@ def test_later_window_gives_other_cases_and_a_cold_share(early_rees46, rees46):
     assert (later.folder / "results.json").exists() and (later.folder / "results.md").exists()
 
 
+def _crippled(settings):  # type: ignore[no-untyped-def]
+    """Popularity as the only source and a one-tree ranker: worse than any real model."""
+    crippled = _without_towers(
+        settings, **{k: v for k, v in CRIPPLED.items() if k != "ranker"}
+    ).model_copy(update={"evaluation": settings.evaluation.model_copy(update=FEW_BASELINES)})
+    ranker = crippled.ranking.ranker.model_copy(update={"num_trees": 1})
+    return crippled.model_copy(
+        update={"ranking": crippled.ranking.model_copy(update={"ranker": ranker})}
+    )
+
+
 def _pointer_at(tmp_path, bundle):  # type: ignore[no-untyped-def]
     pointer = tmp_path / "production" / "rees46"
     pointer.parent.mkdir(parents=True)
@@ -109,9 +120,14 @@ def _pointer_at(tmp_path, bundle):  # type: ignore[no-untyped-def]
     return pointer
 
 
-def test_gate_rescores_production_on_the_challengers_window(trained_rees46, early_rees46, tmp_path):
+def test_gate_rescores_production_on_the_challengers_window(trained_rees46, rees46, tmp_path):
     settings, challenger = trained_rees46
-    _, production = early_rees46
+    # production: a crippled bundle from the older window, so the challenger is not worse
+    # by construction (whether two real models tie depends on training, not on the gate)
+    window = RailsBundle.load(challenger).manifest.data[0]
+    early = sessions_within(rees46.events, window.start, window.end)
+    older = Dataset(rees46.spec, early, rees46.items, rees46.reports)
+    production = _fit_bundle(_crippled(settings), older, "weak-early")
     pointer = _pointer_at(tmp_path, production)
     # without the settings the gate cannot pair them and refuses, as before
     blind = promote(challenger, pointer, settings.promotion, settings.seed)
@@ -130,17 +146,7 @@ def test_gate_refuses_a_crippled_challenger_against_rescored_production(
 ):
     settings, _ = trained_rees46
     _, production = early_rees46
-    crippled = _without_towers(
-        settings, **{k: v for k, v in CRIPPLED.items() if k != "ranker"}
-    ).model_copy(update={"evaluation": settings.evaluation.model_copy(update=FEW_BASELINES)})
-    crippled = crippled.model_copy(
-        update={
-            "ranking": crippled.ranking.model_copy(
-                update={"ranker": crippled.ranking.ranker.model_copy(update={"num_trees": 1})}
-            )
-        }
-    )
-    candidate = _fit_bundle(crippled, rees46, "crippled")
+    candidate = _fit_bundle(_crippled(settings), rees46, "crippled")
     pointer = _pointer_at(tmp_path, production)
     decision = promote(candidate, pointer, settings.promotion, settings.seed, rescore=settings)
     assert not decision.promote and pointer.resolve() == production.resolve()
