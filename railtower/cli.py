@@ -272,13 +272,24 @@ def rules_dry_run(
 
 @app.command()
 def serve(config: Path | None = ConfigOption) -> None:
-    """Run the rails API (uvicorn) on serving.host:serving.port with the configured model."""
+    """Run the rails API (uvicorn) on serving.host:serving.port with the configured model,
+    in serving.workers worker processes."""
+    import os
+
     import uvicorn
 
     from serving.app import create_app
 
     settings = _settings(config)
-    uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port)
+    s = settings.serving
+    if s.workers == 1:
+        uvicorn.run(create_app(settings), host=s.host, port=s.port)
+        return
+    # Several workers need an import string: each worker process builds its own app, and
+    # reads the same settings from the same file and environment.
+    if config is not None:
+        os.environ["RAILTOWER_CONFIG"] = str(config.resolve())
+    uvicorn.run("serving.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers)
 
 
 @app.command()
@@ -348,9 +359,23 @@ def replay(
 @app.command()
 def consume(
     idle_exit: float = typer.Option(0.0, help="stop after this many idle seconds (0 = never)"),
+    member_id: str | None = typer.Option(
+        None, help="this member's name in the group (Kafka client id; default host-pid)"
+    ),
+    ledger: Path | None = typer.Option(
+        None, help="append a JSON line per assignment, applied batch and commit to this file"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Run one refresh consumer: events and catalogue changes from Kafka into Redis."""
+    """Run one refresh consumer: events and catalogue changes from Kafka into Redis.
+
+    Start several with the same `streaming.group_id` to share the events topic's partitions.
+    SIGTERM or Ctrl-C finishes the batch in hand, commits it and leaves the group, so the
+    others take over its partitions at once.
+    """
+    import signal
+    import threading
+
     from serving.app import build_service
     from streaming.consumer import RefreshConsumer
     from streaming.topics import ensure_topics
@@ -361,9 +386,12 @@ def consume(
     if not service.ready:
         console.print("[red]no model could be loaded; see the log[/red]")
         raise typer.Exit(1)
-    consumer = RefreshConsumer(settings, service)
+    consumer = RefreshConsumer(settings, service, member_id, ledger)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        consumer.run(stop_after_idle_s=idle_exit or None)
+        consumer.run(stop_after_idle_s=idle_exit or None, stop=stop)
     finally:
         consumer.close()
 

@@ -16,6 +16,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 import yaml
@@ -44,6 +45,8 @@ RailName = Literal["homepage_hero", "pdp_fbt", "cart_upsell", "deals_for_you"]
 # deals_for_you is served, never evaluated: no data set has a natural target for it (what a
 # shopper would have bought had a deal been shown), so no DatasetSpec lists it.
 RAILS: tuple[RailName, ...] = ("homepage_hero", "pdp_fbt", "cart_upsell", "deals_for_you")
+# max_batch_size of the user tower (triton_models/user_tower/config.pbtxt); clients chunk by it.
+TRITON_MAX_BATCH = 128
 
 _config_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
@@ -203,7 +206,12 @@ class TrainingSettings(_Section):
     patience: int = Field(3, ge=1)
     # "auto" uses a GPU where there is one; "cpu" forces the CPU.
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    # Processes per node (one per GPU, or CPU processes); more than one needs a DDP strategy.
     devices: int | Literal["auto"] = 1
+    # "auto": one process; "ddp": the launcher re-runs the entry point once per rank (NCCL on
+    # GPUs, gloo on CPU); "ddp_spawn": ranks are spawned and the module is pickled to them.
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    num_nodes: int = Field(1, ge=1)
     # Cap on training examples (0 = all), for quick runs.
     max_examples: int = Field(120_000, ge=0)
 
@@ -399,9 +407,45 @@ class StageBudgets(_Section):
     ranker_ms: float = Field(40.0, gt=0)
 
 
+class ExclusionSettings(_Section):
+    # Items the shopper purchased within this many hours (of the session's newest event)
+    # never appear on `rails`; derived from the session state the consumer keeps in Redis.
+    # null = off (the request's own `exclude` list always applies).
+    purchased_window_h: float | None = Field(None, gt=0)
+    rails: list[RailName] = ["homepage_hero", "cart_upsell"]
+
+
+class TritonModelSettings(_Section):
+    """How tritonserver runs the user tower: written into its config.pbtxt by the export step
+    (training/triton_export.py), so the served model's parallelism is configuration."""
+
+    # Copies of the model Triton runs side by side (instance_group count); each CPU instance
+    # is one Python-backend process on one core, so more than the cores left free is waste.
+    instances: int = Field(1, ge=1, le=16)
+    kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    # How long Triton holds a request to batch it with others (0 = batch only what is queued).
+    max_queue_delay_us: int = Field(500, ge=0, le=1_000_000)
+    # Batch sizes the scheduler aims for; each at most the model's max_batch_size (128).
+    preferred_batch_sizes: list[int] = [16, 64]
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _within_max_batch(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 or size > TRITON_MAX_BATCH for size in sizes):
+            raise ValueError(
+                f"each preferred batch size must be 1..{TRITON_MAX_BATCH} (the user tower's "
+                f"max_batch_size); got {sizes}"
+            )
+        return sorted(set(sizes))
+
+
 class ServingSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=1, le=65535)
+    # uvicorn worker processes of `railtower serve`: the API is stateless (model from the
+    # bundle, state in Redis), so workers share the port and the load. Each holds its own
+    # copy of the model and its own /metrics (see README, "API replicas").
+    workers: int = Field(1, ge=1, le=64)
     # Data set whose production bundle is served (artifacts/<promotion.pointer_dir>/<name>).
     dataset: str = "rees46"
     # A rails bundle to serve instead of the production pointer (tests, pinning a version).
@@ -409,6 +453,11 @@ class ServingSettings(_Section):
     # Seconds between checks of the production pointer for a promoted bundle.
     reload_interval_s: float = Field(5.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6390/0"
+    # single: redis_url is one Redis. cluster: Redis Cluster (serving/redis_client.py);
+    # redis_url names one node (database 0 only), redis_cluster_nodes more "host:port"
+    # startup nodes, so the client can discover the cluster while any one of them answers.
+    redis_mode: Literal["single", "cluster"] = "single"
+    redis_cluster_nodes: tuple[str, ...] = ()
     # Session events kept per session (newest last) and their time to live.
     session_events: int = Field(50, ge=1)
     state_ttl_s: int = Field(86400, ge=1)
@@ -419,15 +468,38 @@ class ServingSettings(_Section):
     triton_model: str = "user_tower"
     # Model repository the export step writes versions into and tritonserver serves.
     triton_repository: Path = Field(Path("triton_models"), validate_default=True)
+    # Instances and dynamic batching of the user tower in Triton (written by the export).
+    triton: TritonModelSettings = TritonModelSettings()
     max_slots: int = Field(50, ge=1)
     # Price observations the Redis price stream keeps (serving/price_store.py), newest last.
     price_points_max: int = Field(1_000_000, ge=1)
     budgets: StageBudgets = StageBudgets()
+    exclusions: ExclusionSettings = ExclusionSettings()
 
     @field_validator("bundle", "triton_repository")
     @classmethod
     def _resolve_paths(cls, path: Path | None) -> Path | None:
         return _project_path(path)
+
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _host_ports(cls, nodes: tuple[str, ...]) -> tuple[str, ...]:
+        for node in nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"redis_cluster_nodes: {node!r} is not host:port")
+        return nodes
+
+    @model_validator(mode="after")
+    def _cluster_uses_database_0(self) -> ServingSettings:
+        # Redis Cluster has database 0 only; another number would be silently ignored.
+        database = urlsplit(self.redis_url).path.strip("/")
+        if self.redis_mode == "cluster" and database not in ("", "0"):
+            raise ValueError(
+                f"redis_url {self.redis_url!r} selects database {database}; Redis Cluster "
+                "has database 0 only: end the URL with /0 or nothing"
+            )
+        return self
 
 
 class StreamingSettings(_Section):

@@ -268,9 +268,10 @@ class HnswIndex(_IdMap):
     ) -> SearchResult:
         """The k items with the highest inner product per query (approximately), never excluded.
 
-        Fetches k + (largest exclude) neighbours and filters; rows still short (the graph
-        missed some) are fetched again with twice as many, and once a fetch would cover the
-        whole catalogue the row is scored exactly instead, so lists are always full.
+        Fetches k + |exclude| neighbours per row (rounded up to a power of two) and filters;
+        rows still short (the graph missed some) are fetched again with twice as many, and
+        once a fetch would cover the whole catalogue the row is scored exactly instead, so
+        lists are always full. A row's answer never depends on the other rows of the batch.
 
         Args:
             queries: (Q, D) float32.
@@ -286,11 +287,18 @@ class HnswIndex(_IdMap):
         wanted = [min(k, n - len(labels)) for labels in excluded]
         ids: list[list[str]] = [[] for _ in wanted]
         scores: list[np.ndarray] = [np.empty(0, np.float32) for _ in wanted]
-        pending = np.arange(len(queries))
-        fetch = min(n, k + max((len(labels) for labels in excluded), default=0))
-        while pending.size and fetch < n:
-            pending = self._fetch(queries, pending, fetch, excluded, wanted, ids, scores)
-            fetch = min(n, fetch * 2)
+        # Each row's first fetch depends on its own exclude set only (k + |exclude|, rounded
+        # up to a power of two so rows share a few knn_query calls): hnswlib's answer changes
+        # with the depth asked, and a request must get what it would get in any batch.
+        first = np.array([_fetch_depth(k + len(labels), n) for labels in excluded], np.int64)
+        short = []
+        for fetch in np.unique(first).tolist():
+            pending = np.flatnonzero(first == fetch)
+            while pending.size and fetch < n:
+                pending = self._fetch(queries, pending, fetch, excluded, wanted, ids, scores)
+                fetch = min(n, fetch * 2)
+            short += pending.tolist()
+        pending = np.asarray(sorted(short), dtype=np.int64)
         if pending.size:
             # Fetching all N is brute force anyway; exact scoring also covers graph nodes
             # that the search cannot reach.
@@ -579,3 +587,8 @@ def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
     # Sort the k survivors by (score desc, index asc) so ties are deterministic.
     order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
     return np.take_along_axis(part, order, axis=1)
+
+
+def _fetch_depth(depth: int, n: int) -> int:
+    """`depth` rounded up to a power of two, at most the catalogue size."""
+    return min(n, 1 << max(0, depth - 1).bit_length())

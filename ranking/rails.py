@@ -38,7 +38,7 @@ from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
 from ranking.price_history import column, deal_strength
 from ranking.retriever import CandidateSource, Query
-from ranking.rules import RuleSet, apply_rules
+from ranking.rules import RuleSet, RulesOutcome, explain_rules
 
 Stage = Literal["candidates", "ranker", "mmr", "rules"]
 STAGES: tuple[Stage, ...] = ("candidates", "ranker", "mmr", "rules")
@@ -259,26 +259,40 @@ class RailPipeline:
         candidate and judged by the rules like any other, until the slots are full or the
         catalogue has nothing eligible left.
         """
+        return self.explain_rules(rail, ranked, query, length, slots).outcome.candidates
+
+    def explain_rules(
+        self,
+        rail: str,
+        ranked: Sequence[Candidate],
+        query: Query,
+        length: int,
+        slots: int | None = None,
+    ) -> RuledSlots:
+        """:meth:`apply_rules` with the rules' effects per item and the popular fill it added
+        (per-slot provenance); the same computation, so it costs nothing more."""
         rule_set = self.rule_set or _NO_RULES
         now = self.request_time(query)
         pool = [c for c in ranked if c.item_id not in query.exclude]
 
-        def ruled() -> list[Candidate]:
+        def ruled() -> RulesOutcome:
             # The request's exclusions outrank every rule: a pin on the product on the page
             # or on a cart item is skipped, not shown.
-            return apply_rules(pool, rule_set, self.attributes, rail, length, now, query.exclude)
+            return explain_rules(pool, rule_set, self.attributes, rail, length, now, query.exclude)
 
         result = ruled()
         wanted = min(length, self.slots if slots is None else slots)
         fill = self._popular_fill(query, {c.item_id for c in pool})
-        while len(result) < wanted:
+        filled: list[str] = []
+        while len(result.candidates) < wanted:
             more = list(itertools.islice(fill, wanted))
             if not more:
                 break  # nothing eligible left in the catalogue
             floor = min((c.score for c in pool), default=0.0)
             pool += [Candidate(item, _below(floor, i)) for i, item in enumerate(more)]
+            filled += more
             result = ruled()
-        return result
+        return RuledSlots(result, frozenset(filled))
 
     def _popular_fill(self, query: Query, taken: set[str]) -> Iterator[str]:
         if self._popular is None:
@@ -301,6 +315,14 @@ class RailPipeline:
 
 
 _NO_RULES = RuleSet(name="none", version="0")
+
+
+@dataclass(frozen=True)
+class RuledSlots:
+    """The rules stage's output: the slots and effects, and the items popular fill added."""
+
+    outcome: RulesOutcome
+    filled: frozenset[str]
 
 
 def _below(floor: float, i: int) -> float:

@@ -9,8 +9,10 @@ candidates, deterministically, in this order:
 3. fill the slots, then place each active pin at its slot.
 
 :func:`explain_rules` returns the same slots plus which rule touched which item, for per-slot
-provenance, and :func:`dry_run` compares two rule sets on sampled requests before one is
-published. The schema and the loader are re-exported here, so callers import from one place.
+provenance, :func:`ineligible` judges a list without re-ordering it (a pre-warmed rail is
+filtered by the rules in force now), and :func:`dry_run` compares two rule sets on sampled
+requests before one is published. The schema and the loader are re-exported here, so
+callers import from one place.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "category_matches",
     "dry_run",
     "explain_rules",
+    "ineligible",
     "load_rule_set",
 ]
 
@@ -215,6 +218,26 @@ def explain_rules(
         elif (unpinned := next(rest, None)) is not None:
             result.append(unpinned)
     return RulesOutcome(result, {item: notes for item, notes in effects.items() if notes})
+
+
+def ineligible(
+    item_ids: Sequence[str],
+    rule_set: RuleSet,
+    attributes: ItemAttributes,
+    rail: str,
+    now: datetime,
+    exclude: frozenset[str] = frozenset(),
+) -> set[str]:
+    """The items of `item_ids` that step 1 of :func:`explain_rules` would remove: excluded by
+    the request, out of stock, blocked or below a margin floor (same rules, same `now`)."""
+    applies = rail in rule_set.rails
+    active = [(i, r) for i, r in enumerate(rule_set.rules) if applies and r.active_at(now)]
+    effects: dict[str, list[RuleEffect]] = defaultdict(list)
+    return {
+        item
+        for item in item_ids
+        if item in exclude or not _judge(item, attributes.get(item), active, effects)
+    }
 
 
 def _judge(

@@ -14,6 +14,9 @@ case "${1:-install}" in
     # chromium-driver matches chromium's version; the test drives it at /usr/bin/chromedriver
     command -v chromium >/dev/null || missing+=(chromium)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+    # nginx: the optional load balancer in front of several API processes (run unprivileged
+    # on loopback by serving/local_services.py, never as the system service)
+    [ -x /usr/sbin/nginx ] || missing+=(nginx)
     if [ "${#missing[@]}" -gt 0 ]; then
       SUDO=""
       [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -23,6 +26,7 @@ case "${1:-install}" in
     fi
     echo "[services] redis-server $(redis-server --version | cut -d' ' -f3)"
     echo "[services] $(/usr/bin/chromedriver --version | cut -d' ' -f1-2)"
+    echo "[services] $(/usr/sbin/nginx -v 2>&1)"
     ;;
   *)
     echo "usage: $0 install" >&2

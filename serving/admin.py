@@ -403,6 +403,8 @@ def admin_router(service: RailService, rules: PublishedRules) -> APIRouter:
 
 def _bundle_path(settings: Settings, bundle: str) -> Path:
     """The bundle a body names, which must lie inside artifacts_dir (no path escapes it)."""
+    if "\x00" in bundle:  # the file system refuses it; say so instead of failing deep down
+        raise BadRequest(422, "bundle: contains a NUL byte; name a folder under artifacts_dir")
     root = settings.artifacts_dir.resolve()
     path = Path(bundle)
     path = (path if path.is_absolute() else root / path).resolve()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 ServedBy = Literal["cache", "computed", "fallback"]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Where a slot's item came from (serving/provenance.py): named by the candidate sources,
+# added by the rules' popular fill, placed by a pin without being a candidate, the
+# computation-failed fallback (popular items under the rules), or the pre-warmed cache.
+Tier = Literal["candidates", "popular_fill", "pin", "fallback", "cache"]
 
 
 class RequestContext(BaseModel):
@@ -40,6 +45,51 @@ class RailRequest(BaseModel):
     )
     slots: int = Field(12, ge=1, le=100, description="how many items the rail shows")
     context: RequestContext | None = None
+    exclude: list[ItemId] = Field(
+        default_factory=list,
+        max_length=500,
+        description="item ids never to show (unknown ids are harmless)",
+    )
+    explain: bool = Field(False, description="add a provenance object to every slot")
+
+
+class SourceRank(BaseModel):
+    source: str  # one of ranking.candidate_fusion.SOURCES
+    rank: int  # 1-based, in that source's own list
+    score: float
+
+
+class RuleTouch(BaseModel):
+    kind: str  # pin, boost, bury, pin_skipped (ranking.rules.RuleEffect.kind)
+    rule_index: int | None  # index into the served rule set's rules
+    detail: str
+
+
+class SlotReason(BaseModel):
+    """The session, page or cart item closest to the slot's item, and how that was measured."""
+
+    text: str  # e.g. "because you viewed Samsung Galaxy A50"
+    item_id: str
+    title: str | None
+    role: Literal["session", "page", "cart"]
+    event_type: str | None
+    # item_tower_cosine: cosine of the two items' item-tower vectors (the embedding the
+    # retrieval index searches); the highest over the context items wins
+    measure: Literal["item_tower_cosine"]
+    value: float
+
+
+class Provenance(BaseModel):
+    tier: Tier
+    sources: list[SourceRank] = []
+    fused_rank: int | None = None  # in the fused candidate order (the re-ranker's input)
+    ranker_rank: int | None = None  # after the re-ranker
+    mmr_rank: int | None = None  # after MMR (the rules' input)
+    final_rank: int  # 1-based slot in this response
+    explored: bool = False  # the exploration slot's bandit put it here
+    rules: list[RuleTouch] = []
+    reason: SlotReason | None = None
+    note: str | None = None  # what is not known (e.g. a cached rail's stage ranks)
 
 
 class RailItem(BaseModel):
@@ -47,6 +97,8 @@ class RailItem(BaseModel):
     score: float
     title: str | None = None
     category: str | None = None
+    # only with explain=true; the route omits unset fields, so a plain response has no key
+    provenance: Provenance | None = None
 
 
 class RailResponse(BaseModel):

@@ -9,16 +9,20 @@ hot-swaps a promoted bundle; a bundle that fails to load leaves the current one 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from railtower.logs import configure_logging, get_logger
 from railtower.settings import Settings, get_settings
@@ -48,9 +52,7 @@ def production_pointer(settings: Settings) -> Path:
 def build_service(settings: Settings) -> RailService:
     """The service as configured: bundle (or production pointer), Redis, Triton."""
     s = settings.serving
-    store = SessionStore(
-        s.redis_url, s.budgets.redis_ms / 1000, s.session_events, s.state_ttl_s, s.prewarm_ttl_s
-    )
+    store = SessionStore.from_settings(s)  # one Redis or a cluster (serving.redis_mode)
     triton = (
         TritonUserTower(s.triton_url, s.triton_model, s.budgets.user_vector_ms / 1000)
         if s.triton_url
@@ -124,22 +126,34 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         service.metrics.errors.labels(kind="http_422").inc()
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()
-        ]
+        problems = [_problem(e) for e in exc.errors()]
         return JSONResponse(
             {"error": "invalid request: " + "; ".join(problems), "problems": problems},
             status_code=422,
         )
 
-    @app.post("/v1/rails/{rail}", response_model=RailResponse)
-    async def rails(rail: str, body: RailRequest) -> RailResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body it cannot decode (not UTF-8) with a bare {"detail"} 400 that
+        # names nothing; say which input is wrong, in this API's {"error"} shape.
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            service.metrics.errors.labels(kind="http_400").inc()
+            why = "body: cannot be parsed; send UTF-8 JSON"
+            return JSONResponse({"error": why, "problems": [why]}, status_code=400)
+        return await http_exception_handler(request, exc)
+
+    # Unset fields are left out, so a slot carries `provenance` only when explain=true.
+    @app.post("/v1/rails/{rail}", response_model=RailResponse, response_model_exclude_unset=True)
+    async def rails(rail: str, body: RailRequest, explain: bool = False) -> RailResponse:
+        if explain:  # ?explain=true, the same as "explain": true in the body
+            body = body.model_copy(update={"explain": True})
         # The stages are CPU work (numpy, LightGBM, torch): off the event loop.
         return await run_in_threadpool(service.serve, rail, body)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    async def healthz(response: Response) -> dict[str, str]:
+        # the worker's PID: with several uvicorn workers on one port, says which one answered
+        response.headers["X-Railtower-Pid"] = str(os.getpid())
         return {"status": "ok"}
 
     @app.get("/readyz")
@@ -164,3 +178,13 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One validation error as "<field>: why", the field dotted from its location."""
+    if error["type"] == "json_invalid":
+        # not JSON at all: FastAPI puts the character offset where the field would be
+        why = error.get("ctx", {}).get("error", error["msg"])
+        return f"body: not valid JSON at character {error['loc'][-1]} ({why})"
+    field = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+    return f"{field}: {error['msg']}"

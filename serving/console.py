@@ -443,7 +443,7 @@ def compare_rules(service: RailService, proposed: RuleSet, body: CompareRequest)
             )
             # The served stages (serving/stages.py), under the served rules; the proposed
             # rules then judge the very list the served rules stage read.
-            query = build_query(request, snapshot, parts)
+            query = build_query(request, snapshot, parts, rail, service.settings.serving.exclusions)
             served = run_stages(
                 served_model,
                 rail,

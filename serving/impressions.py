@@ -13,6 +13,9 @@ Per-item counts (for the console's "items nobody saw"): one Redis hash per UTC d
 
     rt:imp:<yyyymmdd>    field <item id> -> times shown that day, TTL shadow.count_ttl_days
 
+Every command touches one key, so on Redis Cluster the pipelines (one per batch, one per
+console read) simply go to the nodes that own each day's slot.
+
 Only shown impressions (the production arm) count. The key has no model version on
 purpose: exposure belongs to the catalogue item, whichever model chose it, so a promotion
 halfway through a window must not reset the counts.
@@ -39,6 +42,7 @@ from railtower.logs import get_logger
 from railtower.schemas import Impression, encode
 from railtower.settings import Settings, StreamingSettings
 from serving.metrics import Metrics
+from serving.redis_client import RedisClient
 
 log = get_logger(__name__)
 
@@ -81,7 +85,7 @@ def day_key(day: date) -> str:
 class ImpressionCounts:
     """Per-item daily counts of shown impressions in Redis (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, ttl_days: int) -> None:
+    def __init__(self, client: RedisClient, ttl_days: int) -> None:
         self.client, self.ttl_s = client, ttl_days * 86400
 
     def record(self, impressions: Sequence[Impression]) -> int:
@@ -107,7 +111,7 @@ class ImpressionCounts:
 
 
 def items_without_impressions(
-    redis_client: redis.Redis, catalogue_ids: Iterable[str], days: int, now: datetime
+    redis_client: RedisClient, catalogue_ids: Iterable[str], days: int, now: datetime
 ) -> list[str]:
     """Catalogue items shown on no rail over the last `days` UTC days (today included).
 

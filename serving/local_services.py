@@ -93,11 +93,18 @@ class LocalServer:
         return self.process is not None and self.process.poll() is None
 
 
-def api_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """The rails API under uvicorn in a child process (settings come from its environment)."""
+def api_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+    """The rails API under uvicorn in a child process (settings come from its environment).
+
+    With `workers` > 1 uvicorn forks that many worker processes sharing the port; each
+    builds its own app (model, Redis and Triton clients) from the same settings.
+    """
+    if workers < 1:
+        raise ServiceError(f"workers must be at least 1; got {workers}")
     return [
         *(sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app"),
         *("--host", host, "--port", str(port), "--log-level", "warning"),
+        *(("--workers", str(workers)) if workers > 1 else ()),
     ]
 
 
@@ -176,3 +183,266 @@ def kafka_broker(port: int, workdir: Path) -> LocalServer:
     url = f"tcp://127.0.0.1:{port}"
     command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
     return LocalServer("kafka", command, port, workdir)
+
+
+# ------------------------------------------------------------------ nginx in front of the API
+
+
+def nginx_config(port: int, upstream_ports: list[int], workdir: Path) -> str:
+    """A minimal nginx.conf: loopback `port` balancing over the API processes on loopback.
+
+    Everything nginx writes (pid, logs, temp bodies) lives under `workdir`, so it runs
+    unprivileged in the foreground (`daemon off`) and stops with its process group. Each
+    answer names the API process that served it (X-Railtower-Upstream), so a test or a
+    benchmark can tell the replicas apart; keepalive connections to the upstreams avoid a
+    new TCP handshake per request.
+    """
+    if not upstream_ports:
+        raise ServiceError("nginx needs at least one API port to balance over")
+    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in upstream_ports)
+    temp = "\n".join(
+        f"  {name}_temp_path {workdir / ('nginx-' + name)};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""worker_processes 1;
+daemon off;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "nginx-error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+{temp}
+  upstream railtower_api {{
+{servers}
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://railtower_api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      add_header X-Railtower-Upstream $upstream_addr always;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_proxy(port: int, upstream_ports: list[int], workdir: Path) -> LocalServer:
+    """Debian's nginx (scripts/services.sh installs it) balancing `upstream_ports` on `port`."""
+    # /usr/sbin is not on an unprivileged user's PATH on Debian
+    binary = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if binary is None:
+        raise ServiceError(
+            "nginx is not installed; run `bash scripts/services.sh install` (apt-get install nginx)"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_config(port, upstream_ports, workdir))
+    # -e: the error log before the config is read (else nginx tries /var/log/nginx first)
+    command = [binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+    return LocalServer("nginx", command, port, workdir)
+
+
+# ----------------------------------------------------------------------- Redis Cluster
+
+
+@dataclass
+class LocalRedisCluster:
+    """A Redis Cluster on loopback: `masters` x (1 + `replicas`) redis-server processes.
+
+    Each node runs in its own folder (its nodes.conf lives there). `start()` launches them,
+    joins them with `redis-cli --cluster create` and waits until every node reports
+    `cluster_state:ok`; `stop()` stops every node still running. `kill(port)` ends one
+    node abruptly (SIGKILL: no last write reaches its replica), as a crashed host would.
+    """
+
+    nodes: list[LocalServer]
+    replicas: int
+    workdir: Path
+    ready_timeout_s: float = 60.0
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def startup_nodes(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    def start(self) -> LocalRedisCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._create()
+            self.wait_ok(self.ports, self.ready_timeout_s)
+            self._wait_replicas_synced()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create(self) -> None:
+        cli = _redis_cli()
+        command = [cli, "--cluster", "create", *self.startup_nodes]
+        command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        (self.workdir / "cluster-create.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
+            raise ServiceError(
+                f"redis-cli --cluster create failed ({done.returncode}):\n"
+                f"{(done.stdout + done.stderr)[-2000:]}"
+            )
+
+    def info(self, port: int, section: str = "cluster") -> dict[str, str]:
+        """`CLUSTER INFO` (or `INFO <section>`) of one node as a dict, via redis-cli."""
+        args = ["cluster", "info"] if section == "cluster" else ["info", section]
+        done = subprocess.run(
+            [_redis_cli(), "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        )
+        pairs = (line.split(":", 1) for line in done.stdout.splitlines() if ":" in line)
+        return {key.strip(): value.strip() for key, value in pairs}
+
+    def wait_ok(self, ports: list[int], timeout_s: float) -> float:
+        """Seconds until every node of `ports` reports cluster_state:ok; ServiceError after
+        `timeout_s`."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if all(self.info(port).get("cluster_state") == "ok" for port in ports):
+                return time.monotonic() - started
+            time.sleep(0.1)
+        states = {port: self.info(port).get("cluster_state") for port in ports}
+        raise ServiceError(
+            f"Redis Cluster not ok after {timeout_s} s: {states}; logs in {self.workdir}"
+        )
+
+    def _wait_replicas_synced(self) -> None:
+        # cluster_state:ok comes before the replicas' first sync: a master killed then
+        # would have no replica able to replace it
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            roles = [self.info(port, "replication") for port in self.ports]
+            replicas = [r for r in roles if r.get("role") == "slave"]
+            if len(replicas) == len(self.nodes) - len(self.masters()) and all(
+                r.get("master_link_status") == "up" for r in replicas
+            ):
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"Redis Cluster replicas not in sync after {self.ready_timeout_s} s")
+
+    def masters(self) -> dict[int, list[tuple[int, int]]]:
+        """Port of each running master -> its slot ranges, as a running node reports them."""
+        alive = next(node.port for node in self.nodes if node.running)
+        done = subprocess.run(
+            [_redis_cli(), "-p", str(alive), "cluster", "nodes"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        out: dict[int, list[tuple[int, int]]] = {}
+        for line in done.stdout.splitlines():
+            # <id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slot>...
+            fields = line.split()
+            flags = fields[2].split(",")
+            if "master" in flags and "fail" not in flags:
+                port = int(fields[1].split("@", 1)[0].rsplit(":", 1)[1])
+                out[port] = [_slot_range(r) for r in fields[8:] if not r.startswith("[")]
+        return out
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port` (and wait for it): a crash, not a shutdown."""
+        node = next(n for n in self.nodes if n.port == port)
+        if node.process is not None and node.process.poll() is None:
+            os.killpg(node.process.pid, signal.SIGKILL)
+            node.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _slot_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def _redis_cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise ServiceError(
+            "redis-cli is not installed; run `bash scripts/services.sh install` "
+            "(apt-get install redis-server, which brings redis-tools)"
+        )
+    return binary
+
+
+def redis_cluster(
+    ports: list[int], workdir: Path, replicas: int = 1, node_timeout_ms: int = 1000
+) -> LocalRedisCluster:
+    """A memory-only Redis Cluster on loopback; `len(ports)` must be masters x (1 + replicas)
+    with at least three masters (redis-cli refuses fewer).
+
+    `cluster-require-full-coverage no`: when a master is down (and until its replica takes
+    over) only its own slots fail; the rest of the cluster keeps answering. With `yes`
+    every key of every node would be refused until the failover completes.
+    `node_timeout_ms` is how long a silent master takes to be declared failed: a failover
+    takes about that plus the election (about a second more).
+    """
+    if replicas < 0 or len(ports) < 3 * (1 + replicas) or len(ports) % (1 + replicas):
+        raise ServiceError(
+            f"{len(ports)} ports for {replicas} replica(s) per master: give masters x "
+            f"(1 + replicas) ports with at least 3 masters, e.g. 6 for 3 masters + 3 replicas"
+        )
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServiceError(
+            "redis-server is not installed; run `bash scripts/services.sh install` "
+            "(apt-get install redis-server)"
+        )
+    nodes = []
+    for port in ports:
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"]
+        command += ["--cluster-config-file", f"nodes-{port}.conf"]
+        # the bus port is free_port()'s too: the default (port + 10000) fails for ports
+        # above 55535, which free_port() often returns
+        command += ["--cluster-port", str(free_port())]
+        command += ["--cluster-node-timeout", str(node_timeout_ms)]
+        command += ["--cluster-require-full-coverage", "no"]
+        # a replica's first sync starts at once (default: 5 s later); until it completes
+        # the replica refuses to take over from a failed master
+        command += ["--repl-diskless-sync-delay", "0"]
+        nodes.append(LocalServer(f"redis-{port}", command, port, workdir / f"node-{port}"))
+    return LocalRedisCluster(nodes, replicas, workdir)
+
+
+def api_worker_pids(base_url: str, workers: int, timeout_s: float = 120.0) -> set[int]:
+    """Wait until `workers` distinct API processes answer /healthz at `base_url`; their PIDs.
+
+    uvicorn binds the port before its workers have loaded the model, and a worker only
+    accepts connections once loaded: each probe opens a fresh connection (the kernel hands
+    it to one listening worker), so every worker is seen once all of them are up.
+
+    Raises:
+        ServiceError: fewer than `workers` answered within `timeout_s`.
+    """
+    import httpx  # the API's own client library; imported here, only the API callers need it
+
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < workers and time.monotonic() < deadline:
+        try:
+            with httpx.Client(base_url=base_url, timeout=5.0) as client:  # a new connection
+                reply = client.get("/healthz")
+            seen.add(int(reply.headers["X-Railtower-Pid"]))
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass  # not listening yet, or a proxy error while an upstream starts
+        time.sleep(0.1)  # the other workers are still loading: leave them the CPU
+    if len(seen) < workers:
+        raise ServiceError(
+            f"{len(seen)} of {workers} API workers answered /healthz at {base_url} within "
+            f"{timeout_s:.0f} s; see the API log for a worker that failed to load the model"
+        )
+    return seen

@@ -1,6 +1,8 @@
 """Price history in Redis: the refresh consumer appends, every API process follows.
 
-Keys (one hash tag, so on Redis Cluster they share a slot and one script touches them all):
+Keys (one hash tag, so on Redis Cluster they share a slot and one script touches them all;
+the whole stream therefore lives on one master, which is what lets every process follow one
+cursor in order):
 
     rt:{price}:points           stream of price observations {item, t (epoch s), p}, capped
     rt:{price}:seen:<point id>  marks an applied observation (event or update id), with a TTL
@@ -21,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 
 from railtower.logs import get_logger
 from ranking.price_history import PriceHistory
 from serving.rail_service import LoadedRails
+from serving.redis_client import RedisClient
 
 log = get_logger(__name__)
 
@@ -62,7 +64,7 @@ class PricePoint:
 class PriceStore:
     """The price stream in Redis (appends from the consumer, reads from every process)."""
 
-    def __init__(self, client: redis.Redis, max_points: int, seen_ttl_s: int) -> None:
+    def __init__(self, client: RedisClient, max_points: int, seen_ttl_s: int) -> None:
         if max_points < 1 or seen_ttl_s < 1:
             raise ValueError(
                 f"max_points ({max_points}) and seen_ttl_s ({seen_ttl_s}) must be >= 1; "

@@ -8,6 +8,13 @@ Every stage that is slow or down degrades the answer and says why in `reasons`; 
 blocks the rail. Popularity under the rules is the last fallback. The served model can be
 swapped while requests run: each request reads `self.loaded` once and uses that model only.
 The stages after the session vector live in `serving.stages`, shared with the shadow arms.
+
+Exclusions (the request's `exclude`, purchased items, blocks, out of stock) hold on every
+path: they live in the query (`serving.stages.build_query`), which the computed path, the
+fallback and the consumer's pre-warming all read, and a pre-warmed rail is filtered by them
+at serve time (recomputed when too few slots remain). A hero rail computed under a request's
+own `exclude` is not cached. With `explain=true` every slot carries its provenance
+(`serving.provenance`).
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from railtower.settings import RAILS, Settings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
 from ranking.exploration import Explored, InMemoryArmStats
+from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
-from serving.api_models import RailItem, RailRequest, RailResponse, ServedBy
+from ranking.rules import RuleSet, explain_rules, ineligible
+from serving.api_models import Provenance, RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
 from serving.price_store import PriceFollower, PriceStore
+from serving.provenance import Origin, explain_slots
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
 from serving.stages import (
@@ -97,6 +107,9 @@ class _Answer:
     before_rules: list[Candidate] | None = None
     vector: np.ndarray | None = None
     explored: Explored | None = None
+    # what explain=true reads: the stages' output (computed) or the rules' (fallback)
+    output: StageOutput | None = None
+    ruled: RuledSlots | None = None
 
 
 class RailService:
@@ -215,8 +228,15 @@ class RailService:
             return 0
         pipeline, slots = loaded.pipeline, self.settings.evaluation.slots
         snapshots = [store.snapshot(s, loaded.version, None) for s in session_ids]
+        exclusions = self.settings.serving.exclusions
         queries = [
-            build_query(RailRequest(session_id=s, slots=slots), snap, (None, ()))
+            build_query(
+                RailRequest(session_id=s, slots=slots),
+                snap,
+                (None, ()),
+                "homepage_hero",
+                exclusions,
+            )
             for s, snap in zip(session_ids, snapshots, strict=True)
         ]
         sources: dict[str, CandidateSource] = dict(pipeline.sources)
@@ -260,11 +280,14 @@ class RailService:
         query_parts = self._validate(rail, request, loaded)
         trace = Trace()
         snapshot = self._snapshot(rail, request, loaded, trace)
-        query = build_query(request, snapshot, query_parts)
+        query = build_query(request, snapshot, query_parts, rail, self.settings.serving.exclusions)
         answer = self._answer(rail, request, query, snapshot, loaded, trace)
         if self.observer is not None:
             self._hand_off(rail, request, query, snapshot, loaded, answer)
-        return self._respond(rail, request, loaded, answer.served_by, answer.items, trace)
+        provenance = self._explain(rail, query, loaded, answer, trace) if request.explain else None
+        return self._respond(
+            rail, request, loaded, answer.served_by, answer.items, trace, provenance
+        )
 
     def _answer(
         self,
@@ -276,7 +299,7 @@ class RailService:
         trace: Trace,
     ) -> _Answer:
         if snapshot is not None and snapshot.rail is not None:
-            cached = self._from_cache(snapshot, request, loaded, trace)
+            cached = self._from_cache(rail, snapshot, request, query, loaded, trace)
             if cached is not None:
                 return _Answer("cache", cached[0], explored=cached[1])
         try:
@@ -285,13 +308,15 @@ class RailService:
             log.exception("rail computation failed; serving popularity", rail=rail)
             self.metrics.errors.labels(kind="compute").inc()
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
-            items = loaded.pipeline.apply_rules(rail, [], query, request.slots, request.slots)
-            return _Answer("fallback", items)
+            ruled = loaded.pipeline.explain_rules(rail, [], query, request.slots, request.slots)
+            return _Answer("fallback", ruled.outcome.candidates, ruled=ruled)
         explored = self._explore(rail, request, snapshot, output.slots)
         items = explored.items if explored is not None else output.slots
-        if rail == "homepage_hero" and snapshot is not None:
+        # A rail computed under the request's own exclusions is that request's alone: caching
+        # it would hide those items from the session's next plain request.
+        if rail == "homepage_hero" and snapshot is not None and not request.exclude:
             self._write_cache(request, loaded, snapshot, items, trace, explored)
-        return _Answer("computed", items, output.before_rules, vector, explored)
+        return _Answer("computed", items, output.before_rules, vector, explored, output)
 
     def _explore(
         self,
@@ -352,7 +377,7 @@ class RailService:
                 raise BadRequest(422, "pdp_fbt needs item_id: the product on the page")
             if request.item_id not in index:
                 raise BadRequest(
-                    404, f"item {request.item_id!r} is not in the catalogue of {loaded.version}"
+                    404, f"item_id {request.item_id!r} is not in the catalogue of {loaded.version}"
                 )
         if rail == "cart_upsell" and not request.cart:
             raise BadRequest(422, "cart_upsell needs a non-empty cart (item ids)")
@@ -382,24 +407,36 @@ class RailService:
             trace.lap("redis", since)
 
     def _from_cache(
-        self, snapshot: SessionSnapshot, request: RailRequest, loaded: LoadedRails, trace: Trace
+        self,
+        rail: str,
+        snapshot: SessionSnapshot,
+        request: RailRequest,
+        query: Query,
+        loaded: LoadedRails,
+        trace: Trace,
     ) -> tuple[list[Candidate], Explored | None] | None:
         """The pre-warmed rail, and its exploration draw when it was warmed with one.
 
         The exploration slot is drawn when the rail is computed (request or warm time) and
         the draw is stored with the rail, so a cached answer shows exactly what the stored
         propensities describe. A cached rail that explored and lost an item since (out of
-        stock) is recomputed instead: the slots would shift under the logged propensity.
+        stock, blocked, excluded by the request) is recomputed instead: the slots would
+        shift under the logged propensity. So is one left with fewer items than slots.
         """
         payload = snapshot.rail or {}  # the store returns it only if computed from this state
-        attributes = loaded.pipeline.attributes
         stored = payload.get("items", [])
-        # An item that went out of stock since the rail was warmed leaves it at once.
-        items = [
-            i
-            for i in stored  # type: ignore[union-attr]
-            if not getattr(attributes.get(i["item_id"]), "out_of_stock", False)
-        ]
+        # What the query excludes now, or went out of stock or got blocked since the rail was
+        # warmed, leaves it at once: the same judgement as the rules stage, without re-ranking.
+        pipeline = loaded.pipeline
+        removed = ineligible(
+            [i["item_id"] for i in stored],  # type: ignore[union-attr]
+            pipeline.rule_set or RuleSet(name="none", version="0"),
+            pipeline.attributes,
+            rail,
+            pipeline.request_time(query),
+            query.exclude,
+        )
+        items = [i for i in stored if i["item_id"] not in removed]  # type: ignore[union-attr]
         if len(items) < request.slots:
             return None
         explored = _stored_exploration(payload, request.slots)
@@ -490,6 +527,46 @@ class RailService:
         except redis.RedisError:
             trace.reasons.append("redis unavailable: rail not cached")
 
+    def _explain(
+        self, rail: str, query: Query, loaded: LoadedRails, answer: _Answer, trace: Trace
+    ) -> list[Provenance]:
+        """Per-slot provenance of the answer (explain=true only; see serving.provenance)."""
+        since = time.perf_counter()
+        output = answer.output
+        if output is not None and output.ruled is not None:
+            origin = Origin(
+                "candidates",
+                output.ruled.outcome.effects,
+                output.ruled.filled,
+                output.table,
+                output.ranked,
+                output.before_rules,
+                answer.explored,
+            )
+        elif answer.ruled is not None:
+            origin = Origin("fallback", answer.ruled.outcome.effects, answer.ruled.filled)
+        else:
+            origin = self._cache_origin(rail, query, loaded, answer)
+        provenance = explain_slots(loaded, query, answer.items, origin)
+        trace.lap("explain", since)
+        return provenance
+
+    def _cache_origin(
+        self, rail: str, query: Query, loaded: LoadedRails, answer: _Answer
+    ) -> Origin:
+        """What a cached rail can truthfully say: the effects of the rules in force now (the
+        marker names the rule set, so they are those it was warmed under), no stage ranks."""
+        pipeline = loaded.pipeline
+        rules = pipeline.rule_set or RuleSet(name="none", version="0")
+        now = pipeline.request_time(query)
+        n = len(answer.items)
+        outcome = explain_rules(answer.items, rules, pipeline.attributes, rail, n, now)
+        note = (
+            "served from the pre-warmed rail computed for this session state; "
+            "its candidate, re-ranker and MMR ranks were not stored"
+        )
+        return Origin("cache", outcome.effects, explored=answer.explored, note=note)
+
     def _respond(
         self,
         rail: str,
@@ -498,6 +575,7 @@ class RailService:
         served: ServedBy,
         items: list[Candidate],
         trace: Trace,
+        provenance: list[Provenance] | None = None,
     ) -> RailResponse:
         attributes = loaded.pipeline.attributes
         titles = loaded.titles
@@ -507,6 +585,17 @@ class RailService:
         for stage, ms in trace.timings.items():
             if stage != "total":
                 self.metrics.stages.labels(stage=stage).observe(ms / 1000)
+        rail_items = [
+            RailItem(
+                item_id=c.item_id,
+                score=c.score,
+                title=titles.get(c.item_id),
+                category=getattr(attributes.get(c.item_id), "category_path", None),
+            )
+            for c in items
+        ]
+        for item, explained in zip(rail_items, provenance or [], strict=False):
+            item.provenance = explained  # set only here: unset, the route omits the key
         return RailResponse(
             rail=rail,
             session_id=request.session_id,
@@ -514,15 +603,7 @@ class RailService:
             served_by=served,
             reasons=trace.reasons,
             vector_source=trace.vector_source,
-            items=[
-                RailItem(
-                    item_id=c.item_id,
-                    score=c.score,
-                    title=titles.get(c.item_id),
-                    category=getattr(attributes.get(c.item_id), "category_path", None),
-                )
-                for c in items
-            ],
+            items=rail_items,
             timings_ms=trace.timings,
         )
 

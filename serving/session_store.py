@@ -9,7 +9,7 @@ one slot and one pipeline reads them together):
     rt:{s:<session>}:vec:<model version>         hash {marker, vector (float32 bytes)}
     rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON with its marker), TTL
     rt:{u:<user>}:sessions                       set of the user's session ids (deletion)
-    rt:catalogue, rt:catalogue:version           latest price/stock per item, change version
+    rt:{catalogue}:items, rt:{catalogue}:version latest price/stock per item, change version
 
 Every key has a TTL: session state, vectors, the user's session set and the catalogue live
 `state_ttl_s` after their last write (user data always expires), pre-warmed rails
@@ -24,6 +24,11 @@ no rule changes, keep the count alone. Appending is one Lua script: an event is 
 and appended atomically, so a crash between the two can neither lose it nor apply it twice.
 Every call has a socket timeout (the stage budget): a slow or absent Redis raises quickly
 and the caller degrades.
+
+The same code runs on one Redis or on Redis Cluster (`serving.redis_mode`; the client comes
+from serving/redis_client.py, which says what holds on a cluster). Only one thing differs:
+a cluster pipeline cannot carry a script, so there `append_events` writes the user's set
+and runs the script in two round trips instead of one.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
-import redis
 
+from railtower.settings import ServingSettings
+from serving.redis_client import RedisClient, connect, connect_url, is_cluster
 from towers.session_features import HistoryEvent
 
 # KEYS: events, seen, n. ARGV: max events, ttl, then (event id, payload) pairs.
@@ -100,20 +106,40 @@ class SessionSnapshot:
 
 
 class SessionStore:
-    """Redis-backed session state shared by the API (reads) and the consumer (writes)."""
+    """Redis-backed session state shared by the API (reads) and the consumer (writes).
+
+    Args:
+        client: a single Redis URL, or a client from `serving.redis_client.connect` (one
+            Redis or a cluster); `SessionStore.from_settings` builds it as configured.
+        timeout_s: socket timeout of a URL's client (the request's Redis budget).
+    """
 
     def __init__(
-        self, url: str, timeout_s: float, max_events: int, state_ttl_s: int, rail_ttl_s: int
+        self,
+        client: str | RedisClient,
+        timeout_s: float,
+        max_events: int,
+        state_ttl_s: int,
+        rail_ttl_s: int,
     ) -> None:
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self.client = connect_url(client, timeout_s) if isinstance(client, str) else client
+        self.cluster = is_cluster(self.client)
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
         self._append = self.client.register_script(_APPEND)
         self._catalogue_update = self.client.register_script(_CATALOGUE_UPDATE)
         # The published rule set in force in this process (None = the bundle's own rules);
         # it becomes part of the rail marker, see the module docstring.
         self.rules_epoch: str | None = None
+
+    @classmethod
+    def from_settings(cls, serving: ServingSettings) -> SessionStore:
+        """The store `serving` configures: one Redis or a cluster, the Redis stage budget as
+        socket timeout."""
+        timeout_s = serving.budgets.redis_ms / 1000
+        client = connect(serving, timeout_s)
+        return cls(
+            client, timeout_s, serving.session_events, serving.state_ttl_s, serving.prewarm_ttl_s
+        )
 
     @staticmethod
     def _key(session_id: str, *parts: str) -> str:
@@ -171,9 +197,10 @@ class SessionStore:
                 session joins each user's session set, so `delete_user` finds it.
 
         The user's set lives in the user's hash slot, so it cannot join the session's script
-        on Redis Cluster; it is written first in the same round trip and always (SADD is
-        idempotent), so whenever a session's data exists its user can reach it, including
-        after a crash between the two and the redelivery that follows.
+        on Redis Cluster; it is written first (in the same round trip on one Redis, just
+        before on a cluster) and always (SADD is idempotent), so whenever a session's data
+        exists its user can reach it, including after a crash between the two and the
+        redelivery that follows.
         """
         if not events:
             return 0
@@ -187,6 +214,10 @@ class SessionStore:
         for user_id in dict.fromkeys(u for u in user_ids if u):
             pipe.sadd(self._user_key(user_id), session_id)
             pipe.expire(self._user_key(user_id), self.state_ttl_s)
+        if self.cluster:  # a cluster pipeline carries no script (serving/redis_client.py)
+            if len(pipe):
+                pipe.execute()
+            return int(self._append(keys=keys, args=args))
         self._append(keys=keys, args=args, client=pipe)
         return int(pipe.execute()[-1])
 
@@ -210,8 +241,9 @@ class SessionStore:
         self.client.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)
 
     # Catalogue changes (price, stock) shared by the consumer (writes) and every API process
-    # (polls): one hash of the latest state per item and a version counter.
-    _CATALOGUE, _CATALOGUE_VERSION = "rt:catalogue", "rt:catalogue:version"
+    # (polls): one hash of the latest state per item and a version counter, one hash tag so
+    # the script that updates both runs on a cluster too.
+    _CATALOGUE, _CATALOGUE_VERSION = "rt:{catalogue}:items", "rt:{catalogue}:version"
 
     def put_catalogue_update(self, item_id: str, price: float | None, stock: int | None) -> None:
         payload = orjson.dumps({"price": price, "stock": stock})
@@ -238,7 +270,8 @@ class SessionStore:
         """Remove every key of these sessions (events, seen set, count, vectors, rails).
 
         One SCAN of the keyspace whatever the number of sessions (vectors and rails carry
-        model versions, so their names cannot be listed in advance). Events that arrive
+        model versions, so their names cannot be listed in advance); on a cluster it visits
+        every master and the DELs go per slot (serving/redis_client.py). Events that arrive
         after the scan create new state: stop the sender first for a lasting deletion.
         """
         prefixes = {self._key(s, ""): s for s in dict.fromkeys(session_ids)}

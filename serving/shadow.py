@@ -32,8 +32,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
-
 from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.schemas import Impression
@@ -45,6 +43,7 @@ from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
+from serving.redis_client import connect
 from serving.service import ServedRequest
 from serving.stages import Trace, in_process_vector, run_stages
 
@@ -478,7 +477,7 @@ def build_shadow(settings: Settings, metrics: Metrics) -> ShadowRunner:
     counts = ImpressionCounts(
         # its own client: the session store's socket timeout is the request's Redis budget,
         # far too short for the sink thread's batched writes
-        redis.Redis.from_url(settings.serving.redis_url, socket_timeout=2.0),
+        connect(settings.serving, timeout_s=2.0),
         shadow.count_ttl_days,
     )
     sink = make_sink(settings, metrics, counts)

@@ -3,6 +3,11 @@
 as it would have been served.
 
     build_query -> session vector -> run_stages: fused candidates -> re-ranker -> MMR -> rules
+
+`build_query` is the one place a request's exclusions are decided (the product on the page,
+the cart, the items already seen, the request's `exclude` list, and the items purchased
+within `serving.exclusions.purchased_window_h`): the served, pre-warmed, fallback and shadow
+paths all read `Query.exclude`, so no path can show what another would hide.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from railtower.settings import ExplorationSettings
+from railtower.settings import ExclusionSettings, ExplorationSettings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
 from ranking.exploration import ArmStats, Explored, explore
+from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailRequest
 from serving.rail_service import LoadedRails
@@ -45,6 +51,10 @@ class Trace:
 class StageOutput:
     slots: list[Candidate]
     before_rules: list[Candidate]  # MMR's order, the rules stage's input
+    # What per-slot provenance reads (serving.provenance); kept by reference, built on demand.
+    table: CandidateTable | None = None  # the fused candidates, fused order
+    ranked: list[Candidate] | None = None  # the re-ranker's order
+    ruled: RuledSlots | None = None  # the rules' effects and popular fill
 
 
 Ranker = Callable[[CandidateTable], np.ndarray]
@@ -54,9 +64,17 @@ def build_query(
     request: RailRequest,
     snapshot: SessionSnapshot | None,
     parts: tuple[str | None, tuple[str, ...]],
+    rail: str,
+    exclusions: ExclusionSettings,
 ) -> Query:
     """The pipeline's query for a request: its session from the snapshot, its anchor or
-    cart, and what it must never return."""
+    cart, and what it must never return.
+
+    Args:
+        parts: (anchor, cart) as validated by the service.
+        rail, exclusions: items the session purchased within `exclusions`' window are
+            excluded on the rails it names (required: every path decides the same way).
+    """
     anchor, cart = parts
     events = snapshot.events if snapshot is not None else []
     items = tuple(e.item_id for e in events)
@@ -69,6 +87,8 @@ def build_query(
         exclude = frozenset(cart)
     else:  # the hero rail is for discovery: nothing the shopper already saw
         exclude = frozenset(items)
+    exclude |= frozenset(request.exclude)
+    exclude |= purchased_items(events, rail, exclusions)
     return Query(
         session_items=items,
         session_types=tuple(e.event_type for e in events),
@@ -78,6 +98,21 @@ def build_query(
         cart=cart,
         exclude=exclude,
     )
+
+
+def purchased_items(
+    events: Sequence[HistoryEvent], rail: str, exclusions: ExclusionSettings
+) -> frozenset[str]:
+    """Items the session purchased within the window, on the rails configured for it.
+
+    The window ends at the session's newest event, the clock the rules are judged by
+    (RailPipeline.request_time), so a replayed session is treated as it was live.
+    """
+    window_h = exclusions.purchased_window_h
+    if window_h is None or rail not in exclusions.rails or not events:
+        return frozenset()
+    since = max(e.time_s for e in events) - window_h * 3600.0
+    return frozenset(e.item_id for e in events if e.event_type == "purchase" and e.time_s >= since)
 
 
 def query_history(query: Query) -> list[HistoryEvent]:
@@ -127,9 +162,9 @@ def run_stages(
     ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
     diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, slots)
     since = trace.lap("mmr", since)
-    out = pipeline.apply_rules(rail, diversified, query, length or slots, slots)
+    ruled = pipeline.explain_rules(rail, diversified, query, length or slots, slots)
     trace.lap("rules", since)
-    return StageOutput(out, diversified)
+    return StageOutput(ruled.outcome.candidates, diversified, table, ranked, ruled)
 
 
 # ------------------------------------------------------------------ the exploration slot

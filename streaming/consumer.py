@@ -18,18 +18,34 @@ One micro-batch (`step`):
 
 The freshness of a refresh is measured from the record's producer timestamp to the end of
 its batch's Redis writes.
+
+Scale-out is Kafka's own consumer group: run several `railtower consume` processes with one
+`streaming.group_id`; the broker splits the events topic's partitions between them (a session
+is keyed to one partition, so one member applies it, in order) and hands a dead member's
+partitions to the others after its session timeout. What the dead member applied but did not
+commit is read again by the new owner; step 3 absorbs it. Each member has a name
+(`member_id`: the Kafka client id, so the broker's member ids and the logs say which process
+holds what), logs every assignment and revocation, and can keep a ledger: one JSON line per
+batch with the offsets it applied and, separately, that it committed them, so an operator
+(or a test) can tell exactly what a killed member left uncommitted.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import redis
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from railtower.logs import get_logger
@@ -57,14 +73,80 @@ class BatchReport:
     lag_records: int = 0
     # seconds from each applied event's producer timestamp to its session's refresh
     freshness_s: list[float] = field(default_factory=list)
+    # "topic:partition" -> (first offset, last offset, records) polled in this batch
+    offsets: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+class MemberLedger:
+    """Append-only JSON lines of what one member did: assignments, batches applied, commits.
+
+    Each line is written and flushed before the member goes on, so after a SIGKILL the file
+    still says which offsets it applied and which of those it committed.
+    """
+
+    def __init__(self, path: Path, member_id: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.member_id = path, member_id
+        self._file = path.open("ab", buffering=0)  # unbuffered: one write() per line
+
+    def write(self, kind: str, **fields: Any) -> None:
+        line = {"kind": kind, "member": self.member_id, "pid": os.getpid(), "t": time.time()}
+        self._file.write(orjson.dumps({**line, **fields}) + b"\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """A ledger's lines; a last line cut short by a kill is left out."""
+    lines = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            lines.append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            continue
+    return lines
+
+
+def default_member_id() -> str:
+    return f"refresh-{socket.gethostname()}-{os.getpid()}"
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Logs (and writes to the ledger) every partition the group gives or takes away."""
+
+    def __init__(self, member: RefreshConsumer) -> None:
+        self.member = member
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.member._membership("revoked", revoked)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.member._membership("assigned", assigned)
 
 
 class RefreshConsumer:
-    """One member of the refresh consumer group."""
+    """One member of the refresh consumer group.
 
-    def __init__(self, settings: Settings, service: RailService) -> None:
+    Args:
+        settings: the streaming section names the topics, the group and the batch size.
+        service: the loaded RailService whose store the events go to and which pre-warms.
+        member_id: this member's name (the Kafka client id); default host and PID.
+        ledger: a file to append one JSON line per assignment, applied batch and commit.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: RailService,
+        member_id: str | None = None,
+        ledger: Path | None = None,
+    ) -> None:
         s = settings.streaming
         self.settings, self.service = settings, service
+        self.member_id = member_id or default_member_id()
+        self.ledger = MemberLedger(ledger, self.member_id) if ledger is not None else None
+        self._batches = 0
         self.consumer = self._new_consumer()
         self.dead_letters = KafkaProducer(
             bootstrap_servers=s.bootstrap_servers, acks="all", retries=5
@@ -73,11 +155,11 @@ class RefreshConsumer:
 
     def _new_consumer(self) -> KafkaConsumer:
         s = self.settings.streaming
-        return KafkaConsumer(
-            s.events_topic,
-            s.catalogue_topic,
+        consumer = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.group_id,
+            # the broker names the member "<client id>-<uuid>": logs and tools show who it is
+            client_id=self.member_id,
             enable_auto_commit=False,  # offsets move only after the Redis writes
             auto_offset_reset="earliest",
             max_poll_records=s.max_batch,
@@ -85,10 +167,23 @@ class RefreshConsumer:
             heartbeat_interval_ms=1000,
             max_poll_interval_ms=120_000,
         )
+        consumer.subscribe([s.events_topic, s.catalogue_topic], listener=_Rebalance(self))
+        return consumer
+
+    def _membership(self, kind: str, partitions: Iterable[TopicPartition]) -> None:
+        names = sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
+        log.info(f"partitions {kind}", member=self.member_id, partitions=names)
+        if self.ledger is not None:
+            self.ledger.write(kind, partitions=names)
 
     def close(self) -> None:
+        """Leave the group (the others take this member's partitions at once, not after the
+        session timeout); nothing uncommitted is committed."""
         self.consumer.close(autocommit=False)
         self.dead_letters.close()
+        if self.ledger is not None:
+            self.ledger.write("closed")
+            self.ledger.close()
 
     def step(self) -> BatchReport:
         """Consume, apply and commit one micro-batch."""
@@ -102,6 +197,12 @@ class RefreshConsumer:
         # the users each session's events name: deleting a user finds these sessions
         users: dict[str, set[str]] = defaultdict(set)
         for partition, records in polled.items():
+            if records:
+                report.offsets[f"{partition.topic}:{partition.partition}"] = (
+                    records[0].offset,
+                    records[-1].offset,
+                    len(records),
+                )
             for record in records:
                 report.records += 1
                 try:
@@ -142,6 +243,16 @@ class RefreshConsumer:
             report.duplicates += len(events) - added
             if added:
                 touched.append(session_id)
+        if self.ledger is not None and report.records:
+            self._batches += 1
+            self.ledger.write(
+                "applied",
+                batch=self._batches,
+                offsets=report.offsets,
+                records=report.records,
+                new_events=report.new_events,
+                duplicates=report.duplicates,
+            )
         if prices:
             report.price_points = self.service.prices.store.append(prices)  # type: ignore[union-attr]
         if report.records and self.service.prices is not None:
@@ -157,6 +268,8 @@ class RefreshConsumer:
         report.sessions_refreshed = len(touched)
         if report.records:
             self.consumer.commit()
+            if self.ledger is not None:
+                self.ledger.write("committed", batch=self._batches)
             report.lag_records = self._lag()
         report.seconds = time.monotonic() - started
         if report.records:
@@ -164,6 +277,7 @@ class RefreshConsumer:
             log_fn = log.warning if worst > s.refresh_bound_s else log.info
             log_fn(
                 "batch applied",
+                member=self.member_id,
                 records=report.records,
                 new_events=report.new_events,
                 duplicates=report.duplicates,

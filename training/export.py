@@ -82,6 +82,7 @@ def write_bundle(
         version,
         settings.serving.triton_repository,
         settings.serving.triton_model,
+        settings.serving.triton,
     )
     with torch.no_grad():
         sample = trained.features.take(torch.arange(min(16, len(trained.features))))

@@ -1,4 +1,14 @@
-"""Fit the two towers on canonical events: features, examples, Lightning, best checkpoint."""
+"""Fit the two towers on canonical events: features, examples, Lightning, best checkpoint.
+
+One process or several (Lightning DDP, `training.devices` x `training.num_nodes` ranks): the
+code is the same. `training.batch_size` is the *global* batch, split evenly across ranks, so a
+DDP run takes the same optimiser steps on the same number of examples per step as the
+single-process run and its metrics can be compared with it at equal settings; the price is
+fewer in-batch negatives per rank's softmax (batch / world size). Lightning adds the
+DistributedSampler; only rank 0 writes checkpoints and logs. With strategy "ddp" the launcher
+re-runs the entry point once per extra rank: such a rank leaves the process once training
+returns, so export, evaluation and reports run once, on rank 0.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +22,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from railtower.logs import get_logger
-from railtower.settings import DatasetSpec, Settings
+from railtower.settings import DatasetSpec, Settings, TrainingSettings
 from towers.image_encoder import ImageEncoder
 from towers.item_features import ItemFeatures, ItemFeaturizer, item_text
 from towers.item_tower import ItemTowerConfig
@@ -148,14 +159,15 @@ def train_towers(
         settings.training.max_examples,
     )
     val = validation_inputs(held, spec, item_row, settings, has_time)
-    log.info(
-        "tower data",
-        dataset=spec.name,
-        examples=len(examples),
-        validation=len(val["target"]),
-        catalogue=len(item_ids),
-        warm_items=len(featurizer.warm_items),
-    )
+    if rank_zero_only.rank == 0:  # a re-executed DDP rank would repeat every line
+        log.info(
+            "tower data",
+            dataset=spec.name,
+            examples=len(examples),
+            validation=len(val["target"]),
+            catalogue=len(item_ids),
+            warm_items=len(featurizer.warm_items),
+        )
     module = TwoTowerModule(
         ItemTowerConfig.from_settings(settings.towers),
         UserTowerConfig.from_settings(settings.towers),
@@ -169,27 +181,18 @@ def train_towers(
     checkpoint = ModelCheckpoint(
         dirpath=workdir / "checkpoints", monitor=monitor, mode="max", save_top_k=1, filename="best"
     )
-    trainer = pl.Trainer(
-        max_epochs=settings.training.max_epochs,
-        accelerator=settings.training.accelerator,
-        devices=settings.training.devices,
-        callbacks=[
-            EarlyStopping(monitor, mode="max", patience=settings.training.patience),
-            checkpoint,
-        ],
-        logger=CSVLogger(workdir, name="logs"),
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        deterministic=True,
-    )
+    trainer = build_trainer(settings.training, workdir, monitor, checkpoint)
+    per_rank = per_rank_batch(settings.training.batch_size, trainer.world_size)
     train_data = {**examples.inputs, "target": examples.targets}
     trainer.fit(
         module,
-        DataLoader(
-            TensorBatches(train_data), batch_size=settings.training.batch_size, shuffle=True
-        ),
+        DataLoader(TensorBatches(train_data), batch_size=per_rank, shuffle=True),
         DataLoader(TensorBatches(val), batch_size=1024),
     )
+    if trainer.global_rank > 0:
+        # This rank was re-executed by the DDP launcher and has done its share; export,
+        # evaluation and reports belong to rank 0, and running them twice would race on files.
+        raise SystemExit(0)
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     module.eval()
@@ -203,6 +206,44 @@ def train_towers(
         "train_seconds": round(seconds, 1),
         "sequences_per_second": round(len(examples) * max(trainer.current_epoch, 1) / seconds, 1),
         "warm_items": len(featurizer.warm_items),
+        # how it was trained: DDP runs are compared with single-process ones on these
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "accelerator": type(trainer.accelerator).__name__,
+        "global_batch": per_rank * trainer.world_size,
+        "per_rank_batch": per_rank,
     }
     log.info("towers trained", dataset=spec.name, **report)
     return TrainedTowers(module.cpu(), featurizer, features, item_ids, report)
+
+
+def build_trainer(
+    training: TrainingSettings, workdir: Path, monitor: str, checkpoint: ModelCheckpoint
+) -> pl.Trainer:
+    """The Lightning trainer: placement (accelerator, devices, strategy, nodes) from config.
+
+    Nothing here names a device type: `accelerator: auto` with `strategy: ddp` runs one rank
+    per GPU over NCCL on a GPU machine and one CPU process per device over gloo elsewhere.
+    """
+    return pl.Trainer(
+        max_epochs=training.max_epochs,
+        accelerator=training.accelerator,
+        devices=training.devices,
+        strategy=training.strategy,
+        num_nodes=training.num_nodes,
+        callbacks=[EarlyStopping(monitor, mode="max", patience=training.patience), checkpoint],
+        logger=CSVLogger(workdir, name="logs"),
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        deterministic=True,
+    )
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Each rank's share of the global batch; refuses a batch the ranks cannot split evenly."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"training.batch_size={batch_size} is the global batch and must split evenly over "
+            f"{world_size} ranks (devices x num_nodes); use a multiple of {world_size}"
+        )
+    return batch_size // world_size

@@ -2,6 +2,10 @@
 
 The towers are plain modules (`towers/`); this module owns the loss, the negatives, ID
 dropout, the optimiser and the validation metric (Recall@K against the full catalogue).
+
+Under DDP each rank's softmax still sees the whole global batch: positives are gathered from
+every rank (gradients flow back to the rank that computed them), so W ranks of B examples
+train on the same negatives and the same gradient as one process drawing W*B examples.
 """
 
 from __future__ import annotations
@@ -113,22 +117,53 @@ class TwoTowerModule(pl.LightningModule):
         table = torch.zeros(len(self.catalogue), vectors.shape[1], device=self.device)
         table = table.index_copy(0, rows, vectors)
         users = self.user_vectors(batch, table)
-        loss = self.sampled_softmax(users, vectors[position[targets]], targets)
+        positives, candidate_targets, offset = self.global_batch(
+            vectors[position[targets]], targets
+        )
+        loss = self.sampled_softmax(users, positives, targets, candidate_targets, offset)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(targets))
         return loss
 
+    def global_batch(
+        self, positives: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every rank's (B, D) positives and (B,) targets -> (W*B, D), (W*B,), own offset.
+
+        DistributedSampler pads every rank to the same number of examples, so batch i has
+        the same size B on every rank; this rank's rows sit at offset rank*B.
+        """
+        if self.trainer.world_size == 1:
+            return positives, targets, 0
+        gathered = self.all_gather(positives, sync_grads=True)
+        gathered_targets = self.all_gather(targets)
+        return gathered.flatten(0, 1), gathered_targets.flatten(), self.global_rank * len(targets)
+
     def sampled_softmax(
-        self, users: torch.Tensor, positives: torch.Tensor, targets: torch.Tensor
+        self,
+        users: torch.Tensor,
+        positives: torch.Tensor,
+        targets: torch.Tensor,
+        candidate_targets: torch.Tensor | None = None,
+        offset: int = 0,
     ) -> torch.Tensor:
-        """In-batch softmax; logQ-corrected; an item repeated in the batch is no negative."""
+        """In-batch softmax; logQ-corrected; an item repeated in the batch is no negative.
+
+        Args:
+            users: (B, D) this rank's user vectors; targets: (B,) their catalogue rows.
+            positives: (C, D) candidate vectors, the global batch's positives (C = W*B).
+            candidate_targets: (C,) rows of the candidates (default: targets, C = B).
+            offset: index of this rank's first row among the candidates.
+        """
         cfg = self.training_cfg
+        candidate_targets = targets if candidate_targets is None else candidate_targets
         logits = users @ positives.T / cfg.temperature
         if cfg.logq_correction:
-            logits = logits - self.log_q[targets].unsqueeze(0)
-        same = targets.unsqueeze(0) == targets.unsqueeze(1)
-        logits = logits.masked_fill(
-            same & ~torch.eye(len(targets), dtype=torch.bool, device=self.device), float("-inf")
-        )
+            logits = logits - self.log_q[candidate_targets].unsqueeze(0)
+        labels = torch.arange(len(targets), device=self.device) + offset
+        columns = torch.arange(len(candidate_targets), device=self.device)
+        same = targets.unsqueeze(1) == candidate_targets.unsqueeze(0)
+        own = labels.unsqueeze(1) == columns.unsqueeze(0)
+        logits = logits.masked_fill(same & ~own, float("-inf"))
         if cfg.random_negatives:
             sampled = torch.randint(
                 len(self.catalogue), (cfg.random_negatives,), device=self.device
@@ -139,7 +174,6 @@ class TwoTowerModule(pl.LightningModule):
                 extra = extra + torch.log(torch.tensor(float(len(self.catalogue))))
             extra = extra.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
             logits = torch.cat([logits, extra], dim=1)
-        labels = torch.arange(len(targets), device=self.device)
         return F.cross_entropy(logits, labels)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

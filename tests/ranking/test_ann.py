@@ -345,3 +345,18 @@ def test_tune_ef_refuses_an_empty_grid(toy_catalogue):
     ids, vectors = toy_catalogue
     with pytest.raises(ValueError, match="ef_grid is empty"):
         tune_ef(hnsw_index(ids, vectors), exact_index(ids, vectors), vectors[:5], 2, 0.9, [])
+
+
+def test_a_querys_answer_does_not_depend_on_the_rest_of_its_batch(random_32d):
+    """Served requests are searched one at a time and the evaluator searches in batches: a
+    query batched with another that excludes many items must get its answer alone."""
+    ids, vectors, _ = random_32d
+    index = HnswIndex(m=4, ef_construction=16, ef=4, num_threads=1, seed=3)
+    index.build(ids, vectors)
+    queries = vectors[:20]
+    big_exclude = set(ids[100:400].tolist())
+    alone = [index.search(queries[i : i + 1], 12, [{ids[i]}])[0][0] for i in range(20)]
+    batched, _ = index.search(
+        np.vstack([queries, queries[:1]]), 12, [{ids[i]} for i in range(20)] + [big_exclude]
+    )
+    assert batched[:20] == alone

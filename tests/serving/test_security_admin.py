@@ -460,7 +460,7 @@ def test_every_key_the_store_writes_has_a_ttl(redis_url):
     store.put_catalogue_update("1005115", 9.99, 0)
     store.put_catalogue_update("1005115", 8.99, 3)
     keys = _all_keys(store)
-    assert {"rt:catalogue", "rt:catalogue:version", "rt:{u:carol}:sessions"} <= set(keys)
+    assert {"rt:{catalogue}:items", "rt:{catalogue}:version", "rt:{u:carol}:sessions"} <= set(keys)
     assert len(keys) == 13
     ttls = {k: store.client.ttl(k) for k in keys}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
