@@ -38,6 +38,7 @@ from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
 from ranking.price_history import column, deal_strength
 from ranking.retriever import CandidateSource, Query
+from ranking.rule_set import NO_RULES
 from ranking.rules import RuleSet, RulesOutcome, explain_rules
 
 Stage = Literal["candidates", "ranker", "mmr", "rules"]
@@ -271,7 +272,7 @@ class RailPipeline:
     ) -> RuledSlots:
         """:meth:`apply_rules` with the rules' effects per item and the popular fill it added
         (per-slot provenance); the same computation, so it costs nothing more."""
-        rule_set = self.rule_set or _NO_RULES
+        rule_set = self.rules
         now = self.request_time(query)
         pool = [c for c in ranked if c.item_id not in query.exclude]
 
@@ -309,12 +310,14 @@ class RailPipeline:
             return datetime.fromtimestamp(self.stats.end_time, UTC)
         return datetime.now(UTC)
 
+    @property
+    def rules(self) -> RuleSet:
+        """The rule set in force: the published one, else none."""
+        return self.rule_set or NO_RULES
+
     def with_rules(self, rule_set: RuleSet | None) -> RailPipeline:
         """The same pipeline under another rule set (dry runs, shadow evaluation)."""
         return replace(self, rule_set=rule_set)
-
-
-_NO_RULES = RuleSet(name="none", version="0")
 
 
 @dataclass(frozen=True)

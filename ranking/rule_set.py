@@ -400,3 +400,7 @@ def _allowed_fields(loc: Loc, data: Any) -> list[str]:
         kind = data["rules"][loc[1]].get("kind")
         return list(RULE_TYPES[kind].model_fields)
     return list(RuleSet.model_fields)
+
+
+# What a rail is judged by when no rule set is published: no rules at all.
+NO_RULES = RuleSet(name="none", version="0")

@@ -186,5 +186,8 @@ def _problem(error: dict[str, Any]) -> str:
         # not JSON at all: FastAPI puts the character offset where the field would be
         why = error.get("ctx", {}).get("error", error["msg"])
         return f"body: not valid JSON at character {error['loc'][-1]} ({why})"
-    field = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
-    return f"{field}: {error['msg']}"
+    path = [str(p) for p in error["loc"] if p != "body"]
+    if error["type"] == "extra_forbidden" and path:
+        # the location is the unexpected key itself: name the object that refused it too
+        return f"{'.'.join(path[:-1]) or 'body'}: unknown field {path[-1]!r} is not allowed"
+    return f"{'.'.join(path) or 'body'}: {error['msg']}"

@@ -208,7 +208,7 @@ def console_router(service: RailService) -> APIRouter:
 
     @router.get("/v1/console/rules/current", dependencies=admin)
     async def current_rules() -> dict[str, str]:
-        rule_set = _loaded(service).pipeline.rule_set or RuleSet(name="none", version="0")
+        rule_set = _loaded(service).pipeline.rules
         return {"label": _label(rule_set), "text": rule_set_text(rule_set)}
 
     @router.post("/v1/console/rules/compare", response_model=CompareResponse, dependencies=admin)
@@ -411,7 +411,7 @@ def compare_rules(service: RailService, proposed: RuleSet, body: CompareRequest)
         v.session_id for v in recent_sessions(service, body.sample) if v.session_id not in named
     ]
     wanted = wanted[: max(body.sample, len(named))]
-    current = loaded.pipeline.rule_set or RuleSet(name="none", version="0")
+    current = loaded.pipeline.rules
     # Served rules explicitly: a publish during the comparison does not change its baseline.
     served_model = replace(loaded, pipeline=loaded.pipeline.with_rules(current))
     proposed_pipeline = loaded.pipeline.with_rules(proposed)

@@ -38,7 +38,7 @@ from ranking.candidates import Candidate
 from ranking.exploration import Explored, InMemoryArmStats
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
-from ranking.rules import RuleSet, explain_rules, ineligible
+from ranking.rules import explain_rules, ineligible
 from serving.api_models import Provenance, RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
 from serving.price_store import PriceFollower, PriceStore
@@ -430,7 +430,7 @@ class RailService:
         pipeline = loaded.pipeline
         removed = ineligible(
             [i["item_id"] for i in stored],  # type: ignore[union-attr]
-            pipeline.rule_set or RuleSet(name="none", version="0"),
+            pipeline.rules,
             pipeline.attributes,
             rail,
             pipeline.request_time(query),
@@ -557,7 +557,7 @@ class RailService:
         """What a cached rail can truthfully say: the effects of the rules in force now (the
         marker names the rule set, so they are those it was warmed under), no stage ranks."""
         pipeline = loaded.pipeline
-        rules = pipeline.rule_set or RuleSet(name="none", version="0")
+        rules = pipeline.rules
         now = pipeline.request_time(query)
         n = len(answer.items)
         outcome = explain_rules(answer.items, rules, pipeline.attributes, rail, n, now)

@@ -13,7 +13,8 @@ from pathlib import Path
 from railtower.datasets import load_dataset
 from railtower.errors import RuleSetError
 from railtower.settings import Settings, load_dataset_spec
-from ranking.rules import DryRunReport, RuleSet, dry_run, load_rule_set
+from ranking.rule_set import NO_RULES
+from ranking.rules import DryRunReport, dry_run, load_rule_set
 from training.fit_pipeline import fit_pipeline
 from training.split import split_events
 from training.tasks import build_cases
@@ -33,11 +34,7 @@ def dry_run_rule_sets(
     """
     proposed = load_rule_set(proposed_path)
     current_file = current_path or settings.ranking.rules_path
-    current = (
-        load_rule_set(current_file)
-        if current_file is not None
-        else RuleSet(name="none", version="0")
-    )
+    current = load_rule_set(current_file) if current_file is not None else NO_RULES
     spec = load_dataset_spec(dataset_name, settings)
     dataset = load_dataset(spec, settings)
     if dataset.events is None or not spec.rails:
