@@ -568,8 +568,9 @@ class SecuritySettings(_Section):
     @field_validator("admin_api_key")
     @classmethod
     def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
-        # A short key can be guessed; an empty one would make a missing header match it.
-        if key is not None and len(key.get_secret_value()) < 16:
+        # A short key can be guessed; an empty one would make a missing header match it, and
+        # padding (blanks around a short key, a key of spaces) does not make it longer.
+        if key is not None and len(key.get_secret_value().strip()) < 16:
             raise ValueError(
                 "admin_api_key must be at least 16 characters; generate one with "
                 "`openssl rand -hex 32`, or leave it unset to disable the admin routes"

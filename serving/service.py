@@ -22,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -215,23 +215,26 @@ class RailService:
         self._catalogue_version = version
         return len(changes)
 
-    def prewarm(self, session_ids: Sequence[str]) -> int:
+    def prewarm(self, session_ids: Sequence[str], users: Mapping[str, str] | None = None) -> int:
         """Recompute and store the session vector and homepage rail of many sessions at once.
 
         The streaming consumer's path: one encoder call and one pipeline pass for the whole
         micro-batch instead of a request per session; the same stages, rules and markers as
-        `serve`, so the API then answers these sessions from the cache. Returns how many
-        rails were stored. Raises redis.RedisError if Redis is down (nothing is committed).
+        `serve`, so the API then answers these sessions from the cache. `users` names the
+        user of a session, whose purchases across sessions the rail then excludes (a request
+        filters a cached rail by its own user's purchases anyway). Returns how many rails
+        were stored. Raises redis.RedisError if Redis is down (nothing is committed).
         """
+        users = users or {}
         loaded, store = self.loaded, self.store
         if loaded is None or store is None or not session_ids:
             return 0
         pipeline, slots = loaded.pipeline, self.settings.evaluation.slots
-        snapshots = [store.snapshot(s, loaded.version, None) for s in session_ids]
+        snapshots = [store.snapshot(s, loaded.version, None, users.get(s)) for s in session_ids]
         exclusions = self.settings.serving.exclusions
         queries = [
             build_query(
-                RailRequest(session_id=s, slots=slots),
+                RailRequest(session_id=s, user_id=users.get(s), slots=slots),
                 snap,
                 (None, ()),
                 "homepage_hero",
@@ -398,7 +401,9 @@ class RailService:
         since = time.perf_counter()
         try:
             cached_rail = rail if rail == "homepage_hero" else None
-            return self.store.snapshot(request.session_id, loaded.version, cached_rail)
+            return self.store.snapshot(
+                request.session_id, loaded.version, cached_rail, request.user_id
+            )
         except redis.RedisError as exc:
             self.metrics.fallbacks.labels(reason="redis").inc()
             trace.reasons.append(f"redis unavailable ({type(exc).__name__}): no session state")

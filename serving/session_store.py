@@ -9,6 +9,8 @@ one slot and one pipeline reads them together):
     rt:{s:<session>}:vec:<model version>         hash {marker, vector (float32 bytes)}
     rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON with its marker), TTL
     rt:{u:<user>}:sessions                       set of the user's session ids (deletion)
+    rt:{u:<user>}:purchased                      sorted set item -> last purchase time, kept
+                                                 when purchase memory is on (exclusions)
     rt:{catalogue}:items, rt:{catalogue}:version latest price/stock per item, change version
 
 Every key has a TTL: session state, vectors, the user's session set and the catalogue live
@@ -33,6 +35,7 @@ and runs the script in two round trips instead of one.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +106,8 @@ class SessionSnapshot:
     marker: str
     vector: np.ndarray | None
     rail: dict[str, object] | None
+    # the user's purchases across sessions (item -> last purchase time), when asked for
+    purchased: dict[str, float] = field(default_factory=dict)
 
 
 class SessionStore:
@@ -112,6 +117,8 @@ class SessionStore:
         client: a single Redis URL, or a client from `serving.redis_client.connect` (one
             Redis or a cluster); `SessionStore.from_settings` builds it as configured.
         timeout_s: socket timeout of a URL's client (the request's Redis budget).
+        purchase_ttl_s: keep each user's purchases (across sessions) this long, for the
+            purchased-items exclusion; None = keep none.
     """
 
     def __init__(
@@ -121,8 +128,10 @@ class SessionStore:
         max_events: int,
         state_ttl_s: int,
         rail_ttl_s: int,
+        purchase_ttl_s: int | None = None,
     ) -> None:
         self.client = connect_url(client, timeout_s) if isinstance(client, str) else client
+        self.purchase_ttl_s = purchase_ttl_s
         self.cluster = is_cluster(self.client)
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
         self._append = self.client.register_script(_APPEND)
@@ -137,8 +146,16 @@ class SessionStore:
         socket timeout."""
         timeout_s = serving.budgets.redis_ms / 1000
         client = connect(serving, timeout_s)
+        window_h = serving.exclusions.purchased_window_h
+        # purchases are remembered exactly as long as the exclusion looks back
+        purchase_ttl_s = None if window_h is None else math.ceil(window_h * 3600)
         return cls(
-            client, timeout_s, serving.session_events, serving.state_ttl_s, serving.prewarm_ttl_s
+            client,
+            timeout_s,
+            serving.session_events,
+            serving.state_ttl_s,
+            serving.prewarm_ttl_s,
+            purchase_ttl_s,
         )
 
     @staticmethod
@@ -149,11 +166,21 @@ class SessionStore:
     def _user_key(user_id: str) -> str:
         return f"rt:{{u:{user_id}}}:sessions"
 
+    @staticmethod
+    def _purchases_key(user_id: str) -> str:
+        return f"rt:{{u:{user_id}}}:purchased"
+
     def ping(self) -> bool:
         return bool(self.client.ping())
 
-    def snapshot(self, session_id: str, version: str, rail: str | None) -> SessionSnapshot:
-        """The session's events, its vector and (for `rail`) its pre-warmed rail.
+    def snapshot(
+        self, session_id: str, version: str, rail: str | None, user_id: str | None = None
+    ) -> SessionSnapshot:
+        """The session's events, its vector, (for `rail`) its pre-warmed rail and (for
+        `user_id`, when purchase memory is on) the user's purchases across sessions.
+
+        One pipelined round trip on one Redis; on a cluster the user's purchases live in
+        the user's slot, so they cost a second node's reply in the same pipeline.
 
         Raises:
             redis.RedisError: Redis is down or slower than the timeout.
@@ -164,7 +191,12 @@ class SessionStore:
         pipe.hgetall(self._key(session_id, "vec", version))
         if rail is not None:
             pipe.get(self._key(session_id, "rail", version, rail))
-        raw_events, raw_n, raw_vector, *raw_rail = pipe.execute()
+        with_purchases = bool(user_id) and self.purchase_ttl_s is not None
+        if with_purchases:
+            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type]
+        raw_events, raw_n, raw_vector, *rest = pipe.execute()
+        raw_purchases = rest.pop() if with_purchases else []
+        raw_rail = rest
         count = (raw_n or b"0").decode()
         marker = count if self.rules_epoch is None else f"{count}@{self.rules_epoch}"
         events, context = [], None
@@ -178,7 +210,8 @@ class SessionStore:
         cached = orjson.loads(raw_rail[0]) if raw_rail and raw_rail[0] is not None else None
         if cached is not None and cached.get("marker") != marker:
             cached = None
-        return SessionSnapshot(events, context, marker, vector, cached)
+        purchased = {_text(item): float(t) for item, t in raw_purchases}
+        return SessionSnapshot(events, context, marker, vector, cached, purchased)
 
     def append_events(
         self,
@@ -211,15 +244,31 @@ class SessionStore:
             args += [event_id, orjson.dumps(payload)]
         keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
         pipe = self.client.pipeline(transaction=False)
+        purchases = self._purchases(events)
         for user_id in dict.fromkeys(u for u in user_ids if u):
             pipe.sadd(self._user_key(user_id), session_id)
             pipe.expire(self._user_key(user_id), self.state_ttl_s)
+            if purchases:  # GT: a redelivered older purchase never moves the time back
+                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)
+                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)
         if self.cluster:  # a cluster pipeline carries no script (serving/redis_client.py)
             if len(pipe):
                 pipe.execute()
             return int(self._append(keys=keys, args=args))
         self._append(keys=keys, args=args, client=pipe)
         return int(pipe.execute()[-1])
+
+    def _purchases(
+        self, events: Sequence[tuple[str, HistoryEvent, str | None]]
+    ) -> dict[str, float]:
+        """item -> latest purchase time among `events` (empty when purchase memory is off)."""
+        if self.purchase_ttl_s is None:
+            return {}
+        latest: dict[str, float] = {}
+        for _, event, _ in events:
+            if event.event_type == "purchase":
+                latest[event.item_id] = max(event.time_s, latest.get(event.item_id, event.time_s))
+        return latest
 
     def user_sessions(self, user_id: str) -> list[str]:
         """The session ids linked to `user_id` (those whose events carried it)."""
@@ -299,11 +348,14 @@ class SessionStore:
         """
         sessions = self.user_sessions(user_id)
         deletion = self.delete_sessions(sessions) if sessions else Deletion([])
+        purchases = int(self.client.delete(self._purchases_key(user_id)))
         removed = int(self.client.delete(self._user_key(user_id)))
         keys = dict(deletion.keys)
+        if purchases:
+            keys["user_purchases"] = purchases
         if removed:
             keys["user_sessions"] = removed
-        return Deletion(deletion.sessions, keys, deletion.deleted + removed)
+        return Deletion(deletion.sessions, keys, deletion.deleted + purchases + removed)
 
 
 def _text(value: bytes | str) -> str:

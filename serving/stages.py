@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +88,8 @@ def build_query(
     else:  # the hero rail is for discovery: nothing the shopper already saw
         exclude = frozenset(items)
     exclude |= frozenset(request.exclude)
-    exclude |= purchased_items(events, rail, exclusions)
+    purchased = snapshot.purchased if snapshot is not None else {}
+    exclude |= purchased_items(events, purchased, rail, exclusions)
     return Query(
         session_items=items,
         session_types=tuple(e.event_type for e in events),
@@ -101,18 +102,26 @@ def build_query(
 
 
 def purchased_items(
-    events: Sequence[HistoryEvent], rail: str, exclusions: ExclusionSettings
+    events: Sequence[HistoryEvent],
+    user_purchases: Mapping[str, float],
+    rail: str,
+    exclusions: ExclusionSettings,
 ) -> frozenset[str]:
-    """Items the session purchased within the window, on the rails configured for it.
+    """Items the shopper purchased within the window, on the rails configured for it: in
+    this session's events, and in the user's purchases across sessions (item -> time, kept
+    by the consumer when the request names the user; serving.session_store).
 
     The window ends at the session's newest event, the clock the rules are judged by
-    (RailPipeline.request_time), so a replayed session is treated as it was live.
+    (RailPipeline.request_time), so a replayed session is treated as it was live; a session
+    with no events yet is judged at the wall clock.
     """
     window_h = exclusions.purchased_window_h
-    if window_h is None or rail not in exclusions.rails or not events:
+    if window_h is None or rail not in exclusions.rails:
         return frozenset()
-    since = max(e.time_s for e in events) - window_h * 3600.0
-    return frozenset(e.item_id for e in events if e.event_type == "purchase" and e.time_s >= since)
+    now = max((e.time_s for e in events), default=time.time())
+    since = now - window_h * 3600.0
+    in_session = {e.item_id for e in events if e.event_type == "purchase" and e.time_s >= since}
+    return frozenset(in_session | {i for i, t in user_purchases.items() if t >= since})
 
 
 def query_history(query: Query) -> list[HistoryEvent]:

@@ -261,7 +261,7 @@ class RefreshConsumer:
             # an idle poll touches no Redis
             self.service.prices.sync(self.service.loaded)
         # one encoder call and one pipeline pass for every touched session of the batch
-        self.service.prewarm(touched)
+        self.service.prewarm(touched, {s: min(users[s]) for s in touched if users.get(s)})
         now = time.time()
         for session_id in touched:
             report.freshness_s += [now - t for t in produced_at[session_id]]

@@ -364,3 +364,42 @@ def test_purchases_within_the_window_leave_cart_upsell(world):
     # the same as excluding them by request: one concept, one place (build_query)
     by_request = RailRequest(session_id=session_id, cart=cart, slots=8, exclude=bought)
     assert on == [i.item_id for i in services["plain"].serve("cart_upsell", by_request).items]
+
+
+def test_a_users_purchases_in_another_session_leave_hero_and_cart_until_the_user_is_deleted(
+    world,
+):
+    """Purchase memory across sessions: what the user bought in one session never shows on
+    the hero or cart rail of the next one, computed or pre-warmed; deleting the user forgets."""
+    services, loaded, _, pools = world
+    _set_rules(world, RuleSet(name="none", version="1"))
+    computed = services["computed"]
+    store = SessionStore(computed.store.client, 2.0, 50, 600, 600, purchase_ttl_s=3600)
+    service = RailService(computed.settings, loaded, store, None, Metrics())
+    user, old, new = f"u{next(_counter)}", f"x{next(_counter)}", f"x{next(_counter)}"
+    views = [HistoryEvent(item, "view", T0 + 100 + n) for n, item in enumerate(pools["items"][:3])]
+    store.append_events(new, [(f"{new}-{n}", e, None) for n, e in enumerate(views)], [user])
+    cart = [pools["items"][0]]
+    guest = service.serve("homepage_hero", RailRequest(session_id=new, slots=8))
+    guest_cart = service.serve("cart_upsell", RailRequest(session_id=new, cart=cart, slots=8))
+    bought = [i.item_id for i in guest.items][:3] + [i.item_id for i in guest_cart.items][:3]
+    purchases = [HistoryEvent(item, "purchase", T0 + 50) for item in bought]
+    store.append_events(old, [(f"{old}-{n}", e, None) for n, e in enumerate(purchases)], [user])
+
+    def shown(rail: str, **body) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+        reply = service.serve(rail, RailRequest(session_id=new, user_id=user, slots=8, **body))
+        return reply.served_by, [i.item_id for i in reply.items]
+
+    # the guest's hero rail is pre-warmed with the bought items: the cache must drop them
+    served_by, hero = shown("homepage_hero")
+    assert not set(hero) & set(bought) and len(hero) == 8
+    _, cart_items = shown("cart_upsell", cart=cart)
+    assert not set(cart_items) & set(bought) and len(cart_items) == 8
+    # warmed for the user by the consumer's path, then served from that cache
+    assert service.prewarm([new], {new: user}) == 1
+    served_by, warmed = shown("homepage_hero")
+    assert served_by == "cache" and not set(warmed) & set(bought) and len(warmed) == 8
+
+    deletion = store.delete_user(user)
+    assert deletion.keys.get("user_purchases") == 1
+    assert store.snapshot(new, loaded.version, None, user).purchased == {}

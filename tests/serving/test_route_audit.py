@@ -189,7 +189,7 @@ def test_the_audit_catches_a_new_route_left_open(tmp_path):
     assert [r for r in routes(app) if not guarded(*r) and r not in PUBLIC] == [("GET", "/v1/peek")]
 
 
-@pytest.mark.parametrize("key", ["", "x", "k" * 15])
+@pytest.mark.parametrize("key", ["", "x", "k" * 15, " " * 16, "  short-key-12  "])
 def test_an_empty_or_short_key_is_refused_by_settings(tmp_path, key):
     with pytest.raises(ConfigError, match="at least 16 characters"):
         _settings(tmp_path, key)
