@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.rails_api import _head, _row, _sessions, closed_loop
+from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.local_services import (
@@ -157,7 +157,7 @@ def main() -> None:
     artifacts = (args.artifacts or bundle.parent).resolve()
     settings = load_settings(artifacts_dir=artifacts, log_level="WARNING")
     loaded = load_rails(bundle, settings)
-    sessions = _sessions(loaded, args.sessions)
+    sessions = synthetic_sessions(loaded, args.sessions)
     bodies = request_mix(sessions)
     work = settings.cache_dir / "bench-api-replicas"
     redis_port = free_port()

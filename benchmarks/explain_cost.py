@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import orjson
 
+from benchmarks.rails_api import percentiles, synthetic_sessions
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.local_services import LocalServer, api_command, free_port, redis_server
@@ -37,29 +38,6 @@ from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 RAILS = ("homepage_hero", "homepage_hero (cached)", "pdp_fbt", "cart_upsell", "deals_for_you")
-
-
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds or [0.0]) * 1000
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
-
-
-def sessions(loaded, n: int) -> list[list[HistoryEvent]]:  # type: ignore[no-untyped-def]
-    """Sessions of 2-6 of the bundle's 2,000 most popular items, a view or a cart each."""
-    rng = np.random.default_rng(0)
-    order = np.argsort(-loaded.pipeline.stats.popularity)[:2000]
-    ids = loaded.pipeline.stats.item_ids[order]
-    out = []
-    for _ in range(n):
-        picks = rng.choice(ids, size=int(rng.integers(2, 7)), replace=False)
-        kinds = rng.choice(["view", "view", "cart"], size=len(picks))
-        out.append(
-            [
-                HistoryEvent(str(i), str(t), 1569890000.0 + 30 * k)
-                for k, (i, t) in enumerate(zip(picks, kinds, strict=True))
-            ]
-        )
-    return out
 
 
 def request_for(rail: str, n: int, history: list[HistoryEvent], explain: bool) -> tuple[str, dict]:
@@ -117,7 +95,7 @@ def main() -> None:
     settings = load_settings(log_level="WARNING")
     bundle = (args.bundle or production_pointer(settings)).resolve()
     loaded = load_rails(bundle, settings)
-    histories = sessions(loaded, n)
+    histories = synthetic_sessions(loaded, n, carts=True)
     work = settings.cache_dir / "bench-explain"
     started: list[LocalServer] = []
     result: dict[str, Any] = {

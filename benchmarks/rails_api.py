@@ -53,7 +53,7 @@ OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1000
+    ms = np.asarray(seconds or [0.0]) * 1000
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} | {"n": len(ms)}
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     settings = load_settings(log_level="WARNING")
     bundle = (args.bundle or production_pointer(settings)).resolve()
     loaded = load_rails(bundle, settings)
-    sessions = _sessions(loaded, args.sessions)
+    sessions = synthetic_sessions(loaded, args.sessions)
     work = settings.cache_dir / "bench-api"
     started: list[LocalServer] = []
     result: dict[str, Any] = {
@@ -320,16 +320,23 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sessions(loaded, n: int) -> list[list[HistoryEvent]]:  # type: ignore[no-untyped-def]
-    """Sessions of 2-6 popular-ish catalogue items (the bundle's own items, seeded)."""
+def synthetic_sessions(loaded, n: int, carts: bool = False) -> list[list[HistoryEvent]]:  # type: ignore[no-untyped-def]
+    """Sessions of 2-6 of the bundle's 2,000 most popular items (seeded): views, or with
+    `carts` a view or a cart each (one in three)."""
     rng = np.random.default_rng(0)
     order = np.argsort(-loaded.pipeline.stats.popularity)[:2000]
     ids = loaded.pipeline.stats.item_ids[order]
     out = []
     for _ in range(n):
         picks = rng.choice(ids, size=int(rng.integers(2, 7)), replace=False)
+        kinds = ["view"] * len(picks)
+        if carts:
+            kinds = rng.choice(["view", "view", "cart"], size=len(picks))
         out.append(
-            [HistoryEvent(str(i), "view", 1569890000.0 + 30 * k) for k, i in enumerate(picks)]
+            [
+                HistoryEvent(str(i), str(t), 1569890000.0 + 30 * k)
+                for k, (i, t) in enumerate(zip(picks, kinds, strict=True))
+            ]
         )
     return out
 

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.rails_api import _head, _row, _sessions, closed_loop
+from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.local_services import (
     LocalServer,
@@ -118,7 +118,7 @@ def main() -> None:
     artifacts = (args.artifacts or args.bundle.resolve().parent).resolve()
     settings = load_settings(artifacts_dir=artifacts, log_level="WARNING")
     loaded = load_rails(args.bundle, settings)
-    sessions = _sessions(loaded, args.sessions)
+    sessions = synthetic_sessions(loaded, args.sessions)
     started: list[LocalServer] = []
     result: dict[str, Any] = {
         "bundle": loaded.version,
