@@ -91,6 +91,12 @@ def evaluate(
         help="with --bundle: a data set name or a canonical Parquet/CSV events file "
         "(default: the bundle's data set); scored on sessions after its training window",
     ),
+    later_window: bool = typer.Option(
+        False,
+        "--later-window",
+        help="fit on each data set's history, judge and refit as the nightly job would, then "
+        "score every baseline and stage on the later sessions nothing was tuned on",
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Score every model on every rail each data set supports; write reports/<run>/."""
@@ -101,8 +107,17 @@ def evaluate(
         raise typer.BadParameter("split must be 'test' or 'validation'")
     if events is not None and bundle is None:
         raise typer.BadParameter("--events needs --bundle (the bundle to score on them)")
+    if later_window and bundle is not None:
+        raise typer.BadParameter("--later-window fits its own bundles; drop --bundle")
     settings = _settings(config)
     try:
+        if later_window:
+            from training.later_window import run_later_window
+
+            folder, _ = run_later_window(settings, datasets, run_name, towers)
+            console.print((folder / "later_window.md").read_text(), markup=False, soft_wrap=True)
+            console.print(f"\nreport: {folder}/later_window.md\nplots:  {folder}/plots/")
+            return
         if bundle is not None:
             from ranking.rails_bundle import load_evaluation
             from training.bundle_eval import evaluate_bundle

@@ -66,6 +66,7 @@ ITEM_COLUMNS: tuple[Column, ...] = (
     Column("stock", "int", False, "units in stock; 0 means out of stock"),
     Column("margin", "float", False, "gross margin share, 0..1"),
     Column("product_group", "string", False, "variants of one product share it (colours)"),
+    Column("first_seen", "time", False, "listing time (UTC), from when the item is known"),
 )
 
 EVENT_COLUMN_NAMES = tuple(c.name for c in EVENT_COLUMNS)

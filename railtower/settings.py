@@ -88,6 +88,12 @@ class EvaluationSettings(_Section):
         "covisitation",
         "session_knn",
     ]
+    # Models, sources, re-ranker features and the ranked catalogue know only items seen
+    # before the cut (or listed before it); false reproduces the leaky protocol side by side.
+    point_in_time_catalogue: bool = True
+    # After the harness has judged a bundle on its held-out window, refit the same
+    # configuration on the whole window (held-out part included): the bundle that serves.
+    refit: bool = True
 
     @model_validator(mode="after")
     def _depths_are_ordered(self) -> EvaluationSettings:
@@ -246,6 +252,10 @@ class RankerSettings(_Section):
     max_requests: int = Field(6000, ge=10)
     # Graded relevance of what followed a request: the strongest event on the item.
     label_grades: dict[str, int] = {"view": 1, "cart": 2, "purchase": 3}
+    # Serve each rail in the order that wins NDCG@slots on the ranker window's held-out
+    # sessions: the re-ranker, the fused order, or one candidate source's own order (a rail
+    # where session-kNN alone wins is served by session-kNN); false always uses the ranker.
+    choose_order: bool = True
 
 
 class ExplorationSettings(_Section):
@@ -347,6 +357,9 @@ class PromotionSettings(_Section):
     # its cases could reach (cases x slots distinct items, capped by the catalogue): a rail
     # scored on six carts cannot cover 1% of a 5,000-item catalogue, however good it is.
     min_coverage_share: float = Field(0.05, ge=0.0, le=1.0)
+    # Refuse a rail whose NDCG@slots is below the best baseline on the same cases (fitted on
+    # the same window) beyond the paired interval, with or without a production bundle.
+    beat_baselines: bool = True
     # Bootstrap resamples of the paired NDCG difference.
     bootstrap_samples: int = Field(1000, ge=100)
     # Where the production pointer of each data set lives: <artifacts_dir>/<pointer_dir>/<data set>.
@@ -737,6 +750,9 @@ class DatasetSpec(_Section):
     # session has none of them (REES46 has few purchases, so later views stand in)
     strong_event_types: list[str] = ["cart", "purchase"]
     fallback_to_views: bool = False
+    # `railtower evaluate --later-window`: the newest share of sessions (by end time) that
+    # nothing is fitted or tuned on; without a clock the seeded hash split's test share.
+    later_window_share: float = Field(0.2, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _rails_need_events(self) -> DatasetSpec:

@@ -135,3 +135,12 @@ def _empty_long() -> pd.DataFrame:
             "score": pd.Series([], dtype=float),
         }
     )
+
+
+def source_order(frame: pd.DataFrame, source: str) -> np.ndarray:
+    """Scores that put `source`'s own candidates first, in its rank order, and the rest of
+    the pool behind them in fused order (a rail served by one source, e.g. session-kNN)."""
+    rank = frame[f"{source}_rank"].to_numpy(dtype=float)
+    fused = frame["fused"].to_numpy(dtype=float)
+    # fused scores are reciprocal-rank sums below 1, ranks are at most a few hundred
+    return np.where(np.isfinite(rank), 1e6 - rank, fused)

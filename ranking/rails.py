@@ -32,7 +32,7 @@ import pandas as pd
 
 from railtower.settings import RankingSettings
 from ranking.business_features import FEATURES, ItemStats, build_features
-from ranking.candidate_fusion import CandidateTable, fuse
+from ranking.candidate_fusion import SOURCES, CandidateTable, fuse, source_order
 from ranking.candidates import Candidate
 from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
@@ -70,6 +70,9 @@ class RailPipeline:
     slots: int
     rankers: dict[str, lgb.Booster] = field(default_factory=dict)
     rule_set: RuleSet | None = None
+    # per rail, the order its ranker stage serves (chosen on the ranker window's held-out
+    # sessions at fit time): "ranker", "fused" or a source's name; absent = "ranker"
+    orders: dict[str, str] = field(default_factory=dict)
     _popular: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def candidate_table(
@@ -181,12 +184,17 @@ class RailPipeline:
     def ranker_scores(
         self, rail: str, table: CandidateTable, queries: Sequence[Query]
     ) -> np.ndarray:
-        """The re-ranker's score per table row; the fused score where the rail has no ranker
-        (deals_for_you: deal strength x affinity, see :meth:`deal_scores`)."""
+        """The ranker stage's score per table row: the re-ranker's, or the order the rail
+        serves instead (the fused order, or one source's own; see `orders`), the fused score
+        where the rail has no ranker (deals_for_you: deal strength x affinity, see
+        :meth:`deal_scores`)."""
         if rail == DEALS_RAIL:
             return np.asarray(self.deal_scores(table, queries), dtype=float)
+        order = self.orders.get(rail, "ranker")
+        if order in SOURCES and not table.frame.empty:
+            return source_order(table.frame, order)
         booster = self.rankers.get(rail)
-        if booster is None or table.frame.empty:
+        if booster is None or order != "ranker" or table.frame.empty:
             return table.frame["fused"].to_numpy(dtype=float)
         features = build_features(table, queries, self.stats)
         return booster.predict(features, num_threads=0)

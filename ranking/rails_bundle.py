@@ -45,6 +45,8 @@ class RailsBundle:
     evaluation: dict[str, Any]
     items: pd.DataFrame
     basket: bool
+    # per rail, the order its ranker stage serves (RailPipeline.orders)
+    orders: dict[str, str]
 
     @property
     def version(self) -> str:
@@ -81,6 +83,7 @@ class RailsBundle:
             evaluation=load_evaluation(folder),
             items=pd.read_parquet(folder / CATALOGUE),
             basket=meta.get("session_kind") == "basket",
+            orders=dict(meta.get("orders", {})),
         )
 
 
@@ -93,11 +96,12 @@ def write_rails_bundle(
     ranking: RankingSettings,
     tower_bundle: str | None,
     evaluation: dict[str, Any],
-    window: DataWindow,
+    windows: list[DataWindow],
     settings_fingerprint: str,
     sources: dict[str, CandidateSource],
     items: pd.DataFrame,
     session_kind: str,
+    orders: dict[str, str] | None = None,
 ) -> Path:
     """Write every file of a rails bundle and its manifest; return the folder.
 
@@ -120,6 +124,7 @@ def write_rails_bundle(
         "rails": sorted(rankers),
         "sources": sorted(sources),
         "session_kind": session_kind,
+        "orders": orders or {},
     }
     (folder / PIPELINE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     (folder / EVALUATION).write_bytes(
@@ -131,7 +136,8 @@ def write_rails_bundle(
         created_at=now_iso(),
         git_commit=git_commit(),
         settings_fingerprint=settings_fingerprint,
-        data=[window],
+        # the bundle's own fit window first; a refit also records the window it was judged on
+        data=windows,
         metrics={
             rail: {name: row["ndcg"] for name, row in record["models"].items()}
             for rail, record in evaluation.get("rails", {}).items()

@@ -62,6 +62,7 @@ def load_rails(folder: Path, settings: Settings) -> LoadedRails:
         slots=settings.evaluation.slots,
         rankers=rails.rankers,
         rule_set=rails.rule_set,
+        orders=rails.orders,
     )
     titles = (
         {

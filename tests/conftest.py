@@ -64,7 +64,8 @@ def trained_rees46(tmp_path_factory):
     settings = load_settings(
         artifacts_dir=root / "artifacts",
         reports_dir=root / "reports",
-        evaluation={"bootstrap_samples": 100, "max_sessions_per_task": 300},
+        # the judged fit itself, so its own test split stays unseen (tests score it there)
+        evaluation={"bootstrap_samples": 100, "max_sessions_per_task": 300, "refit": False},
         training={"max_epochs": 2},
         ranking={"mmr_lambda_grid": [0.85, 1.0]},
         serving={

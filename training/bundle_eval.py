@@ -10,7 +10,7 @@ window then reads against the same floor the harness gave it. The promotion gate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,12 +133,14 @@ def score_bundle(
     split: str = "test",
     window: Mapping[str, Any] | None = None,
     held_out: Mapping[str, Any] | None = None,
+    baselines: Sequence[TaskResult] = (),
 ) -> tuple[list[TaskResult], dict[str, Any]]:
     """Run the loaded pipeline stage by stage on `cases`; score every stage as the harness
     does and return (task rows, evaluation record in the shape the bundle itself carries).
 
     Rows are named as in the harness (two_tower, fused_candidates, ..., +ranker+mmr+rules),
-    so the record pairs with any bundle's record on the same cases.
+    so the record pairs with any bundle's record on the same cases; `baselines` scored on
+    the same cases join the record as the harness's do (the gate's baseline bar).
     """
     tasks: list[TaskResult] = []
     pipeline = loaded.pipeline
@@ -167,6 +169,7 @@ def score_bundle(
         settings,
         len(loaded.catalogue),
         held_out,
+        baselines,
     )
     return tasks, record
 
@@ -178,6 +181,7 @@ def evaluate_bundle(
     held_out: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     write: bool = True,
+    baseline_events: pd.DataFrame | None = None,
 ) -> BundleEvaluation:
     """Score the rails bundle at `rails_dir` on `events`; never retrains it.
 
@@ -189,6 +193,9 @@ def evaluate_bundle(
             data it never saw (for a harness bundle on its own data: its test split).
         run_name: folder under reports/ (default: a timestamped version).
         write: write results.json/md and plots under reports/<run>/ as the harness does.
+        baseline_events: the events the baselines are fitted on (default: the whole
+            sessions inside the bundle's training window; a window without a clock, as a
+            hash split's, cannot be rebuilt from the events and must be given).
 
     Raises:
         ArtifactMismatch: the bundle (or its tower bundle) does not verify.
@@ -209,7 +216,11 @@ def evaluate_bundle(
             f"reach past the bundle's training window (it ends {window.end})"
         )
     # Compute: baselines on the bundle's own training window, then the bundle's stages.
-    fit_events = sessions_within(data.events, window.start, window.end)
+    fit_events = (
+        sessions_within(data.events, window.start, window.end)
+        if baseline_events is None
+        else baseline_events
+    )
     warm = set(fit_events["item_id"]) if len(fit_events) else _stats_items(loaded)
     tasks: list[TaskResult] = []
     if len(fit_events):
@@ -223,7 +234,15 @@ def evaluate_bundle(
                 )
     summary = _summary(data, held_out, window, fit_events, cases)
     staged, record = score_bundle(
-        loaded, cases, settings, data.name, warm, str(held_out["split"]), summary, held_out
+        loaded,
+        cases,
+        settings,
+        data.name,
+        warm,
+        str(held_out["split"]),
+        summary,
+        held_out,
+        list(tasks),
     )
     tasks += staged
     cold = {

@@ -26,6 +26,7 @@ from training.metrics import (
     recall_at,
     reciprocal_rank,
 )
+from training.point_in_time import catalogue_at
 from training.split import Split, SplitName, split_events
 from training.tasks import EvalCase, build_cases
 
@@ -66,6 +67,9 @@ class TaskResult:
     # items that got events in the log (REES46, UCI), "never seen in training" betrays a
     # future item; the warm slice is the comparison that artefact cannot flatter.
     warm: dict[str, Interval] = field(default_factory=dict)
+    # cases none of whose targets is in the (point-in-time) catalogue ranked: a miss for
+    # every model, reported apart so that no model is blamed or credited for them
+    unknown_cases: int = 0
     # one NDCG@slots per case, in case order: the promotion gate's paired comparison
     per_case_ndcg: list[float] = field(default_factory=list, repr=False)
 
@@ -97,7 +101,11 @@ class StagedModel(Protocol):
     because its re-ranker learns from a window its retrievers have not seen."""
 
     def __call__(
-        self, split: Split, cases: Mapping[str, list[EvalCase]], warm: set[str]
+        self,
+        split: Split,
+        cases: Mapping[str, list[EvalCase]],
+        warm: set[str],
+        baselines: Sequence[TaskResult],
     ) -> tuple[list[TaskResult], dict[str, object]]: ...
 
 
@@ -116,13 +124,21 @@ def evaluate_dataset(
         return result
     split = split_events(dataset.events, dataset.has_time, settings.split, settings.seed)
     result = DatasetResult(dataset.name, split.summary(), [r.as_dict() for r in dataset.reports])
-    catalogue = Catalogue(dataset.items)
     cases = {rail: _cases(rail, split, dataset, settings, target) for rail in dataset.spec.rails}
     for rail, rail_cases in cases.items():
         if not rail_cases:
             result.skipped.append(f"{rail}: no held-out case in the {target} split")
     fit_events = split.fit_events(target)
     warm = set(fit_events["item_id"])
+    catalogue = Catalogue(
+        catalogue_at(
+            dataset.items,
+            fit_events,
+            dataset.has_time,
+            settings.evaluation.point_in_time_catalogue,
+        )
+    )
+    result.split["catalogue"] = {"listed": len(dataset.items), "known_at_cut": len(catalogue)}
     for name, make in models.items():
         started = time.perf_counter()
         model = make().fit(fit_events, catalogue)
@@ -141,7 +157,8 @@ def evaluate_dataset(
                     **{k: round(v.mean, 4) for k, v in task.metrics.items()},
                 )
     if staged is not None:
-        tasks, report = staged(split, {r: c for r, c in cases.items() if c}, warm)
+        baselines = list(result.tasks)
+        tasks, report = staged(split, {r: c for r, c in cases.items() if c}, warm, baselines)
         result.tasks.extend(tasks)
         result.pipeline = report
     return result
@@ -206,6 +223,7 @@ def score_ranked(
             {m: np.asarray(v)[mask] for m, v in per_case.items()}, sessions[mask], settings
         )
 
+    unknown = sum(1 for c in cases if not any(t in catalogue.index for t in c.targets))
     cold = slice_of(cold_mask)
     warm = slice_of(~cold_mask) if warm_items is not None else {}
     lengths = np.array([c.length for c in cases])
@@ -226,6 +244,7 @@ def score_ranked(
         by_length=by_length,
         seconds=0.0,
         cold_cases=int(cold_mask.sum()),
+        unknown_cases=unknown,
         cold=cold,
         warm=warm,
         per_case_ndcg=ndcg.tolist(),

@@ -16,14 +16,17 @@ training per data set), so they are a window staler than the baselines beside th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from railtower.datasets import Dataset
+from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.manifest import DataWindow
 from railtower.settings import Settings
@@ -36,7 +39,8 @@ from ranking.retriever import CandidateSource, Catalogue
 from ranking.rules import load_rule_set
 from training.evaluate import TaskResult, per_case_metrics, score_ranked
 from training.metrics import bootstrap_ci
-from training.ranker import RankerFit, fit_ranker, graded_labels
+from training.point_in_time import catalogue_at
+from training.ranker import RankerFit, choose_order, fit_ranker, graded_labels
 from training.records import (  # cases_fingerprint: re-exported, it used to live here
     cases_fingerprint,  # noqa: F401
     evaluation_record,
@@ -59,8 +63,12 @@ STAGE_ROWS = {
 @dataclass
 class FittedPipeline:
     pipeline: RailPipeline
+    # the point-in-time catalogue at the end of the fit window: what the bundle serves
+    items: pd.DataFrame
     rankers: dict[str, RankerFit] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=dict)
+    # per rail: the order served and every order's NDCG on the ranker's held-out sessions
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def ranker_windows(
@@ -85,7 +93,11 @@ def fit_pipeline(
     retrieval, ranker_events, whole = ranker_windows(
         split, target, dataset.has_time, settings.split.validation_share, settings.seed
     )
-    catalogue = Catalogue(dataset.items)
+    # Point in time: the ranker learns on requests after the retrieval cut, so sources,
+    # statistics and candidates know only the items known by then (training.point_in_time).
+    known_then = catalogue_at(dataset.items, retrieval, dataset.has_time, _pit(settings))
+    known_now = catalogue_at(dataset.items, whole, dataset.has_time, _pit(settings))
+    catalogue = Catalogue(known_then)
     basket = spec.session_kind == "basket"
     sources: dict[str, CandidateSource] = {}
     for name in settings.ranking.sources:
@@ -95,11 +107,11 @@ def fit_pipeline(
         else:
             sources[name] = BASELINES[name](settings, basket).fit(retrieval, catalogue)  # type: ignore[assignment]
 
-    def item_stats(events: pd.DataFrame) -> ItemStats:
+    def item_stats(events: pd.DataFrame, items: pd.DataFrame) -> ItemStats:
         return ItemStats.fit(
             events,
-            dataset.items,
-            catalogue,
+            items,
+            Catalogue(items),
             settings.ranking,
             settings.event_weights,
             settings.towers.price_bands,
@@ -109,8 +121,8 @@ def fit_pipeline(
     rules = settings.ranking.rules_path
     pipeline = RailPipeline(
         sources=sources,
-        stats=item_stats(retrieval),
-        attributes=ItemAttributes.from_frame(dataset.items, settings.towers.price_bands),
+        stats=item_stats(retrieval, known_then),
+        attributes=ItemAttributes.from_frame(known_now, settings.towers.price_bands),
         settings=settings.ranking,
         depth=settings.ranking.pool_size,
         slots=settings.evaluation.slots,
@@ -118,10 +130,14 @@ def fit_pipeline(
     )
     fitted = FittedPipeline(
         pipeline,
+        items=known_now,
         windows={
             "retrieval_events": len(retrieval),
             "ranker_events": len(ranker_events),
             "fit_events": len(whole),
+            "catalogue_at_retrieval_cut": len(known_then),
+            "catalogue_at_fit_cut": len(known_now),
+            "catalogue_listed": len(dataset.items),
         },
     )
     ranker = settings.ranking.ranker
@@ -151,6 +167,20 @@ def fit_pipeline(
         fitted.rankers[rail] = fit
         if fit.booster is not None:
             pipeline.rankers[rail] = fit.booster
+        if ranker.choose_order:
+            order, tried = choose_order(
+                table,
+                features,
+                labels,
+                [c.session_id for c in cases],
+                fit.booster,
+                list(sources),
+                ranker,
+                settings.evaluation.slots,
+                settings.seed,
+            )
+            pipeline.orders[rail] = order
+            fitted.orders[rail] = {"order": order, "validation_ndcg": tried}
         log.info(
             "ranker fitted",
             dataset=spec.name,
@@ -160,36 +190,53 @@ def fit_pipeline(
             trained=fit.booster is not None,
             seconds=round(time.perf_counter() - started, 1),
         )
-    # Serve from the freshest window: refit what is cheap to refit.
+    # Serve from the freshest window: refit what is cheap to refit, over what is known now.
     for name, source in sources.items():
         if name != "two_tower":
-            source.fit(whole, catalogue)
-    pipeline.stats = item_stats(whole)
+            source.fit(whole, Catalogue(known_now))
+    pipeline.stats = item_stats(whole, known_now)
     return fitted
+
+
+def _pit(settings: Settings) -> bool:
+    return settings.evaluation.point_in_time_catalogue
+
+
+# A tower source for a bundle name suffix ("" for the judged fit, "-refit" for the refit):
+# each fit exports its own tower bundle.
+TowerFactory = Callable[[str], CandidateSource]
 
 
 def staged_evaluation(
     dataset: Dataset,
     settings: Settings,
     target: SplitName,
-    towers: Callable[[], CandidateSource] | None = None,
+    towers: TowerFactory | None = None,
     bundle: Path | None = None,
 ) -> Callable[
-    [Split, Mapping[str, list[EvalCase]], set[str]], tuple[list[TaskResult], dict[str, object]]
+    [Split, Mapping[str, list[EvalCase]], set[str], Sequence[TaskResult]],
+    tuple[list[TaskResult], dict[str, object]],
 ]:
     """The harness hook (training.evaluate.StagedModel) that fits and scores the pipeline.
 
-    With `bundle`, the fitted rankers, item statistics and rule set are written there as a
-    rails bundle together with the evaluation they earned (the promotion gate's input).
+    With `bundle`, the fitted rankers, item statistics and rule set are written as a rails
+    bundle together with the evaluation they earned, baselines included (the promotion
+    gate's input). With `evaluation.refit` (and the test split as target) the judged fit
+    goes to `<bundle>-heldout` and the same configuration refitted on the whole window,
+    held-out part included, to `<bundle>`: the bundle that serves, carrying the judged
+    fit's record (see :func:`refit_pipeline`).
     """
 
     def run(
-        split: Split, cases: Mapping[str, list[EvalCase]], warm: set[str]
+        split: Split,
+        cases: Mapping[str, list[EvalCase]],
+        warm: set[str],
+        baselines: Sequence[TaskResult] = (),
     ) -> tuple[list[TaskResult], dict[str, object]]:
         started = time.perf_counter()
-        fitted = fit_pipeline(dataset, split, settings, target, towers)
+        fitted = fit_pipeline(dataset, split, settings, target, _tower(towers, ""))
         fit_s = time.perf_counter() - started
-        catalogue = Catalogue(dataset.items)
+        catalogue = Catalogue(fitted.items)
         tasks: list[TaskResult] = []
         sweeps: dict[str, list[dict[str, float]]] = {}
         recalls: dict[str, dict[str, dict[str, float]]] = {}
@@ -222,10 +269,11 @@ def staged_evaluation(
             sweeps[rail] = mmr_sweep(
                 fitted.pipeline, staged["ranker"], rail_cases, catalogue, settings
             )
-        report = {
+        report: dict[str, object] = {
             "windows": fitted.windows,
             "sources": list(fitted.pipeline.sources),
             "rankers": {rail: fit.summary() for rail, fit in fitted.rankers.items()},
+            "orders": fitted.orders,
             "mmr_lambda": settings.ranking.mmr_lambda,
             "mmr_sweep": sweeps,
             "pool_recall": recalls,
@@ -234,46 +282,138 @@ def staged_evaluation(
             else f"{fitted.pipeline.rule_set.name} {fitted.pipeline.rule_set.version}",
             "fit_seconds": round(fit_s, 1),
         }
-        if bundle is not None:
-            _write_bundle(bundle, fitted, tasks, cases, split, dataset, settings, target)
-            report["bundle"] = str(bundle)
+        if bundle is None:
+            return tasks, report
+        record = evaluation_record(
+            dataset.name,
+            target,
+            split.summary(),
+            cases,
+            tasks,
+            settings,
+            len(fitted.items),
+            held_out_of_split(split, target, settings),
+            baselines,
+        )
+        refit = settings.evaluation.refit and target == "test"
+        judged = bundle.with_name(f"{bundle.name}-heldout") if refit else bundle
+        _write_bundle(
+            judged,
+            fitted,
+            record,
+            [_window(split.fit_events(target), dataset)],
+            settings,
+            dataset.spec.session_kind,
+        )
+        report["bundle"] = str(bundle)
+        if refit:
+            started = time.perf_counter()
+            refit_pipeline(dataset, split, settings, record, judged, bundle, towers)
+            report["refit"] = {
+                "judged": str(judged),
+                "served": str(bundle),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
         return tasks, report
 
     return run
 
 
-def _write_bundle(
-    folder: Path,
-    fitted: FittedPipeline,
-    tasks: list[TaskResult],
-    cases: Mapping[str, list[EvalCase]],
-    split: Split,
+def refit_pipeline(
     dataset: Dataset,
+    split: Split,
     settings: Settings,
-    target: SplitName,
-) -> None:
-    # One record shape for every writer (training.records); `held_out` lets the gate
-    # rebuild these cases later and score another bundle on them.
-    evaluation = evaluation_record(
-        dataset.name,
-        target,
-        split.summary(),
-        cases,
-        tasks,
-        settings,
-        len(dataset.items),
-        held_out_of_split(split, target, settings),
+    record: dict[str, Any],
+    judged: Path,
+    folder: Path,
+    towers: TowerFactory | None = None,
+) -> Path:
+    """Refit the judged configuration on the whole window and write it to `folder`.
+
+    The windows move forward by one split: sources and towers learn on train + validation,
+    the re-rankers on the test split's requests, and the cheap sources and item statistics
+    are refitted on everything. The bundle carries the judged fit's evaluation record (the
+    evidence the gate reads; the refit saw those cases) and names that fit; its manifest
+    records both windows, its own first. It is verified as serving loads it before it is
+    left for the gate: every rail must answer full slots on the held-out requests.
+
+    Raises:
+        ArtifactMismatch: the refit does not load or leaves a rail short of its slots.
+    """
+    shifted = Split(
+        split.kind,
+        train=split.fit_events("test"),
+        validation=split.test,
+        test=split.test.iloc[0:0],
+        validation_cut=split.test_cut,
     )
-    tower = fitted.pipeline.sources.get("two_tower")
-    tower_bundle = getattr(getattr(tower, "bundle", None), "version", None)
-    events = split.fit_events(target)
-    window = DataWindow(
+    fitted = fit_pipeline(dataset, shifted, settings, "test", _tower(towers, "-refit"))
+    judged_window = _window(split.fit_events("test"), dataset)
+    whole = _window(shifted.fit_events("test"), dataset)
+    refit_record = {
+        **record,
+        "refit": {
+            "judged_bundle": judged.name,
+            "judged_window": judged_window.model_dump(mode="json"),
+        },
+    }
+    _write_bundle(
+        folder, fitted, refit_record, [whole, judged_window], settings, dataset.spec.session_kind
+    )
+    _verify_refit(folder, record, dataset, settings)
+    log.info(
+        "refitted on the whole window",
+        dataset=dataset.name,
+        bundle=str(folder),
+        events=whole.events,
+        judged=judged.name,
+    )
+    return folder
+
+
+def _verify_refit(
+    folder: Path, record: Mapping[str, Any], dataset: Dataset, settings: Settings
+) -> None:
+    from serving.rail_service import load_rails  # noqa: PLC0415 - loads the models
+    from training.bundle_eval import rebuild_cases  # noqa: PLC0415 - imports this module
+
+    loaded = load_rails(folder, settings)
+    cases = rebuild_cases(dataset, record["held_out"]) if record.get("held_out") else {}
+    for rail, rail_cases in cases.items():
+        queries = [c.query for c in rail_cases[:50]]
+        served = loaded.pipeline.run(rail, queries, stages=("rules",))["rules"]
+        short = [len(row) for row in served if len(row) < settings.evaluation.slots]
+        if short:
+            raise ArtifactMismatch(
+                f"the refit {folder.name} answers {rail} with {min(short)} of "
+                f"{settings.evaluation.slots} slots on held-out requests: it is not served"
+            )
+
+
+def _tower(towers: TowerFactory | None, suffix: str) -> Callable[[], CandidateSource] | None:
+    return None if towers is None else partial(towers, suffix)
+
+
+def _window(events: pd.DataFrame, dataset: Dataset) -> DataWindow:
+    return DataWindow(
         dataset=dataset.name,
         files={},
         events=len(events),
         start=str(events["event_time"].min()) if dataset.has_time else None,
         end=str(events["event_time"].max()) if dataset.has_time else None,
     )
+
+
+def _write_bundle(
+    folder: Path,
+    fitted: FittedPipeline,
+    record: dict[str, Any],
+    windows: list[DataWindow],
+    settings: Settings,
+    session_kind: str,
+) -> None:
+    tower = fitted.pipeline.sources.get("two_tower")
+    tower_bundle = getattr(getattr(tower, "bundle", None), "version", None)
     write_rails_bundle(
         folder,
         folder.name,
@@ -282,12 +422,13 @@ def _write_bundle(
         fitted.pipeline.rule_set,
         settings.ranking,
         tower_bundle,
-        evaluation,
-        window,
+        record,
+        windows,
         settings.fingerprint(),
         fitted.pipeline.sources,
-        dataset.items,
-        dataset.spec.session_kind,
+        fitted.items,
+        session_kind,
+        fitted.pipeline.orders,
     )
 
 

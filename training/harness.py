@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from railtower.datasets import load_dataset
@@ -24,7 +23,7 @@ from training.evaluate import DatasetResult, evaluate_dataset
 from training.fit_pipeline import staged_evaluation
 from training.report import write_report
 from training.split import SplitName
-from training.tower_model import TowerRetriever
+from training.tower_model import tower_factory
 
 log = get_logger(__name__)
 
@@ -74,17 +73,15 @@ def run_evaluation(
         spec = load_dataset_spec(name, settings)
         dataset = load_dataset(spec, settings)
         models = baseline_models(settings, spec.session_kind == "basket")
-        tower_factory = (
-            partial(TowerRetriever, settings, spec, dataset.items, f"{run}-{spec.name}")
-            if towers
-            else None
+        towers_of = (
+            tower_factory(settings, spec, dataset.items, f"{run}-{spec.name}") if towers else None
         )
         staged = (
             staged_evaluation(
                 dataset,
                 settings,
                 target,
-                tower_factory,
+                towers_of,
                 settings.artifacts_dir / f"{run}-{spec.name}-rails",
             )
             if dataset.events is not None and spec.rails

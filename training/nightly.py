@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from training.fit_pipeline import staged_evaluation
 from training.harness import baseline_models
 from training.promotion import GateDecision, RailVerdict, gated, promote
 from training.report import write_report
-from training.tower_model import TowerRetriever
+from training.tower_model import tower_factory
 
 log = get_logger(__name__)
 
@@ -127,7 +126,7 @@ def train_and_evaluate(
     folder = settings.reports_dir / run / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     rails = settings.artifacts_dir / f"{run}-{spec.name}-rails"
-    towers = partial(TowerRetriever, settings, spec, dataset.items, f"{run}-{spec.name}")
+    towers = tower_factory(settings, spec, dataset.items, f"{run}-{spec.name}")
     staged = staged_evaluation(dataset, settings, "test", towers, rails)
     models = baseline_models(settings, spec.session_kind == "basket")
     result = evaluate_dataset(dataset, settings, models, "test", staged)

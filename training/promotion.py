@@ -63,6 +63,13 @@ class RailVerdict:
     coverage: float
     passed: bool
     why: str
+    # the best baseline on the same cases (fitted on the same window), and the paired
+    # difference candidate - baseline with its interval; None where the record has none
+    baseline: str | None = None
+    baseline_ndcg: float = float("nan")
+    baseline_difference: float = float("nan")
+    baseline_low: float = float("nan")
+    baseline_high: float = float("nan")
 
 
 @dataclass
@@ -83,13 +90,15 @@ class GateDecision:
         if self.verdicts:
             lines += [
                 "",
-                "| rail | candidate NDCG | production NDCG | difference [CI] | coverage share "
-                "| verdict |",
-                "|---|---|---|---|---|---|",
+                "| rail | candidate NDCG | production NDCG | difference [CI] | best baseline "
+                "| vs baseline [CI] | coverage share | verdict |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             lines += [
                 f"| {v.rail} | {v.candidate_ndcg:.4f} | {v.production_ndcg:.4f} | "
-                f"{v.difference:+.4f} [{v.low:+.4f}, {v.high:+.4f}] | {v.coverage:.4f} | "
+                f"{v.difference:+.4f} [{v.low:+.4f}, {v.high:+.4f}] | "
+                f"{v.baseline or '—'} {v.baseline_ndcg:.4f} | {v.baseline_difference:+.4f} "
+                f"[{v.baseline_low:+.4f}, {v.baseline_high:+.4f}] | {v.coverage:.4f} | "
                 f"{'pass' if v.passed else 'fail'}: {v.why} |"
                 for v in self.verdicts
             ]
@@ -106,7 +115,9 @@ def gate(
 ) -> GateDecision:
     """Decide whether `candidate` may replace `production` (evaluation records).
 
-    Without a production record the candidate is promoted if it meets the coverage floor.
+    Every rail must reach the coverage floor and must not lose to the best baseline on
+    its cases beyond the paired interval (`promotion.beat_baselines`); with a production
+    record, it must not lose to production either. Without one, the baselines decide.
     """
     decision = GateDecision(False, candidate_name, production_name)
     rails = candidate.get("rails", {})
@@ -124,7 +135,9 @@ def gate(
     failed = [v for v in decision.verdicts if not v.passed]
     decision.promote = not failed
     if production is None:
-        decision.reasons.append("no production bundle yet: the coverage floor alone decides")
+        decision.reasons.append(
+            "no production bundle yet: the baselines and the coverage floor decide"
+        )
     decision.reasons += [f"{v.rail}: {v.why}" for v in failed]
     if decision.promote:
         decision.reasons.append("every rail passes")
@@ -139,45 +152,76 @@ def _rail_verdict(
     seed: int,
 ) -> RailVerdict:
     stage = settings.stage
+    nan = float("nan")
     row = record["models"].get(stage)
     if row is None:
-        return RailVerdict(rail, *(float("nan"),) * 5, 0.0, False, f"no '{stage}' row")
+        return RailVerdict(rail, *(nan,) * 5, 0.0, False, f"no '{stage}' row")
     mine = np.asarray(row["per_case_ndcg"], dtype=float)
+    sessions = np.asarray(record["sessions"])
     # coverage as a share of what the cases could reach at most (see PromotionSettings)
     coverage = float(row["coverage"]) / max(float(record.get("coverage_ceiling", 1.0)), 1e-12)
-    nan = float("nan")
-    if production is None:
-        ok = coverage >= settings.min_coverage_share
-        why = _coverage_why(coverage, settings) if not ok else "coverage floor met"
-        return RailVerdict(rail, float(mine.mean()), nan, nan, nan, nan, coverage, ok, why)
-    theirs_record = production.get("rails", {}).get(rail)
-    if theirs_record is None:
-        return RailVerdict(rail, float(mine.mean()), nan, nan, nan, nan, coverage, True, "new rail")
-    if theirs_record["fingerprint"] != record["fingerprint"]:
-        return RailVerdict(
-            rail,
-            float(mine.mean()),
-            nan,
-            nan,
-            nan,
-            nan,
-            coverage,
-            False,
+    failures: list[str] = []
+    notes: list[str] = []
+    vs_baseline = _best_baseline(record, mine, sessions, settings, seed)
+    if vs_baseline is not None:
+        name, theirs_mean, diff, low, high = vs_baseline
+        if settings.beat_baselines and high < 0:
+            failures.append(
+                f"{name} wins: NDCG@slots {theirs_mean:.4f} against {mine.mean():.4f} "
+                f"({diff:+.4f} [{low:+.4f}, {high:+.4f}]); the rail keeps what production "
+                "served"
+            )
+        else:
+            notes.append(f"vs {name} {diff:+.4f} [{low:+.4f}, {high:+.4f}]")
+    paired = (nan, nan, nan, nan)
+    theirs_record = None if production is None else production.get("rails", {}).get(rail)
+    if production is not None and theirs_record is None:
+        notes.append("new rail")
+    elif theirs_record is not None and theirs_record["fingerprint"] != record["fingerprint"]:
+        failures.append(
             "evaluated on different held-out cases: re-evaluate both on one window "
-            "(or promote with the settings, which re-scores production on these cases)",
+            "(or promote with the settings, which re-scores production on these cases)"
         )
-    theirs = np.asarray(theirs_record["models"][stage]["per_case_ndcg"], dtype=float)
-    sessions = np.asarray(record["sessions"])
-    diff, low, high = bootstrap_ci(mine - theirs, sessions, settings.bootstrap_samples, 0.95, seed)
-    if high < 0:
-        ok, why = False, f"NDCG@slots below production beyond the interval ({diff:+.4f})"
-    elif coverage < settings.min_coverage_share:
-        ok, why = False, _coverage_why(coverage, settings)
-    else:
-        ok, why = True, f"NDCG difference {diff:+.4f} within or above the interval"
-    return RailVerdict(
-        rail, float(mine.mean()), float(theirs.mean()), diff, low, high, coverage, ok, why
+    elif theirs_record is not None:
+        theirs = np.asarray(theirs_record["models"][stage]["per_case_ndcg"], dtype=float)
+        diff, low, high = bootstrap_ci(
+            mine - theirs, sessions, settings.bootstrap_samples, 0.95, seed
+        )
+        paired = (float(theirs.mean()), diff, low, high)
+        if high < 0:
+            failures.append(f"NDCG@slots below production beyond the interval ({diff:+.4f})")
+        else:
+            notes.append(f"NDCG difference {diff:+.4f} within or above the interval")
+    if coverage < settings.min_coverage_share:
+        failures.append(_coverage_why(coverage, settings))
+    elif production is None:
+        notes.append("coverage floor met")
+    why = "; ".join(failures or notes)
+    baseline = (None, nan, nan, nan, nan) if vs_baseline is None else vs_baseline
+    return RailVerdict(rail, float(mine.mean()), *paired, coverage, not failures, why, *baseline)
+
+
+def _best_baseline(
+    record: dict[str, Any],
+    mine: np.ndarray,
+    sessions: np.ndarray,
+    settings: PromotionSettings,
+    seed: int,
+) -> tuple[str, float, float, float, float] | None:
+    """(name, its NDCG, paired difference candidate - it, low, high) for the baseline with
+    the highest NDCG@slots on the rail's cases, or None when the record carries none."""
+    rows = {
+        name: np.asarray(record["models"][name]["per_case_ndcg"], dtype=float)
+        for name in record.get("baselines", [])
+        if name in record["models"]
+    }
+    if not rows:
+        return None
+    name = max(rows, key=lambda n: float(np.nanmean(rows[n])))
+    diff, low, high = bootstrap_ci(
+        mine - rows[name], sessions, settings.bootstrap_samples, 0.95, seed
     )
+    return name, float(np.nanmean(rows[name])), diff, low, high
 
 
 def _coverage_why(coverage: float, settings: PromotionSettings) -> str:

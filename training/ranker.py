@@ -19,7 +19,7 @@ import pandas as pd
 from railtower.logs import get_logger
 from railtower.settings import RankerSettings
 from ranking.business_features import CATEGORICAL, FEATURES
-from ranking.candidate_fusion import CandidateTable
+from ranking.candidate_fusion import CandidateTable, source_order
 from training.split import session_bucket
 
 log = get_logger(__name__)
@@ -164,3 +164,61 @@ def _dataset(
         reference=reference,
         free_raw_data=False,
     )
+
+
+def choose_order(
+    table: CandidateTable,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sessions: Sequence[str],
+    booster: lgb.Booster | None,
+    sources: Sequence[str],
+    settings: RankerSettings,
+    slots: int,
+    seed: int,
+) -> tuple[str, dict[str, float]]:
+    """The order a rail serves: whichever of the re-ranker, the fused order and each
+    source's own order has the best mean NDCG@slots (graded labels) on the ranker window's
+    held-out sessions, the same session holdout the ranker stops early on. Ties go to the
+    re-ranker, then the fused order. Never the scored window: a rail on which session-kNN
+    alone ranks better is served by session-kNN, decided before any test.
+
+    Returns:
+        (the order's name, mean NDCG@slots of every order tried).
+    """
+    frame = table.frame
+    queries = frame["query"].to_numpy()
+    buckets = session_bucket(pd.Series(list(sessions), dtype=object), seed + RANKER_SALT)
+    rows = (buckets < settings.validation_share)[queries]
+    default = "ranker" if booster is not None else "fused"
+    if not rows.any():
+        return default, {}
+    held = frame[rows]
+    scores: dict[str, np.ndarray] = {}
+    if booster is not None:
+        scores["ranker"] = booster.predict(features[rows], num_threads=0)
+    scores["fused"] = held["fused"].to_numpy(dtype=float)
+    for source in sources:
+        if np.isfinite(held[f"{source}_rank"].to_numpy(dtype=float)).any():
+            scores[source] = source_order(held, source)
+    ndcg = {name: _mean_ndcg(queries[rows], labels[rows], s, slots) for name, s in scores.items()}
+    best = max(ndcg, key=lambda name: ndcg[name])  # the first of equals: ranker, fused, ...
+    log.info("rail order chosen", order=best, **{k: round(v, 4) for k, v in ndcg.items()})
+    return best, ndcg
+
+
+def _mean_ndcg(queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Mean NDCG@k over the queries (0 for a query with no relevant row), gain 2^label - 1."""
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values = []
+    starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
+    for start, end in zip(starts, [*starts[1:], len(queries)], strict=True):
+        y = labels[start:end].astype(float)
+        ideal = np.sort(2.0**y - 1.0)[::-1][:k]
+        if ideal[0] <= 0:
+            values.append(0.0)
+            continue
+        order = np.argsort(-scores[start:end], kind="stable")[:k]
+        gains = 2.0 ** y[order] - 1.0
+        values.append(float(gains @ discounts[: len(gains)] / (ideal @ discounts[: len(ideal)])))
+    return float(np.mean(values)) if values else 0.0

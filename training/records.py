@@ -49,10 +49,17 @@ def evaluation_record(
     settings: Settings,
     catalogue_size: int,
     held_out: Mapping[str, Any] | None = None,
+    baselines: Sequence[TaskResult] = (),
 ) -> dict[str, Any]:
     """The record of one bundle's scores on `cases` (per rail: fingerprint, sessions, and
-    per model NDCG@slots, coverage@slots and the per-case NDCG the gate pairs on)."""
+    per model NDCG@slots, coverage@slots and the per-case NDCG the gate pairs on).
+
+    `baselines` are the baselines scored on the same cases (fitted on the same window):
+    their rows sit beside the bundle's and `baselines` names them, so the gate can refuse
+    a rail that loses to one.
+    """
     slots = settings.evaluation.slots
+    tasks = [*tasks, *baselines]
     record: dict[str, Any] = {
         "dataset": dataset,
         "split": split,
@@ -62,6 +69,7 @@ def evaluation_record(
                 "fingerprint": cases_fingerprint(rail_cases),
                 "coverage_ceiling": min(1.0, len(rail_cases) * slots / catalogue_size),
                 "sessions": [c.session_id for c in rail_cases],
+                "baselines": sorted({t.model for t in baselines if t.rail == rail}),
                 "models": {
                     t.model: {
                         "ndcg": t.metrics[f"ndcg@{slots}"].mean,

@@ -119,6 +119,13 @@ def pipeline_section(result: DatasetResult, settings: Settings) -> list[str]:
             f"| {rail} | {trained} | {fit['requests']:,} | {fit['groups']:,} | "
             f"{fit['best_iteration']} | {fit['validation_ndcg']:.4f} | {top} |"
         )
+    orders = report.get("orders") or {}
+    if orders:
+        out += ["", "Order each rail serves, chosen on the ranker window's held-out sessions:", ""]
+        out += ["| rail | served order | NDCG@slots of each order tried |", "|---|---|---|"]
+        for rail, chosen in orders.items():
+            tried = ", ".join(f"{k} {v:.4f}" for k, v in chosen["validation_ndcg"].items())
+            out.append(f"| {rail} | {chosen['order']} | {tried} |")
     out += ["", "Recall of each source's whole candidate list and of the fused pool:", ""]
     out += ["| rail | source | mean size | recall |", "|---|---|---|---|"]
     for rail, sources in report.get("pool_recall", {}).items():

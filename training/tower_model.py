@@ -6,7 +6,7 @@ loads, so the harness measures what would be served, not the training-time modul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 
@@ -37,10 +37,18 @@ class TowerRetriever:
         self.bundle: TowerBundle | None = None
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> TowerRetriever:
-        if len(catalogue) != len(self.items):
-            raise ValueError("the catalogue and the item table must be the same items")
+        """Train on `events` over the items of `catalogue` (the point-in-time catalogue:
+        the item tower embeds and the index holds only what was known at the cut)."""
+        items = self.items.set_index(self.items["item_id"].astype(str), drop=False)
+        missing = set(catalogue.ids) - set(items.index)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} catalogue items have no row in the item table "
+                f"(e.g. {sorted(missing)[:3]}): build the catalogue from the same table"
+            )
+        items = items.loc[catalogue.ids].reset_index(drop=True)
         work = self.settings.artifacts_dir / "work" / self.version
-        trained = train_towers(events, self.items, self.spec, self.settings, work)
+        trained = train_towers(events, items, self.spec, self.settings, work)
         has_time = self.spec.has_time
         window = DataWindow(
             dataset=self.spec.name,
@@ -71,3 +79,11 @@ class TowerRetriever:
         if self.retriever is None:
             raise RuntimeError("TowerRetriever used before fit")
         return self.retriever
+
+
+def tower_factory(
+    settings: Settings, spec: DatasetSpec, items: pd.DataFrame, version: str
+) -> Callable[[str], TowerRetriever]:
+    """Fresh tower retrievers whose bundles are named `<version><suffix>` (the judged fit
+    and its refit each export their own)."""
+    return lambda suffix: TowerRetriever(settings, spec, items, f"{version}{suffix}")

@@ -71,7 +71,9 @@ def test_first_nightly_promotes_and_the_pointer_names_its_bundle(nightly_rees46)
     assert _pointer(settings).resolve() == Path(rails).resolve()
     # serving's artifacts: the HNSW index and the Triton version the tower bundle names
     checked = record["steps"]["verify"]["outputs"]
-    assert checked["hnsw_items"] > 4000 and os.path.exists(checked["triton"])
+    # the refit's towers index what was known at their cut (train + validation), not the
+    # 4,972 items the REES46 table lists (it names items first seen in later sessions)
+    assert 3000 < checked["hnsw_items"] < 4972 and os.path.exists(checked["triton"])
     # the window is in the evaluation manifest and covers all of REES46 (3 hours < 28 days)
     report = record["steps"]["train"]["outputs"]["report"]
     window = Manifest.load(Path(report)).data[0]

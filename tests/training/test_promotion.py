@@ -76,9 +76,45 @@ def test_gate_enforces_the_coverage_floor(production_values):
     decision = gate(narrow, record(production_values), PromotionSettings(), 1)
     assert not decision.promote
     assert all("coverage share" in v.why for v in decision.verdicts)
-    # without production, coverage alone decides
+    # without production (and no baseline in the record), coverage alone decides
     assert gate(record(production_values), None, PromotionSettings(), 1).promote
     assert not gate(narrow, None, PromotionSettings(), 1).promote
+
+
+def with_baselines(candidate, baselines):
+    """`candidate` with baseline rows on the same cases, as the harness records them."""
+    for rail, data in candidate["rails"].items():
+        data["baselines"] = sorted(baselines)
+        for name, values in baselines.items():
+            data["models"][name] = {
+                "ndcg": float(np.mean(values[rail])),
+                "coverage": 0.5,
+                "per_case_ndcg": np.asarray(values[rail], dtype=float).tolist(),
+            }
+    return candidate
+
+
+def test_gate_refuses_a_rail_that_loses_to_the_best_baseline(production_values):
+    ours = production_values
+    knn = {r: np.clip(v + 0.08, 0.0, 1.0) for r, v in ours.items()}
+    knn["homepage_hero"] = ours["homepage_hero"]  # level on the hero rail
+    weak = {r: np.clip(v - 0.2, 0.0, 1.0) for r, v in ours.items()}
+    candidate = with_baselines(record(ours), {"session_knn": knn, "popularity": weak})
+    # with no production the baselines decide; with one, they still apply
+    for production in (None, record(ours)):
+        decision = gate(candidate, production, PromotionSettings(), 1)
+        verdicts = {v.rail: v for v in decision.verdicts}
+        assert not decision.promote
+        assert verdicts["homepage_hero"].passed and verdicts["homepage_hero"].baseline_low <= 0
+        pdp = verdicts["pdp_fbt"]
+        assert not pdp.passed and pdp.baseline == "session_knn" and pdp.baseline_high < 0
+        assert "session_knn wins" in pdp.why
+        assert "| session_knn" in decision.to_markdown()
+    # a candidate level with the best baseline passes; the switch turns the check off
+    level = with_baselines(record(ours), {"session_knn": ours, "popularity": weak})
+    assert gate(level, None, PromotionSettings(), 1).promote
+    off = PromotionSettings(beat_baselines=False)
+    assert gate(candidate, None, off, 1).promote
 
 
 def _bundle(folder, evaluation):
