@@ -256,6 +256,10 @@ class RankerSettings(_Section):
     # sessions: the re-ranker, the fused order, or one candidate source's own order (a rail
     # where session-kNN alone wins is served by session-kNN); false always uses the ranker.
     choose_order: bool = True
+    # Also learn from earlier requests: the retrieval window is cut into this many + 1 slices
+    # by time (seeded folds without a clock) and each later slice's requests get candidates
+    # and features from sources fitted on the slices before it (0 = ranker window only).
+    oof_chunks: int = Field(0, ge=0, le=10)
 
 
 class ExplorationSettings(_Section):

@@ -16,8 +16,8 @@ training per data set), so they are a window staler than the baselines beside th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,16 @@ from railtower.datasets import Dataset
 from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.manifest import DataWindow
-from railtower.settings import Settings
+from railtower.settings import (
+    DatasetSpec,
+    EvaluationSettings,
+    RailName,
+    RankerSettings,
+    Settings,
+)
 from ranking.baselines import BASELINES
 from ranking.business_features import ItemStats, build_features
+from ranking.candidate_fusion import CandidateTable
 from ranking.item_attributes import ItemAttributes
 from ranking.rails import STAGES, RailPipeline, ranked_ids
 from ranking.rails_bundle import write_rails_bundle
@@ -46,10 +53,12 @@ from training.records import (  # cases_fingerprint: re-exported, it used to liv
     evaluation_record,
     held_out_of_split,
 )
-from training.split import Split, SplitName, holdout
+from training.split import Split, SplitName, holdout, session_bucket
 from training.tasks import EvalCase, build_cases
 
 log = get_logger(__name__)
+# The seeded folds of earlier requests where there is no clock: a salt of their own.
+_OOF_SALT = 31337
 
 # Row names in the report, one per stage after the tower source on its own.
 STAGE_ROWS = {
@@ -144,40 +153,44 @@ def fit_pipeline(
     request_settings = settings.evaluation.model_copy(
         update={"max_sessions_per_task": ranker.max_sessions}
     )
+
+    def requests(rail: RailName, at: RailPipeline, events: pd.DataFrame, seed: int) -> Requests:
+        return _requests(rail, at, events, spec, request_settings, ranker, seed)
+
+    # Earlier requests, built exactly as serving builds them by sources fitted before them
+    # (ranking.ranker.oof_chunks): many more groups than the ranker window alone gives.
+    earlier: dict[str, list[Requests]] = {rail: [] for rail in spec.rails}
+    for k, (before, chunk) in enumerate(
+        _chunks(retrieval, dataset.has_time, ranker, settings.seed)
+    ):
+        known = catalogue_at(dataset.items, before, dataset.has_time, _pit(settings))
+        at_chunk = replace(
+            pipeline,
+            sources={
+                name: BASELINES[name](settings, basket).fit(before, Catalogue(known))  # type: ignore[misc]
+                for name in sources
+                if name != "two_tower"
+            },
+            stats=item_stats(before, known),
+            rankers={},
+            orders={},
+        )
+        for rail in spec.rails:
+            earlier[rail].append(requests(rail, at_chunk, chunk, settings.seed + 2 + k))
     for rail in spec.rails:
         started = time.perf_counter()
-        cases = build_cases(rail, ranker_events, spec, request_settings, settings.seed + 1)
-        if len(cases) > ranker.max_requests:
-            rng = np.random.default_rng(settings.seed)
-            keep = np.sort(rng.choice(len(cases), ranker.max_requests, replace=False))
-            cases = [cases[i] for i in keep]
-        queries = [c.query for c in cases]
-        table = pipeline.candidate_table(queries)
-        features = build_features(table, queries, pipeline.stats)
-        labels = graded_labels(table, [c.followed for c in cases], ranker.label_grades)
+        own = requests(rail, pipeline, ranker_events, settings.seed + 1)
+        table, features, labels, sessions = _stack([*earlier[rail], own])
         fit = fit_ranker(
-            features,
-            labels,
-            table,
-            [c.session_id for c in cases],
-            ranker,
-            settings.evaluation.slots,
-            settings.seed,
+            features, labels, table, sessions, ranker, settings.evaluation.slots, settings.seed
         )
         fitted.rankers[rail] = fit
         if fit.booster is not None:
             pipeline.rankers[rail] = fit.booster
         if ranker.choose_order:
+            # judged on the ranker window's own requests: sources as serving has them
             order, tried = choose_order(
-                table,
-                features,
-                labels,
-                [c.session_id for c in cases],
-                fit.booster,
-                list(sources),
-                ranker,
-                settings.evaluation.slots,
-                settings.seed,
+                *own, fit.booster, list(sources), ranker, settings.evaluation.slots, settings.seed
             )
             pipeline.orders[rail] = order
             fitted.orders[rail] = {"order": order, "validation_ndcg": tried}
@@ -185,7 +198,8 @@ def fit_pipeline(
             "ranker fitted",
             dataset=spec.name,
             rail=rail,
-            requests=len(cases),
+            requests=table.queries,
+            earlier_requests=table.queries - own[0].queries,
             rows=len(table.frame),
             trained=fit.booster is not None,
             seconds=round(time.perf_counter() - started, 1),
@@ -200,6 +214,73 @@ def fit_pipeline(
 
 def _pit(settings: Settings) -> bool:
     return settings.evaluation.point_in_time_catalogue
+
+
+# (candidate table, features, graded labels, session id per request) of a batch of requests
+Requests = tuple[CandidateTable, np.ndarray, np.ndarray, list[str]]
+
+
+def _requests(
+    rail: RailName,
+    pipeline: RailPipeline,
+    events: pd.DataFrame,
+    spec: DatasetSpec,
+    settings: EvaluationSettings,
+    ranker: RankerSettings,
+    seed: int,
+) -> Requests:
+    """The re-ranker's training requests of `rail` from `events`, with the candidates,
+    features and labels `pipeline` gives them (capped at ranker.max_requests, seeded)."""
+    cases = build_cases(rail, events, spec, settings, seed)
+    if len(cases) > ranker.max_requests:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(cases), ranker.max_requests, replace=False))
+        cases = [cases[i] for i in keep]
+    queries = [c.query for c in cases]
+    table = pipeline.candidate_table(queries)
+    features = build_features(table, queries, pipeline.stats)
+    labels = graded_labels(table, [c.followed for c in cases], ranker.label_grades)
+    return table, features, labels, [c.session_id for c in cases]
+
+
+def _stack(parts: Sequence[Requests]) -> Requests:
+    """One batch of requests from several (query ids offset so they stay distinct)."""
+    if len(parts) == 1:
+        return parts[0]
+    frames, offset = [], 0
+    for table, *_ in parts:
+        frames.append(table.frame.assign(query=table.frame["query"] + offset))
+        offset += table.queries
+    table = CandidateTable(pd.concat(frames, ignore_index=True), offset)
+    features = np.concatenate([p[1] for p in parts])
+    labels = np.concatenate([p[2] for p in parts])
+    return table, features, labels, [s for p in parts for s in p[3]]
+
+
+def _chunks(
+    retrieval: pd.DataFrame, has_time: bool, ranker: RankerSettings, seed: int
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(events the sources are fitted on, events whose requests they answer) per chunk.
+
+    With a clock the retrieval window is cut into `oof_chunks + 1` slices by session end and
+    each slice after the first is answered by sources fitted on every slice before it (no
+    item, statistic or co-occurrence from its future). Without one, seeded session folds:
+    each answered by sources fitted on the other folds.
+    """
+    n = ranker.oof_chunks
+    if n == 0 or retrieval.empty:
+        return
+    if has_time:
+        ends = retrieval.groupby("session_id")["event_time"].max()
+        order = ends.rank(method="first").to_numpy() - 1
+        slot = pd.Series((order * (n + 1) // len(ends)).astype(int), index=ends.index)
+        of = retrieval["session_id"].map(slot).to_numpy()
+        for k in range(1, n + 1):
+            yield retrieval[of < k], retrieval[of == k]
+        return
+    fold = (session_bucket(retrieval["session_id"], seed + _OOF_SALT) * n).astype(int)
+    for k in range(n):
+        yield retrieval[fold != k], retrieval[fold == k]
 
 
 # A tower source for a bundle name suffix ("" for the judged fit, "-refit" for the refit):

@@ -20,6 +20,7 @@ from railtower.logs import get_logger
 from railtower.settings import RankerSettings
 from ranking.business_features import CATEGORICAL, FEATURES
 from ranking.candidate_fusion import CandidateTable, source_order
+from training.metrics import bootstrap_ci
 from training.split import session_bucket
 
 log = get_logger(__name__)
@@ -177,19 +178,21 @@ def choose_order(
     slots: int,
     seed: int,
 ) -> tuple[str, dict[str, float]]:
-    """The order a rail serves: whichever of the re-ranker, the fused order and each
-    source's own order has the best mean NDCG@slots (graded labels) on the ranker window's
-    held-out sessions, the same session holdout the ranker stops early on. Ties go to the
-    re-ranker, then the fused order. Never the scored window: a rail on which session-kNN
-    alone ranks better is served by session-kNN, decided before any test.
+    """The order a rail serves: the re-ranker (the fused order where none was trained),
+    unless the fused order or one source's own order beats it on the ranker window's
+    held-out sessions (the same session holdout the ranker stops early on) beyond a 95%
+    session-bootstrap interval of the paired NDCG@slots difference (graded labels). A
+    small holdout cannot overturn the ranker on noise; a rail on which session-kNN alone
+    ranks clearly better is served by session-kNN, decided before any scored window.
 
     Returns:
         (the order's name, mean NDCG@slots of every order tried).
     """
     frame = table.frame
     queries = frame["query"].to_numpy()
-    buckets = session_bucket(pd.Series(list(sessions), dtype=object), seed + RANKER_SALT)
-    rows = (buckets < settings.validation_share)[queries]
+    held_sessions = session_bucket(pd.Series(list(sessions), dtype=object), seed + RANKER_SALT)
+    held_queries = held_sessions < settings.validation_share
+    rows = held_queries[queries]
     default = "ranker" if booster is not None else "fused"
     if not rows.any():
         return default, {}
@@ -201,14 +204,26 @@ def choose_order(
     for source in sources:
         if np.isfinite(held[f"{source}_rank"].to_numpy(dtype=float)).any():
             scores[source] = source_order(held, source)
-    ndcg = {name: _mean_ndcg(queries[rows], labels[rows], s, slots) for name, s in scores.items()}
-    best = max(ndcg, key=lambda name: ndcg[name])  # the first of equals: ranker, fused, ...
-    log.info("rail order chosen", order=best, **{k: round(v, 4) for k, v in ndcg.items()})
-    return best, ndcg
+    per_query = {
+        name: _ndcg_per_query(queries[rows], labels[rows], s, slots) for name, s in scores.items()
+    }
+    means = {name: float(v.mean()) for name, v in per_query.items()}
+    best = max(means, key=lambda name: means[name])
+    chosen = default
+    if best != default:
+        asked = np.unique(queries[rows])
+        clusters = np.asarray([sessions[q] for q in asked])
+        _, low, _ = bootstrap_ci(per_query[best] - per_query[default], clusters, 200, 0.95, seed)
+        chosen = best if low > 0 else default
+    log.info("rail order chosen", order=chosen, **{k: round(v, 4) for k, v in means.items()})
+    return chosen, means
 
 
-def _mean_ndcg(queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """Mean NDCG@k over the queries (0 for a query with no relevant row), gain 2^label - 1."""
+def _ndcg_per_query(
+    queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int
+) -> np.ndarray:
+    """NDCG@k of each query's rows (rows grouped by query; 0 with no relevant row), gain
+    2^label - 1."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     values = []
     starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
@@ -221,4 +236,4 @@ def _mean_ndcg(queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: i
         order = np.argsort(-scores[start:end], kind="stable")[:k]
         gains = 2.0 ** y[order] - 1.0
         values.append(float(gains @ discounts[: len(gains)] / (ideal @ discounts[: len(ideal)])))
-    return float(np.mean(values)) if values else 0.0
+    return np.asarray(values)
