@@ -181,3 +181,24 @@ def test_history_and_later_window_do_not_overlap(tmp_path):
     inner = split_events(hashed.history.events, False, settings.split, settings.seed)
     share = inner.test["session_id"].nunique() / hashed.history.events["session_id"].nunique()
     assert 0.07 < share < 0.13
+
+
+def test_earlier_request_chunks_are_answered_only_by_their_past():
+    sessions = {f"s{i}": [(f"i{i % 7}", "view"), (f"i{(i + 1) % 7}", "cart")] for i in range(30)}
+    events = toy_events(sessions)
+    ranker = load_settings().ranking.ranker.model_copy(update={"oof_chunks": 2})
+    chunks = list(fit_module._chunks(events, True, ranker, seed=1))
+    assert len(chunks) == 2
+    ends = events.groupby("session_id")["event_time"].max()
+    answered: set[str] = set()
+    for before, chunk in chunks:
+        assert ends[before["session_id"].unique()].max() < ends[chunk["session_id"].unique()].min()
+        answered |= set(chunk["session_id"])
+    assert len(answered) == 20  # the first of three slices only ever fits sources
+    assert (
+        list(fit_module._chunks(events, True, ranker.model_copy(update={"oof_chunks": 0}), 1)) == []
+    )
+    # without a clock: seeded folds, each answered by the others
+    folds = list(fit_module._chunks(events, False, ranker, seed=1))
+    assert sum(len(chunk) for _, chunk in folds) == len(events)
+    assert all(not set(b["session_id"]) & set(c["session_id"]) for b, c in folds)

@@ -15,7 +15,7 @@ from ranking.candidate_fusion import fuse
 from ranking.candidates import Candidate
 from tests.conftest import toy_events
 from training.metrics import ndcg_at
-from training.ranker import RankerFit, fit_ranker, graded_labels
+from training.ranker import RankerFit, choose_order, fit_ranker, graded_labels
 from training.tasks import build_cases, strongest
 
 GRADES = RankerSettings().label_grades
@@ -246,3 +246,39 @@ def test_requests_from_one_band_of_the_hash_split_still_get_a_holdout():
     settings = RankerSettings(num_trees=5, min_groups=20, min_data_in_leaf=5)
     fit = fit_ranker(features, labels, table, band, settings, slots=12, seed=seed)
     assert fit.booster is not None, fit.reason
+
+
+def two_sources(queries: int, seed: int, knn_knows: bool):
+    """Two sources over the same 30 items per query in independent random orders; what
+    followed is session-kNN's top 3 (`knn_knows`) or 3 random items."""
+    rng = np.random.default_rng(seed)
+    knn, covis, followed = [], [], []
+    for q in range(queries):
+        items = [f"q{q}-item{i}" for i in range(30)]
+        a, b = rng.permutation(items).tolist(), rng.permutation(items).tolist()
+        knn.append([Candidate(i, float(30 - r)) for r, i in enumerate(a)])
+        covis.append([Candidate(i, float(30 - r)) for r, i in enumerate(b)])
+        bought = a[:3] if knn_knows else rng.choice(items, 3, replace=False).tolist()
+        followed.append(dict.fromkeys(bought, "purchase"))
+    table = fuse({"session_knn": knn, "covisitation": covis}, queries, depth=30, rrf_k=60)
+    labels = graded_labels(table, followed, GRADES)
+    features = np.zeros((len(table.frame), len(FEATURES)), dtype=np.float32)
+    sessions = [f"session-{i}" for i in range(queries)]
+    return table, features, labels, sessions
+
+
+def test_a_source_that_clearly_ranks_better_is_the_order_served():
+    table, features, labels, sessions = two_sources(600, seed=4, knn_knows=True)
+    order, tried = choose_order(
+        table, features, labels, sessions, None, ["session_knn", "covisitation"], SMALL, SLOTS, 7
+    )
+    assert order == "session_knn" and tried["session_knn"] > 0.9 > tried["fused"]
+
+
+def test_noise_does_not_overturn_the_default_order():
+    table, features, labels, sessions = two_sources(600, seed=5, knn_knows=False)
+    order, tried = choose_order(
+        table, features, labels, sessions, None, ["session_knn", "covisitation"], SMALL, SLOTS, 7
+    )
+    # some order has the best mean by chance, but not beyond the paired interval
+    assert order == "fused" and len(tried) == 3
