@@ -392,10 +392,10 @@ def consume(
     import threading
 
     from serving.app import build_service
-    from streaming.consumer import RefreshConsumer
+    from streaming.consumer import RefreshConsumer, consumer_settings
     from streaming.topics import ensure_topics
 
-    settings = _settings(config)
+    settings = consumer_settings(_settings(config))
     ensure_topics(settings.streaming)
     service = build_service(settings)
     if not service.ready:

@@ -8,12 +8,12 @@ same :class:`Event` on the wire.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CATEGORY_SEPARATOR = " > "
 EVENT_SCHEMA_VERSION = 1
@@ -86,6 +86,24 @@ def category_levels(path: object, depth: int = 3) -> list[str | None]:
     ]
 
 
+# A message time outside these bounds is a producer's bug (year 1, a unit mix-up), not an
+# event: it would break every clock downstream (ages, rules' validity, freshness).
+EARLIEST_TIME = datetime(1990, 1, 1, tzinfo=UTC)
+LATEST_AHEAD = timedelta(days=7)
+
+
+def plausible_time(value: datetime) -> datetime:
+    """`value` in UTC (a naive time is taken as UTC), if it lies between 1990 and a week
+    from now; raises ValueError otherwise (decoding turns that into a dead letter)."""
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if not EARLIEST_TIME <= aware <= datetime.now(UTC) + LATEST_AHEAD:
+        raise ValueError(
+            f"{value.isoformat()} is not a plausible time (expected between "
+            f"{EARLIEST_TIME.date()} and a week from now, UTC)"
+        )
+    return aware.astimezone(UTC)
+
+
 class Event(BaseModel):
     """One storefront event on the wire (Kafka) and in tests."""
 
@@ -98,11 +116,16 @@ class Event(BaseModel):
     user_id: str | None = None
     session_id: str = Field(min_length=1)
     item_id: str = Field(min_length=1)
-    price: float | None = Field(default=None, ge=0)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     quantity: int | None = Field(default=None, ge=0)
     device: str | None = None
     locale: str | None = None
     country: str | None = None
+
+    @field_validator("event_time")
+    @classmethod
+    def _plausible_event_time(cls, value: datetime) -> datetime:
+        return plausible_time(value)
 
 
 class Item(BaseModel):
@@ -165,8 +188,13 @@ class CatalogueUpdate(BaseModel):
     update_id: str = Field(min_length=1)
     item_id: str = Field(min_length=1)
     time: datetime
-    price: float | None = Field(default=None, ge=0)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     stock: int | None = Field(default=None, ge=0)
+
+    @field_validator("time")
+    @classmethod
+    def _plausible_update_time(cls, value: datetime) -> datetime:
+        return plausible_time(value)
 
 
 # ---------------------------------------------------------------------------- wire format

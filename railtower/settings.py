@@ -534,6 +534,9 @@ class StreamingSettings(_Section):
     poll_timeout_ms: int = Field(200, ge=1)
     # Worst-case refresh bound the consumer reports against (the customer's 30 s).
     refresh_bound_s: float = Field(30.0, gt=0)
+    # The consumer's own Redis socket timeout: a batch, not a shopper, waits on it, so a short
+    # Redis stall must not fail the batch and rebalance the group (the API keeps its budget).
+    redis_timeout_ms: int = Field(2000, ge=1)
 
 
 class ShadowSettings(_Section):

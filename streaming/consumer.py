@@ -108,6 +108,16 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def consumer_settings(settings: Settings) -> Settings:
+    """`settings` as the consumer's service uses them: its Redis client waits
+    `streaming.redis_timeout_ms`, not the API's per-request Redis budget."""
+    budgets = settings.serving.budgets.model_copy(
+        update={"redis_ms": settings.streaming.redis_timeout_ms}
+    )
+    serving = settings.serving.model_copy(update={"budgets": budgets})
+    return settings.model_copy(update={"serving": serving})
+
+
 def default_member_id() -> str:
     return f"refresh-{socket.gethostname()}-{os.getpid()}"
 
@@ -210,21 +220,27 @@ class RefreshConsumer:
                         self._catalogue(record.value, report, prices)
                         continue
                     event = decode_event(record.value)
+                    history = HistoryEvent(
+                        event.item_id, event.event_type, event.event_time.timestamp()
+                    )
                 except MalformedMessage as exc:
                     self._dead_letter(record, exc.reason, report)
+                    continue
+                except (redis.RedisError, KafkaError):
+                    raise  # a part is down, not the message: the batch is retried
+                except Exception as exc:  # noqa: BLE001 - one message must not stop the group
+                    # decoded but not appliable: never retried forever (the batch would never
+                    # commit and every member taking the partition would die on it in turn)
+                    reason = f"cannot be applied: {type(exc).__name__}: {exc}"
+                    self._dead_letter(record, reason, report)
                     continue
                 if event.price is not None:
                     # the price the shopper saw is an observation of the item's price, as
                     # the training window's events were (ranking.business_features)
                     prices.append(
-                        PricePoint(
-                            event.event_id, event.item_id, event.event_time.timestamp(), event.price
-                        )
+                        PricePoint(event.event_id, event.item_id, history.time_s, event.price)
                     )
                 context = event.device or event.locale or event.country
-                history = HistoryEvent(
-                    event.item_id, event.event_type, event.event_time.timestamp()
-                )
                 by_session[event.session_id].append((event.event_id, history, context))
                 if event.user_id:
                     users[event.session_id].add(event.user_id)

@@ -12,12 +12,13 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from redis import RedisError
 
-from railtower.schemas import CatalogueUpdate, Event, decode_event, encode
+from railtower.schemas import CatalogueUpdate, Event, MalformedMessage, decode_event, encode
 from serving.api_models import RailRequest
 from serving.local_services import free_port, kafka_broker, redis_server
 from serving.metrics import Metrics
 from serving.service import RailService
 from serving.session_store import SessionStore
+from streaming import consumer as consumer_module
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
 
@@ -142,6 +143,56 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(stack):
     assert any("schema_version 2 is not supported" in r for r in reasons)
     assert any("event_type" in r for r in reasons)
     assert any("Field required" in r for r in reasons)
+
+
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_group_goes_on(stack, monkeypatch):
+    """Decodable but absurd or unappliable messages never stop the consumer: each goes to
+    the dead-letter topic with its reason, and the batch around them is applied and committed."""
+    settings, service, _ = stack
+    year_one = encode(_event(0, "s9", ITEMS[0])).replace(
+        b'"2019-10-01T02:00:00Z"', b'"0001-01-01T00:00:00"'
+    )
+    assert b"0001-01-01" in year_one
+    infinite = (
+        b'{"schema_version": 1, "update_id": "u-inf", "item_id": "%s", '
+        b'"time": "2019-10-01T02:00:00Z", "price": "inf"}' % ITEMS[1].encode()
+    )
+    real = consumer_module.HistoryEvent
+
+    def unappliable(item_id, event_type, time_s):  # type: ignore[no-untyped-def]
+        if item_id == "boom":
+            raise OverflowError("date value out of range")
+        return real(item_id, event_type, time_s)
+
+    monkeypatch.setattr(consumer_module, "HistoryEvent", unappliable)
+    good = [encode(_event(k, "s9", i)) for k, i in enumerate(ITEMS[2:4], start=1)]
+    boom = encode(_event(3, "s9", "boom"))
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(b"s9", m) for m in [year_one, good[0], boom, good[1]]])
+        _produce(settings, [(b"i", infinite)], settings.streaming.catalogue_topic)
+        reports = _drain(consumer, lambda r: sum(x.records for x in r) >= 5)
+        # committed: a fresh member of the group finds nothing left to read
+        again = RefreshConsumer(settings, service)
+        try:
+            assert sum(again.step().records for _ in range(5)) == 0
+        finally:
+            again.close()
+    finally:
+        consumer.close()
+    assert sum(r.dead_letters for r in reports) == 3
+    assert sum(r.new_events for r in reports) == 2
+    dlq = KafkaConsumer(
+        settings.streaming.dead_letter_topic,
+        bootstrap_servers=settings.streaming.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    reasons = sorted(dict(next(dlq).headers)["reason"].decode() for _ in range(3))
+    dlq.close()
+    assert any("not a plausible time" in r for r in reasons)
+    assert any("price" in r and "finite" in r for r in reasons)
+    assert any(r.startswith("cannot be applied: OverflowError") for r in reasons)
 
 
 def test_a_consumer_killed_before_commit_applies_each_event_once(stack):
@@ -273,6 +324,19 @@ def test_broker_restarted_the_consumer_recovers(trained_rees46, tmp_path):
         broker.stop()
         redis.stop()
     assert [e.item_id for e in events] == ITEMS[:2]
+
+
+def test_decoding_rejects_absurd_times_and_non_finite_prices():
+    event = _event(0, "s", ITEMS[0])
+    naive = encode(event).replace(b"02:00:00Z", b"02:00:00")
+    assert decode_event(naive).event_time == T0  # a naive time is UTC
+    for raw, why in [
+        (encode(event).replace(b"2019-10-01", b"0001-01-01"), "not a plausible time"),
+        (encode(event).replace(b"2019-10-01", b"2999-10-01"), "not a plausible time"),
+        (encode(event.model_copy(update={"price": 1.0})).replace(b"1.0", b'"nan"'), "finite"),
+    ]:
+        with pytest.raises(MalformedMessage, match=why):
+            decode_event(raw)
 
 
 def test_wire_round_trip_keeps_every_field():
