@@ -469,6 +469,9 @@ class ServingSettings(_Section):
     bundle: Path | None = None
     # Seconds between checks of the production pointer for a promoted bundle.
     reload_interval_s: float = Field(5.0, gt=0)
+    # /readyz turns unready when a background loop (bundle pointer, catalogue and rules) has
+    # not completed a pass for this long (at least three of its intervals).
+    watch_stale_s: float = Field(30.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6390/0"
     # single: redis_url is one Redis. cluster: Redis Cluster (serving/redis_client.py);
     # redis_url names one node (database 0 only), redis_cluster_nodes more "host:port"

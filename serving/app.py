@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -75,25 +76,26 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     rules = PublishedRules.for_settings(settings, service.metrics)
     rules.sync(service)
 
+    pointer = production_pointer(settings)
+
     def follow_pointer() -> None:
-        pointer = production_pointer(settings)
-        while not stop.wait(settings.serving.reload_interval_s):
-            if service.reload_if_moved(pointer):
-                rules.sync(service)  # a published rule set outranks the new bundle's own
+        if service.reload_if_moved(pointer):
+            rules.sync(service)  # a published rule set outranks the new bundle's own
 
     def follow_catalogue() -> None:
         # Price and stock changes published by the consumer reach this process within a
         # second: an item out of stock leaves every rail, cached ones included. So does a
         # rule set published through any API process (serving/admin.py).
-        while not stop.wait(1.0):
-            service.sync_catalogue()
-            rules.sync(service)
+        service.sync_catalogue()
+        rules.sync(service)
+
+    watchers = Watchers(stop, service.metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=follow_catalogue, name="catalogue-watch", daemon=True).start()
+        watchers.start("catalogue-watch", 1.0, follow_catalogue)
         if settings.serving.bundle is None:
-            threading.Thread(target=follow_pointer, name="bundle-watch", daemon=True).start()
+            watchers.start("bundle-watch", settings.serving.reload_interval_s, follow_pointer)
         yield
         stop.set()
         if isinstance(service.observer, ShadowRunner):
@@ -161,6 +163,14 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         loaded = service.loaded
         if loaded is None:
             return JSONResponse({"ready": False, "why": "no model loaded"}, status_code=503)
+        stale = watchers.stale(settings.serving.watch_stale_s)
+        if stale:
+            why = "; ".join(
+                f"{name} has not completed a pass for {age:.0f} s: promotions, rules and "
+                "stock changes are not followed (see the log)"
+                for name, age in stale.items()
+            )
+            return JSONResponse({"ready": False, "why": why}, status_code=503)
         return JSONResponse(
             {
                 "ready": True,
@@ -178,6 +188,42 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class Watchers:
+    """The API's background loops (bundle pointer, catalogue and rules): each survives any
+    exception in a pass (logged and counted), and reports when it last completed one, so
+    /readyz turns unready while a loop keeps failing instead of staying 200 on a stale model."""
+
+    def __init__(self, stop: threading.Event, metrics: Metrics) -> None:
+        self.stop, self.metrics = stop, metrics
+        self.passed: dict[str, float] = {}
+        self.intervals: dict[str, float] = {}
+
+    def start(self, name: str, interval_s: float, body: Callable[[], object]) -> None:
+        self.passed[name], self.intervals[name] = time.monotonic(), interval_s
+
+        def loop() -> None:
+            while not self.stop.wait(interval_s):
+                try:
+                    body()
+                except Exception:  # noqa: BLE001 - the loop must outlive any one pass
+                    log.exception("background pass failed; retrying", watcher=name)
+                    self.metrics.errors.labels(kind=name).inc()
+                    continue
+                self.passed[name] = time.monotonic()
+
+        threading.Thread(target=loop, name=name, daemon=True).start()
+
+    def stale(self, limit_s: float) -> dict[str, float]:
+        """Loops whose last completed pass is older than `limit_s` (at least three of their
+        intervals), with its age in seconds."""
+        now = time.monotonic()
+        return {
+            name: now - at
+            for name, at in self.passed.items()
+            if now - at > max(limit_s, 3 * self.intervals[name])
+        }
 
 
 def _problem(error: dict[str, Any]) -> str:

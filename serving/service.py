@@ -280,17 +280,32 @@ class RailService:
         loaded = self.loaded  # one model for the whole request, even across a hot swap
         if loaded is None:
             raise BadRequest(503, "no model loaded yet; see /readyz")
-        query_parts = self._validate(rail, request, loaded)
+        query_parts = self._validate(rail, request, loaded)  # bad input stays a 4xx
         trace = Trace()
-        snapshot = self._snapshot(rail, request, loaded, trace)
-        query = build_query(request, snapshot, query_parts, rail, self.settings.serving.exclusions)
-        answer = self._answer(rail, request, query, snapshot, loaded, trace)
-        if self.observer is not None:
-            self._hand_off(rail, request, query, snapshot, loaded, answer)
-        provenance = self._explain(rail, query, loaded, answer, trace) if request.explain else None
-        return self._respond(
-            rail, request, loaded, answer.served_by, answer.items, trace, provenance
-        )
+        try:
+            snapshot = self._snapshot(rail, request, loaded, trace)
+            query = build_query(
+                request, snapshot, query_parts, rail, self.settings.serving.exclusions
+            )
+            answer = self._answer(rail, request, query, snapshot, loaded, trace)
+            if self.observer is not None:
+                self._hand_off(rail, request, query, snapshot, loaded, answer)
+            provenance = (
+                self._explain(rail, query, loaded, answer, trace) if request.explain else None
+            )
+            return self._respond(
+                rail, request, loaded, answer.served_by, answer.items, trace, provenance
+            )
+        except BadRequest:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a valid request always gets a rail, never a 5xx
+            # anything the inner fallbacks did not foresee (malformed state in Redis, a
+            # cluster error that is no RedisError, a bug in explain): popular items, counted
+            log.exception("rail request failed; serving popular items", rail=rail)
+            self.metrics.errors.labels(kind="request").inc()
+            trace.reasons.append(f"request failed ({type(exc).__name__}): popular items")
+            items = last_resort(loaded, rail, request, query_parts)
+            return self._respond(rail, request, loaded, "fallback", items, trace, None)
 
     def _answer(
         self,
@@ -663,3 +678,28 @@ def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
         elif rail == "cart_upsell":
             query = Query(cart=(item,), exclude=frozenset([item]))
         loaded.pipeline.run(rail, [query], stages=("rules",))
+
+
+def last_resort(
+    loaded: LoadedRails,
+    rail: str,
+    request: RailRequest,
+    parts: tuple[str | None, tuple[str, ...]],
+) -> list[Candidate]:
+    """Popular items under the rules, built from the request alone (no session state): what
+    a valid request gets when its own path failed. It still never returns the product on
+    the page, the cart or the request's exclusions."""
+    anchor, cart = parts
+    exclude = frozenset(request.exclude) | frozenset(cart) | frozenset([anchor] if anchor else [])
+    query = Query(anchor=anchor, cart=cart, exclude=exclude)
+    try:
+        pipeline = loaded.pipeline
+        return pipeline.explain_rules(
+            rail, [], query, request.slots, request.slots
+        ).outcome.candidates
+    except Exception:  # noqa: BLE001 - the rules themselves failed: plain popularity
+        log.exception("rules failed on the last-resort rail; plain popular items", rail=rail)
+        stats = loaded.pipeline.stats
+        order = stats.item_ids[np.argsort(-stats.popularity, kind="stable")].tolist()
+        items = [i for i in order if i not in exclude][: request.slots]
+        return [Candidate(item, -float(k)) for k, item in enumerate(items)]
