@@ -350,20 +350,17 @@ class RefreshConsumer:
         """Consume until interrupted (or, with `stop_after_idle_s`, until the topic is quiet).
 
         A batch that fails (Redis or the broker gone) is not committed: the consumer backs
-        off, rejoins the group and resumes from the last committed offset, so the batch is
-        applied again once the part is back (and changes nothing it already applied).
+        off, rejoins the group (retrying for as long as the broker is away) and resumes from
+        the last committed offset, so the batch is applied again once the part is back (and
+        changes nothing it already applied).
         """
         idle_since = time.monotonic()
-        backoff = 0.5
         while stop is None or not stop.is_set():
             try:
                 report = self.step()
-                backoff = 0.5
             except (redis.RedisError, KafkaError) as exc:
                 log.warning("batch failed; rejoining from the committed offset", error=str(exc))
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                self.rejoin()
+                self._rejoin_until_back(stop)
                 continue
             if report.records:
                 idle_since = time.monotonic()
@@ -371,6 +368,29 @@ class RefreshConsumer:
                 stop_after_idle_s is not None and time.monotonic() - idle_since > stop_after_idle_s
             ):
                 return
+
+    def _rejoin_until_back(self, stop: threading.Event | None) -> None:
+        """Rejoin the group, retrying with a capped backoff for as long as the broker is
+        away: an outage of any length leaves the process up, and it resumes by itself."""
+        delay, attempts = 0.5, 0
+        while stop is None or not stop.is_set():
+            time.sleep(delay)
+            attempts += 1
+            try:
+                self.rejoin()
+            except KafkaError as exc:
+                log.warning(
+                    "broker unreachable; retrying",
+                    member=self.member_id,
+                    attempts=attempts,
+                    retry_in_s=min(delay * 2, 10.0),
+                    error=str(exc),
+                )
+                delay = min(delay * 2, 10.0)
+                continue
+            if attempts > 1:
+                log.info("rejoined the group", member=self.member_id, attempts=attempts)
+            return
 
     def rejoin(self) -> None:
         """A fresh group member: it starts from the committed offsets, not past them.

@@ -5,6 +5,7 @@ Both are started here and stopped after; if either cannot start, the tests fail.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -342,3 +343,36 @@ def test_decoding_rejects_absurd_times_and_non_finite_prices():
 def test_wire_round_trip_keeps_every_field():
     event = _event(7, "s", "i", "purchase")
     assert decode_event(encode(event)) == event
+
+
+def test_a_long_broker_outage_never_ends_the_consumer(monkeypatch):
+    """Rejoining fails for as long as the broker is away; the consumer keeps retrying with a
+    capped backoff and resumes, instead of raising out of `run` and exiting."""
+    from kafka.errors import BrokerNotAvailableError, KafkaError
+
+    from streaming import consumer as module
+
+    member = RefreshConsumer.__new__(RefreshConsumer)
+    member.member_id = "outage-test"
+    stop = threading.Event()
+    calls = {"step": 0, "rejoin": 0}
+    sleeps: list[float] = []
+
+    def step():  # type: ignore[no-untyped-def]
+        calls["step"] += 1
+        if calls["step"] == 1:
+            raise KafkaError("broker connection lost")
+        stop.set()  # the consumer is back at work: end the test
+        return module.BatchReport()
+
+    def rejoin() -> None:
+        calls["rejoin"] += 1
+        if calls["rejoin"] <= 6:
+            raise BrokerNotAvailableError()
+
+    monkeypatch.setattr(member, "step", step, raising=False)
+    monkeypatch.setattr(member, "rejoin", rejoin, raising=False)
+    monkeypatch.setattr(module.time, "sleep", sleeps.append)
+    member.run(stop=stop)
+    assert calls == {"step": 2, "rejoin": 7}
+    assert sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # capped, never given up
