@@ -172,6 +172,9 @@ class RailService:
                 )
                 return False
             _warm_up(fresh, self.triton)
+            # the stock and prices this process has applied hold for the new model too: an
+            # item out of stock must not come back because the bundle changed
+            self._carry_catalogue(fresh)
             self.loaded, self.source = fresh, folder.resolve()
             self.metrics.model_info.info({"version": fresh.version})
             log.info("serving model", version=fresh.version, folder=str(folder))
@@ -183,6 +186,20 @@ class RailService:
             return False
         return self.load(pointer)
 
+    def _carry_catalogue(self, fresh: LoadedRails) -> None:
+        """Apply every published price/stock change to a model about to be swapped in; if
+        Redis cannot say, the next catalogue sync replays them all (version reset)."""
+        if self.store is None:
+            return
+        try:
+            version, changes = self.store.catalogue_changes(-1)
+        except redis.RedisError:
+            self._catalogue_version = -1
+            return
+        for item_id, change in changes.items():
+            _apply_change(fresh, item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
+        self._catalogue_version = version
+
     def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
         """Apply a price/stock change to the served model's item attributes.
 
@@ -191,14 +208,7 @@ class RailService:
         if self.observer is not None:  # a shadowed challenger must see the same stock
             self.observer.catalogue_changed(item_id, price, stock)
         loaded = self.loaded
-        if loaded is None or item_id not in loaded.pipeline.attributes:
-            return False
-        loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
-        if price is not None:
-            # the re-ranker's price features read the item statistics: keep them current too
-            stats = loaded.pipeline.stats
-            stats.price[stats.row[item_id]] = price
-        return True
+        return loaded is not None and _apply_change(loaded, item_id, price, stock)
 
     def sync_catalogue(self) -> int:
         """Pull the catalogue changes other processes published to Redis; return how many."""
@@ -703,3 +713,18 @@ def last_resort(
         order = stats.item_ids[np.argsort(-stats.popularity, kind="stable")].tolist()
         items = [i for i in order if i not in exclude][: request.slots]
         return [Candidate(item, -float(k)) for k, item in enumerate(items)]
+
+
+def _apply_change(
+    loaded: LoadedRails, item_id: str, price: float | None, stock: int | None
+) -> bool:
+    """A price/stock change on one model's item attributes and the price its ranker reads;
+    False for an item the model does not know (it cannot be recommended anyway)."""
+    if item_id not in loaded.pipeline.attributes:
+        return False
+    loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
+    if price is not None:
+        # the re-ranker's price features read the item statistics: keep them current too
+        stats = loaded.pipeline.stats
+        stats.price[stats.row[item_id]] = price
+    return True

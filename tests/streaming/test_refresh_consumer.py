@@ -254,6 +254,12 @@ def test_out_of_stock_leaves_cached_rails_at_once(stack):
     other.loaded.pipeline.attributes.update(victim, stock=5)
     assert other.sync_catalogue() >= 1
     assert other.loaded.pipeline.attributes[victim].out_of_stock
+    # a hot swap loads the bundle afresh: the stock it learnt holds before any sync
+    swapped = RailService(settings, None, service.store, None, Metrics())
+    assert swapped.load(service.source)
+    assert swapped.loaded.pipeline.attributes[victim].out_of_stock
+    answer = swapped.serve("homepage_hero", RailRequest(session_id="s3-after-swap"))
+    assert victim not in [i.item_id for i in answer.items]
 
 
 def test_redis_restarted_the_consumer_recovers_without_loss(stack, tmp_path):
