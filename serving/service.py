@@ -537,6 +537,8 @@ class RailService:
     def _put_vector(  # type: ignore[no-untyped-def]
         self, session_id: str, loaded: LoadedRails, vector, snapshot: SessionSnapshot, trace: Trace
     ) -> None:
+        if not snapshot.events:
+            return  # no state for a session with no events: any session id would grow Redis
         try:
             self.store.put_vector(session_id, loaded.version, vector, snapshot.marker)  # type: ignore[union-attr]
         except redis.RedisError:
@@ -551,6 +553,8 @@ class RailService:
         trace: Trace,
         explored: Explored | None = None,
     ) -> None:
+        if not snapshot.events:
+            return  # as for the vector: an unknown session id leaves nothing behind
         payload = _rail_payload(snapshot.marker, items, explored)
         try:
             self.store.put_rail(request.session_id, loaded.version, "homepage_hero", payload)  # type: ignore[union-attr]

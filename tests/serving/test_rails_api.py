@@ -233,3 +233,20 @@ def test_session_store_is_idempotent_by_event_id(redis_url):
     assert [e.item_id for e in snapshot.events] == ["i4", "i5", "i6"]  # the last N only
     assert store.delete_session("s") >= 2
     assert store.snapshot("s", "v1", None).events == []
+
+
+def test_a_session_without_events_leaves_no_state_in_redis(trained, redis_url):
+    """Any session id may ask for a rail; only sessions the consumer has events for get a
+    vector or a cached rail, so made-up ids cannot grow Redis."""
+    client, service = _client(trained, redis_url[1], None)
+    with client:
+        for n in range(5):
+            reply = client.post("/v1/rails/homepage_hero", json={"session_id": f"anon-{n}"})
+            assert reply.status_code == 200 and len(reply.json()["items"]) == 12
+        _seed(service, "known")
+        assert (
+            client.post("/v1/rails/homepage_hero", json={"session_id": "known"}).status_code == 200
+        )
+    keys = [k.decode() for k in service.store.client.scan_iter("*")]
+    assert not [k for k in keys if "anon-" in k]
+    assert [k for k in keys if "{s:known}" in k and ":rail:" in k]  # a real session is cached
