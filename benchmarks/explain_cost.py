@@ -40,6 +40,9 @@ OUT = PROJECT_ROOT / "reports" / "benchmarks"
 RAILS = ("homepage_hero", "homepage_hero (cached)", "pdp_fbt", "cart_upsell", "deals_for_you")
 
 
+BENCH_KEY = "explain-cost-benchmark-key-0123456789"
+
+
 def request_for(rail: str, n: int, history: list[HistoryEvent], explain: bool) -> tuple[str, dict]:
     """(route rail, body) of request `n`; each hero arm reads its own copy of the session."""
     if rail.startswith("homepage_hero"):
@@ -118,6 +121,8 @@ def main() -> None:
             "RAILTOWER_SERVING__TRITON_URL": "",
             "RAILTOWER_LOG_LEVEL": "WARNING",
             "RAILTOWER_SHADOW__SHARE": "0",
+            # explain=true is for operators: the benchmark sends the admin key it sets here
+            "RAILTOWER_SECURITY__ADMIN_API_KEY": BENCH_KEY,
         }
         started.append(LocalServer("api", api_command(api_port), api_port, work, env, 120).start())
         base = f"http://127.0.0.1:{api_port}"
@@ -126,7 +131,7 @@ def main() -> None:
             for prefix in ("p", "e"):
                 events = [(f"{prefix}{k}-{j}", e, None) for j, e in enumerate(history)]
                 store.append_events(f"{prefix}{k}", events)
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with httpx.Client(base_url=base, timeout=30, headers={"X-API-Key": BENCH_KEY}) as client:
             while client.get("/readyz").status_code != 200:
                 time.sleep(0.5)
             warm = histories[: min(10, n)]

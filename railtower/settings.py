@@ -587,6 +587,9 @@ class SecuritySettings(_Section):
     rate_limit_clients: int = Field(10_000, ge=1)
     # Largest request body any POST may send, in bytes; a larger one is answered 413.
     max_body_bytes: int = Field(65_536, ge=1024)
+    # explain=true on POST /v1/rails/... shows rule effects and the session's own history:
+    # only with the admin key in X-API-Key (false: anyone may ask, e.g. on a private network).
+    explain_needs_admin_key: bool = True
 
     @field_validator("admin_api_key")
     @classmethod

@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -36,6 +36,7 @@ from serving.security import (
     RateLimitMiddleware,
     TokenBuckets,
     require_admin,
+    require_explain_key,
 )
 from serving.service import BadRequest, RailService
 from serving.session_store import SessionStore
@@ -146,9 +147,17 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
 
     # Unset fields are left out, so a slot carries `provenance` only when explain=true.
     @app.post("/v1/rails/{rail}", response_model=RailResponse, response_model_exclude_unset=True)
-    async def rails(rail: str, body: RailRequest, explain: bool = False) -> RailResponse:
+    async def rails(
+        rail: str,
+        body: RailRequest,
+        request: Request,
+        explain: bool = False,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> RailResponse:
         if explain:  # ?explain=true, the same as "explain": true in the body
             body = body.model_copy(update={"explain": True})
+        if body.explain:
+            require_explain_key(request, x_api_key)
         # The stages are CPU work (numpy, LightGBM, torch): off the event loop.
         return await run_in_threadpool(service.serve, rail, body)
 

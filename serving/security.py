@@ -51,17 +51,39 @@ def require_admin(request: Request, x_api_key: Annotated[str | None, Header()] =
         BadRequest: 503 when no key is configured (admin routes off), 401 when the header
             is missing or wrong.
     """
-    state = request.app.state
-    settings = getattr(state, "settings", None) or state.service.settings
-    security: SecuritySettings = settings.security
+    check_admin_key(request, x_api_key, "admin endpoint", 503)
+
+
+def require_explain_key(request: Request, x_api_key: str | None) -> None:
+    """`explain=true` on the public route shows merchandising rule effects and the session's
+    own history ("because you viewed ..."), so with `security.explain_needs_admin_key` it is
+    for operators holding the admin key only.
+
+    Raises:
+        BadRequest: 403 when no key is configured, 401 when the header is missing or wrong.
+    """
+    settings = _settings_of(request)
+    if settings.security.explain_needs_admin_key:
+        check_admin_key(request, x_api_key, "explain=true", 403)
+
+
+def check_admin_key(request: Request, x_api_key: str | None, what: str, unset: int) -> None:
+    security: SecuritySettings = _settings_of(request).security
     if security.admin_api_key is None:
-        raise BadRequest(503, "admin endpoints disabled: set RAILTOWER_SECURITY__ADMIN_API_KEY")
+        raise BadRequest(
+            unset, f"{what} needs the admin key: set RAILTOWER_SECURITY__ADMIN_API_KEY"
+        )
     if x_api_key is None:
-        raise BadRequest(401, "admin endpoint: send the admin key in the X-API-Key header")
+        raise BadRequest(401, f"{what}: send the admin key in the X-API-Key header")
     expected = security.admin_api_key.get_secret_value().encode()
     if not hmac.compare_digest(x_api_key.encode(), expected):
         log.warning("admin key rejected", path=request.url.path, client=_peer(request.scope))
-        raise BadRequest(401, "admin endpoint: the X-API-Key header does not match the key")
+        raise BadRequest(401, f"{what}: the X-API-Key header does not match the key")
+
+
+def _settings_of(request: Request):  # type: ignore[no-untyped-def]
+    state = request.app.state
+    return getattr(state, "settings", None) or state.service.settings
 
 
 # ------------------------------------------------------------------------------ rate limit

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from ranking.candidate_fusion import SOURCES
 from ranking.retriever import Query
@@ -54,13 +55,33 @@ def _seed(service: RailService, session_id: str) -> None:
     service.store.append_events(session_id, events)
 
 
+KEY = "explain-test-admin-key-0123456789"
+
+
 def test_without_the_flag_no_slot_has_a_provenance_key(service):
     _seed(service, "lean")
-    with TestClient(create_app(service.settings, service)) as client:
+    security = service.settings.security.model_copy(update={"admin_api_key": SecretStr(KEY)})
+    settings = service.settings.model_copy(update={"security": security})
+    with TestClient(create_app(settings, service)) as client:
         body = {"session_id": "lean", "item_id": "1005115", "slots": 8}
+        key = {"X-API-Key": KEY}
         plain = client.post("/v1/rails/pdp_fbt", json=body).json()
-        explained = client.post("/v1/rails/pdp_fbt", json=body | {"explain": True}).json()
-        by_query = client.post("/v1/rails/pdp_fbt?explain=true", json=body).json()
+        explained = client.post(
+            "/v1/rails/pdp_fbt", json=body | {"explain": True}, headers=key
+        ).json()
+        by_query = client.post("/v1/rails/pdp_fbt?explain=true", json=body, headers=key).json()
+        # a shopper's client cannot read another session's history or the rules' effects
+        anonymous = client.post("/v1/rails/pdp_fbt?explain=true", json=body)
+        wrong = client.post(
+            "/v1/rails/pdp_fbt", json=body | {"explain": True}, headers={"X-API-Key": "x" * 20}
+        )
+    assert anonymous.status_code == 401 and "X-API-Key" in anonymous.json()["error"]
+    assert wrong.status_code == 401 and "does not match" in wrong.json()["error"]
+    unset = service.settings.security.model_copy(update={"admin_api_key": None})
+    off = service.settings.model_copy(update={"security": unset})
+    with TestClient(create_app(off, service)) as client:
+        refused = client.post("/v1/rails/pdp_fbt?explain=true", json=body)
+    assert refused.status_code == 403 and "ADMIN_API_KEY" in refused.json()["error"]
     assert all("provenance" not in item for item in plain["items"])
     assert set(plain["items"][0]) == {"item_id", "score", "title", "category"}
     assert all("provenance" in item for item in explained["items"])
