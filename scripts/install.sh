@@ -11,6 +11,23 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 VENV=${RAILTOWER_VENV:-.venv}
+
+# A bare Debian machine lacks what the venv and the source builds need (hnswlib compiles
+# from source): Python 3.11 with venv and headers, and a C++ compiler. Installed only when
+# missing, with apt (root or sudo).
+missing=()
+command -v "$PYTHON" >/dev/null || missing+=(python3.11)
+"$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3.11-venv)
+"$PYTHON" -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" 2>/dev/null \
+  || missing+=(python3.11-dev)
+command -v g++ >/dev/null || missing+=(g++)
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "[install] installing ${missing[*]} (apt)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 STAMP="$VENV/.railtower-lock"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
