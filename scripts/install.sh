@@ -21,13 +21,8 @@ command -v "$PYTHON" >/dev/null || missing+=(python3.11)
 "$PYTHON" -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" 2>/dev/null \
   || missing+=(python3.11-dev)
 command -v g++ >/dev/null || missing+=(g++)
-if [ "${#missing[@]}" -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "[install] installing ${missing[*]} (apt)"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. scripts/apt.sh
+apt_install install "${missing[@]}"
 STAMP="$VENV/.railtower-lock"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 

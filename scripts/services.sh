@@ -17,13 +17,8 @@ case "${1:-install}" in
     # nginx: the optional load balancer in front of several API processes (run unprivileged
     # on loopback by serving/local_services.py, never as the system service)
     [ -x /usr/sbin/nginx ] || missing+=(nginx)
-    if [ "${#missing[@]}" -gt 0 ]; then
-      SUDO=""
-      [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-      echo "[services] installing ${missing[*]} (apt)"
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    . "$(dirname "$0")/apt.sh"
+    apt_install services "${missing[@]}"
     echo "[services] redis-server $(redis-server --version | cut -d' ' -f3)"
     echo "[services] $(/usr/bin/chromedriver --version | cut -d' ' -f1-2)"
     echo "[services] $(/usr/sbin/nginx -v 2>&1)"
