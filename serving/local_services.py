@@ -88,6 +88,12 @@ class LocalServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=5)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown hook of the server runs."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -109,7 +115,10 @@ def api_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[st
 
 
 def redis_server(port: int, workdir: Path) -> LocalServer:
-    """A memory-only Redis on loopback (Debian's redis-server; scripts/services.sh installs it)."""
+    """A Redis on loopback (Debian's redis-server; scripts/services.sh installs it) with an
+    append-only file fsynced every second under `workdir` (one folder per port): a
+    SIGKILLed and restarted Redis comes back with its state, less about the last second.
+    Production sets the same (`appendonly yes`, `appendfsync everysec`), or a replica."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError(
@@ -125,7 +134,11 @@ def redis_server(port: int, workdir: Path) -> LocalServer:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--appenddirname",
+        f"appendonly-{port}",
     ]
     return LocalServer("redis", command, port, workdir)
 

@@ -250,3 +250,25 @@ def test_a_session_without_events_leaves_no_state_in_redis(trained, redis_url):
     keys = [k.decode() for k in service.store.client.scan_iter("*")]
     assert not [k for k in keys if "anon-" in k]
     assert [k for k in keys if "{s:known}" in k and ":rail:" in k]  # a real session is cached
+
+
+def test_session_state_survives_a_redis_crash(tmp_path):
+    """The project's Redis writes an append-only file every second: SIGKILLed and started
+    again, it still has the sessions written more than a second before the crash."""
+    port = free_port()
+    server = _start(redis_server(port, tmp_path))
+    try:
+        store = SessionStore(f"redis://127.0.0.1:{port}/0", 2.0, 50, 3600, 3600)
+        for s in range(50):
+            events = [(f"c{s}-{k}", HistoryEvent(f"i{k}", "view", 1.0 + k), None) for k in range(3)]
+            store.append_events(f"crash-{s}", events)
+        time.sleep(2.5)  # past the once-a-second fsync
+        server.kill()
+        _start(server)
+        restored = SessionStore(f"redis://127.0.0.1:{port}/0", 2.0, 50, 3600, 3600)
+        assert all(len(restored.snapshot(f"crash-{s}", "v", None).events) == 3 for s in range(50))
+        # and what was applied is still marked applied: a redelivery adds nothing
+        again = [(f"c0-{k}", HistoryEvent(f"i{k}", "view", 1.0 + k), None) for k in range(3)]
+        assert restored.append_events("crash-0", again) == 0
+    finally:
+        server.stop()
