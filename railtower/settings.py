@@ -259,7 +259,7 @@ class RankerSettings(_Section):
     # Also learn from earlier requests: the retrieval window is cut into this many + 1 slices
     # by time (seeded folds without a clock) and each later slice's requests get candidates
     # and features from sources fitted on the slices before it (0 = ranker window only).
-    oof_chunks: int = Field(0, ge=0, le=10)
+    oof_chunks: int = Field(3, ge=0, le=10)
 
 
 class ExplorationSettings(_Section):
