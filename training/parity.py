@@ -58,7 +58,9 @@ def held_out_cases(
 
     pdp_fbt keeps only cases with a session before the product: a request's context (the
     device) reaches the server with the session's events, so an empty session would be
-    encoded without it while the evaluator has it.
+    encoded without it while the evaluator has it. Cases whose product or cart holds an item
+    the bundle's (point-in-time) catalogue does not list are left out: the API refuses
+    those requests with a 404 naming the item, the evaluator ranks them anyway.
 
     Raises:
         ValueError: the bundle's evaluation record names no held-out window.
@@ -74,7 +76,12 @@ def held_out_cases(
     rng = np.random.default_rng(seed)
     out = {}
     for rail in PARITY_RAILS:
-        usable = [c for c in cases.get(rail, []) if c.query.session_items or rail != "pdp_fbt"]
+        usable = [
+            c
+            for c in cases.get(rail, [])
+            if (c.query.session_items or rail != "pdp_fbt")
+            and all(i in loaded.catalogue.index for i in (c.query.anchor, *c.query.cart) if i)
+        ]
         if len(usable) > per_rail:
             usable = [usable[i] for i in np.sort(rng.choice(len(usable), per_rail, replace=False))]
         out[rail] = usable
