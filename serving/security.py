@@ -51,7 +51,13 @@ def require_admin(request: Request, x_api_key: Annotated[str | None, Header()] =
         BadRequest: 503 when no key is configured (admin routes off), 401 when the header
             is missing or wrong.
     """
-    check_admin_key(request, x_api_key, "admin endpoint", 503)
+    check_admin_key(
+        request,
+        x_api_key,
+        "admin endpoint",
+        503,
+        "admin endpoints disabled: set RAILTOWER_SECURITY__ADMIN_API_KEY",
+    )
 
 
 def require_explain_key(request: Request, x_api_key: str | None) -> None:
@@ -64,15 +70,28 @@ def require_explain_key(request: Request, x_api_key: str | None) -> None:
     """
     settings = _settings_of(request)
     if settings.security.explain_needs_admin_key:
-        check_admin_key(request, x_api_key, "explain=true", 403)
+        check_admin_key(
+            request,
+            x_api_key,
+            "explain=true",
+            403,
+            "explain=true needs the admin key, and "
+            "none is set: set RAILTOWER_SECURITY__ADMIN_API_KEY and send it in X-API-Key",
+        )
 
 
-def check_admin_key(request: Request, x_api_key: str | None, what: str, unset: int) -> None:
+def check_admin_key(
+    request: Request, x_api_key: str | None, what: str, unset: int, unset_why: str
+) -> None:
+    """`x_api_key` must match the configured admin key (compared in constant time).
+
+    Raises:
+        BadRequest: `unset` with `unset_why` when no key is configured, 401 when the header
+            is missing or does not match.
+    """
     security: SecuritySettings = _settings_of(request).security
     if security.admin_api_key is None:
-        raise BadRequest(
-            unset, f"{what} needs the admin key: set RAILTOWER_SECURITY__ADMIN_API_KEY"
-        )
+        raise BadRequest(unset, unset_why)
     if x_api_key is None:
         raise BadRequest(401, f"{what}: send the admin key in the X-API-Key header")
     expected = security.admin_api_key.get_secret_value().encode()
