@@ -8,9 +8,16 @@ is cut in two:
     ranker window     -> requests + what followed -> LightGBM lambdarank (early stopped)
 
 For the test split the ranker window is the validation split; for the validation split it
-is the newest share of train. Afterwards the cheap sources and the item statistics are
-refitted on the whole fit window (what the nightly job does); the towers are not (one
-training per data set), so they are a window staler than the baselines beside them.
+is the newest share of train. The ranker also learns from earlier requests: the retrieval
+window is cut into time slices, and each slice's requests get candidates and features from
+the cheap sources fitted on the slices before it (`ranking.ranker.oof_chunks`; the towers
+are not refitted per slice, so those rows carry no tower features). Each rail then serves
+the order that wins on the ranker window's held-out sessions (`choose_order`). Afterwards
+the cheap sources and the item statistics are refitted on the whole fit window (what the
+nightly job does); the towers are not (one training per data set), so they are a window
+staler than the baselines beside them. Every cut knows only the items known by then
+(training.point_in_time). With `evaluation.refit` the judged configuration is then fitted
+again with every window moved forward by one split: the bundle that serves.
 """
 
 from __future__ import annotations
