@@ -37,9 +37,7 @@ import httpx
 import orjson
 
 from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
-from railtower.settings import PROJECT_ROOT, load_settings
-from serving.app import production_pointer
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     ServiceError,
     api_command,
@@ -48,6 +46,8 @@ from serving.local_services import (
     nginx_proxy,
     redis_server,
 )
+from railtower.settings import PROJECT_ROOT, load_settings
+from serving.app import production_pointer
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 

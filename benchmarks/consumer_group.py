@@ -35,10 +35,10 @@ import orjson
 import pandas as pd
 import redis
 
+from devstack.local_services import LocalServer, free_port, kafka_broker, redis_server
 from railtower.datasets import load_dataset
 from railtower.settings import PROJECT_ROOT, Settings, StreamingSettings, load_settings
 from serving.app import production_pointer
-from serving.local_services import LocalServer, free_port, kafka_broker, redis_server
 from streaming.local_group import (
     Member,
     applied_events,

@@ -35,12 +35,12 @@ import numpy as np
 import orjson
 from kafka import KafkaProducer
 
+from devstack.local_services import LocalServer, free_port, kafka_broker, redis_server
 from railtower.schemas import CatalogueUpdate, encode
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from ranking.price_history import column
 from serving.api_models import RailRequest
 from serving.app import production_pointer
-from serving.local_services import LocalServer, free_port, kafka_broker, redis_server
 from serving.metrics import Metrics
 from serving.service import RailService
 from serving.session_store import SessionStore

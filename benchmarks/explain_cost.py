@@ -29,9 +29,9 @@ import numpy as np
 import orjson
 
 from benchmarks.rails_api import percentiles, synthetic_sessions
+from devstack.local_services import LocalServer, api_command, free_port, redis_server
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
-from serving.local_services import LocalServer, api_command, free_port, redis_server
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 from towers.session_features import HistoryEvent

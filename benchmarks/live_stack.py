@@ -1,6 +1,6 @@
 """The real serving stack on loopback for checks that talk to it over HTTP: Redis,
 tritonserver and the API under uvicorn as its own process (settings through `RAILTOWER_…`
-variables), started and stopped by PID through serving.local_services.
+variables), started and stopped by PID through devstack.local_services.
 
 Used by benchmarks/swap_under_load.py, tests/serving/test_swap_under_load.py and
 tests/serving/test_api_fuzz.py. Each run serves from a private artifacts folder (the tower
@@ -20,14 +20,14 @@ from typing import Any
 import httpx
 import orjson
 
-from ranking.rails_bundle import PIPELINE
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
     redis_server,
     triton_server,
 )
+from ranking.rails_bundle import PIPELINE
 from serving.user_vectors import TritonUserTower
 
 

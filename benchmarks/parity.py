@@ -35,16 +35,16 @@ from typing import Any
 import httpx
 import orjson
 
-from railtower.datasets import load_dataset
-from railtower.settings import PROJECT_ROOT, load_settings
-from serving.app import production_pointer
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
     redis_server,
     triton_server,
 )
+from railtower.datasets import load_dataset
+from railtower.settings import PROJECT_ROOT, load_settings
+from serving.app import production_pointer
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower, VectorTowerSource

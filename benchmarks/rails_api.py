@@ -34,16 +34,16 @@ import httpx
 import numpy as np
 import orjson
 
-from railtower.settings import PROJECT_ROOT, load_settings
-from ranking.retriever import Query
-from serving.app import production_pointer
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
     redis_server,
     triton_server,
 )
+from railtower.settings import PROJECT_ROOT, load_settings
+from ranking.retriever import Query
+from serving.app import production_pointer
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from devstack.local_services import LocalServer, free_port, redis_cluster, redis_server
 from railtower.datasets import load_dataset
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from ranking.candidates import Candidate
-from serving.local_services import LocalServer, free_port, redis_cluster, redis_server
 from serving.redis_client import connect_url
 from serving.service import _rail_payload  # the cached rail exactly as serving stores it
 from serving.session_store import SessionStore

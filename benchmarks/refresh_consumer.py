@@ -31,10 +31,16 @@ import numpy as np
 import orjson
 from kafka import KafkaProducer
 
+from devstack.local_services import (
+    LocalServer,
+    free_port,
+    kafka_broker,
+    redis_server,
+    triton_server,
+)
 from railtower.schemas import Event, encode
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from serving.app import production_pointer
-from serving.local_services import LocalServer, free_port, kafka_broker, redis_server, triton_server
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService

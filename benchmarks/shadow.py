@@ -34,14 +34,14 @@ import httpx
 import orjson
 
 from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
-from railtower.settings import PROJECT_ROOT, load_settings
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
     kafka_broker,
     redis_server,
 )
+from railtower.settings import PROJECT_ROOT, load_settings
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 

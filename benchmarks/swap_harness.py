@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.live_stack import Stack, private_artifacts, wait_ready
 from railtower.manifest import Manifest, now_iso
+from railtower.production import pointer_path
 from railtower.settings import ExclusionSettings, Settings
 from ranking.rails_bundle import RULES
 from ranking.rule_set import RuleSet
@@ -103,7 +104,7 @@ def prepare_bundles(
     pin_item = _pin_item(loaded)
     new_version = f"{old_version}-pinned"
     new = derive_pinned_bundle(old, artifacts / new_version, new_version, pin_item)
-    pointer = artifacts / settings.promotion.pointer_dir / settings.serving.dataset
+    pointer = pointer_path(artifacts, settings.promotion, settings.serving.dataset)
     decision = promote(old, pointer, settings.promotion, settings.seed)
     if not decision.promote:
         raise RuntimeError(f"{old.name} was refused as production: {decision.reasons}")

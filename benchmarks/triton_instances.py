@@ -35,10 +35,10 @@ import numpy as np
 import orjson
 
 from benchmarks.rails_api import _head, _row, percentiles
+from devstack.local_services import free_port, triton_server
 from railtower.settings import PROJECT_ROOT, TritonModelSettings, load_settings
 from ranking.bundle import SESSION_ENCODER, TowerBundle
 from serving.app import production_pointer
-from serving.local_services import free_port, triton_server
 from serving.rail_service import load_rails
 from serving.user_vectors import TritonUserTower
 from towers.session_features import HistoryEvent

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -20,14 +22,24 @@ ConfigOption = typer.Option(
 )
 
 
-def _settings(config: Path | None) -> Settings:
+def _settings(config: Path | None, as_json: bool = False) -> Settings:
     try:
         settings = load_settings(config)
     except RailtowerError as exc:
+        if as_json:
+            _fail_on_stderr(str(exc), 2)
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     return settings
+
+
+def _fail_on_stderr(message: str, code: int) -> NoReturn:
+    """End a `--json` command: the error as the last line of stderr (logs go there too),
+    on one line, so a caller (the admin API) can quote it."""
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
 
 
 @app.command("check-config")
@@ -119,7 +131,7 @@ def evaluate(
             console.print(f"\nreport: {folder}/later_window.md\nplots:  {folder}/plots/")
             return
         if bundle is not None:
-            from ranking.rails_bundle import load_evaluation
+            from railtower.production import load_evaluation
             from training.bundle_eval import evaluate_bundle
 
             source = events or str(load_evaluation(bundle)["dataset"])
@@ -150,23 +162,44 @@ def promote(
     pointer: Path | None = typer.Option(
         None, help="production pointer (default <artifacts>/<promotion.pointer_dir>/<data set>)"
     ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="print the decision as one JSON object on stdout (promoted, candidate, "
+        "production, reasons, verdicts); an error as the last line of stderr",
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Promote a bundle if its NDCG@slots is not below production's beyond the interval."""
-    from ranking.rails_bundle import load_evaluation
+    """Promote a bundle if its NDCG@slots is not below production's beyond the interval.
+
+    Exit 0: promoted; 3: refused (production untouched); 1: not a promotable bundle.
+    """
+    import orjson
+
+    from railtower.errors import ArtifactMismatch
+    from railtower.production import load_evaluation, pointer_path
     from training.promotion import promote as run_gate
 
-    settings = _settings(config)
+    settings = _settings(config, as_json)
     try:
-        dataset = load_evaluation(bundle)["dataset"]
-        link = pointer or settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+        dataset = load_evaluation(bundle).get("dataset")
+        if not isinstance(dataset, str):
+            raise ArtifactMismatch(f"{bundle}'s evaluation names no data set")
+        link = pointer or pointer_path(settings.artifacts_dir, settings.promotion, dataset)
         # With the settings, production evaluated on another window is re-scored on the
         # candidate's held-out cases (training.bundle_eval), so the gate stays paired.
         decision = run_gate(bundle, link, settings.promotion, settings.seed, rescore=settings)
-    except RailtowerError as exc:
+    except (RailtowerError, OSError, KeyError, ValueError) as exc:
+        if as_json:
+            _fail_on_stderr(str(exc), 1)
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+    if as_json:
+        # NaN (a rail without a production record) becomes null: JSON has no NaN
+        out = orjson.dumps(decision.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+        sys.stdout.write(out.decode() + "\n")
+    else:
+        console.print(decision.to_markdown(), markup=False, soft_wrap=True)
     if not decision.promote:
         raise typer.Exit(3)
 
@@ -178,8 +211,8 @@ def rollback(
     config: Path | None = ConfigOption,
 ) -> None:
     """Put back the bundle that was production before the current one (exit 3 if none)."""
-    from training.promotion import RollbackRefused
-    from training.promotion import rollback as run_rollback
+    from railtower.production import RollbackRefused
+    from railtower.production import rollback as run_rollback
 
     settings = _settings(config)
     try:
@@ -313,7 +346,7 @@ def demo(
     config: Path | None = ConfigOption,
 ) -> None:
     """Start Redis, Triton and the API, print real rails for a few real sessions, stop."""
-    from serving.demo import run_demo
+    from devstack.demo import run_demo  # dev tooling: starts local servers
 
     settings = _settings(config)
     try:
@@ -517,13 +550,14 @@ def shadow_replay(
 ) -> None:
     """Replay held-out sessions through production and a challenger; then the shadow report."""
     from railtower.manifest import new_version
+    from railtower.production import pointer_path
     from training.shadow_replay import run_shadow_replay
 
     settings = _settings(config)
     run = run_name or new_version("shadow-replay")
     bundle = production or settings.serving.bundle
     if bundle is None:
-        bundle = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+        bundle = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
     target = output or settings.reports_dir / run / "shadow" / "impressions.jsonl"
     try:
         result = run_shadow_replay(
@@ -558,13 +592,14 @@ def exploration_replay(
 ) -> None:
     """Replay held-out sessions with the exploration slot on; value other epsilons by IPS."""
     from railtower.manifest import new_version
+    from railtower.production import pointer_path
     from training.exploration_replay import run_exploration_replay
 
     settings = _settings(config)
     run = run_name or new_version("exploration-replay")
     bundle = production or settings.serving.bundle
     if bundle is None:
-        bundle = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+        bundle = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
     try:
         result = run_exploration_replay(
             settings, dataset, bundle, run, sessions, slot, epsilon, alternative_epsilon

@@ -202,7 +202,12 @@ class TrainingSettings(_Section):
     max_epochs: int = Field(12, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
-    # Softmax temperature of the in-batch sampled softmax.
+    # "full": cross-entropy over every catalogue item each step (SASRec-style); "sampled":
+    # in-batch negatives (+ random_negatives) with logQ correction, for huge catalogues.
+    loss: Literal["full", "sampled"] = "full"
+    # Above this many catalogue items the full softmax falls back to "sampled".
+    full_softmax_max_items: int = Field(300_000, ge=1)
+    # Softmax temperature (both losses).
     temperature: float = Field(0.07, gt=0)
     # Subtract log(sampling probability) from in-batch logits (popularity correction).
     logq_correction: bool = True
@@ -590,6 +595,9 @@ class SecuritySettings(_Section):
     # explain=true on POST /v1/rails/... shows rule effects and the session's own history:
     # only with the admin key in X-API-Key (false: anyone may ask, e.g. on a private network).
     explain_needs_admin_key: bool = True
+    # Seconds POST /v1/admin/promote waits for the promotion gate, which runs as a child
+    # process (`railtower promote --json`); a gate still running then is stopped (504).
+    admin_promote_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("admin_api_key")
     @classmethod

@@ -91,6 +91,17 @@ class TowerBundle:
             str(meta.get("triton", {}).get("version", "")),
         )
 
+    def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        """(len(seeds), len(items)) cosine of each item's vector with each seed's (the
+        vectors are L2-normalised); NaN where the bundle has no vector for either."""
+        seed_rows = np.array([self.item_row.get(i, -1) for i in seeds], dtype=np.int64)
+        item_rows = np.array([self.item_row.get(i, -1) for i in items], dtype=np.int64)
+        vectors = self.item_vectors
+        out = vectors[np.maximum(seed_rows, 0)] @ vectors[np.maximum(item_rows, 0)].T
+        out[seed_rows < 0] = np.nan
+        out[:, item_rows < 0] = np.nan
+        return out
+
     def session_inputs(
         self, histories: Sequence[Sequence[HistoryEvent]], contexts: Sequence[str | None]
     ) -> dict[str, torch.Tensor]:

@@ -23,12 +23,17 @@ import scipy.sparse as sp
 
 from railtower.schemas import category_levels
 from railtower.settings import EventWeights, PriceHistorySettings, RankingSettings
-from ranking.candidate_fusion import SOURCES, CandidateTable
+from ranking.candidate_fusion import PAIR_COLUMNS, SOURCES, CandidateTable
 from ranking.price_history import PRICE_FEATURES, PriceHistory, price_features
 from ranking.retriever import Catalogue, Query, event_weight_array
 from towers.item_features import PriceBands, stable_bucket
 
-SOURCE_FEATURES = ("fused", "sources", *(f"{s}_{v}" for s in SOURCES for v in ("score", "rank")))
+SOURCE_FEATURES = (
+    "fused",
+    "sources",
+    *(f"{s}_{v}" for s in SOURCES for v in ("score", "rank")),
+    *PAIR_COLUMNS,
+)
 ITEM_FEATURES = (
     "popularity_log",
     "recent_popularity_log",
@@ -271,7 +276,8 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     out = np.full((len(frame), len(FEATURES)), np.nan, dtype=np.float32)
     col = {name: i for i, name in enumerate(FEATURES)}
     for name in SOURCE_FEATURES:
-        out[:, col[name]] = frame[name].to_numpy(dtype=float)
+        if name in frame.columns:  # a table built without pair evidence leaves them NaN
+            out[:, col[name]] = frame[name].to_numpy(dtype=float)
     rows = frame["item_id"].map(stats.row).fillna(-1).astype(np.int64).to_numpy()
     known = rows >= 0
     r = rows[known]

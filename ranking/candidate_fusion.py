@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
 from ranking.candidates import Candidate
+from ranking.retriever import Query
 
 # Every source the ranker's feature contract knows, in a fixed order; a source that is not
 # running (no tower bundle, say) contributes empty columns, so the contract never changes.
@@ -25,6 +27,33 @@ SOURCES: tuple[str, ...] = (
     "category_popularity",
     "popularity",
 )
+
+# Sources that also weigh one item against another: for each, the candidate's weight with
+# each of the request's newest items, one column apiece. The KDD Cup 2023 (Amazon-M2)
+# winners' strongest ranker features were exactly these; a summed source score hides
+# whether the evidence comes from the item just viewed or from one five clicks ago.
+PAIR_SOURCES: tuple[str, ...] = ("covisitation", "two_tower")
+NEWEST_ITEMS = 3
+PAIR_COLUMNS: tuple[str, ...] = tuple(
+    f"{source}_last{k}" for source in PAIR_SOURCES for k in range(1, NEWEST_ITEMS + 1)
+)
+
+
+@runtime_checkable
+class PairWeights(Protocol):
+    """A source that can weigh candidates against given items (0 where it has no evidence)."""
+
+    def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        """(len(seeds), len(items)) weights of each item with each seed."""
+        ...
+
+
+def newest_items(query: Query, n: int = NEWEST_ITEMS) -> list[str]:
+    """The n items a request is most about, most relevant first, distinct: the page's
+    product, then the cart (last added first), then the session (newest first)."""
+    ordered = [query.anchor] if query.anchor else []
+    ordered += [*reversed(query.cart), *reversed(query.session_items)]
+    return list(dict.fromkeys(ordered))[:n]
 
 
 @dataclass
@@ -123,6 +152,34 @@ def fuse(
     frame["query"] = frame["query"].astype(np.int64)
     frame["sources"] = frame["sources"].astype(np.int64)
     return CandidateTable(frame, queries)
+
+
+def with_pair_columns(
+    table: CandidateTable, queries: Sequence[Query], sources: Mapping[str, object]
+) -> CandidateTable:
+    """`table` plus :data:`PAIR_COLUMNS`: each candidate's weight with each of its request's
+    newest items, from every pair source that is running (NaN where none is, or the request
+    has fewer items; 0 where the source knows both items but never saw them together)."""
+    frame = table.frame
+    values = np.full((len(frame), len(PAIR_COLUMNS)), np.nan)
+    query_of = frame["query"].to_numpy()
+    bounds = np.searchsorted(query_of, np.arange(table.queries + 1))
+    items = frame["item_id"].to_numpy()
+    for s, name in enumerate(PAIR_SOURCES):
+        source = sources.get(name)
+        if not isinstance(source, PairWeights):
+            continue
+        for q, query in enumerate(queries):
+            lo, hi = bounds[q], bounds[q + 1]
+            seeds = newest_items(query)
+            if lo == hi or not seeds:
+                continue
+            weights = source.pair_weights(seeds, items[lo:hi].tolist())
+            first = s * NEWEST_ITEMS
+            values[lo:hi, first : first + len(seeds)] = weights.T
+    out = frame.copy()
+    out[list(PAIR_COLUMNS)] = values
+    return CandidateTable(out, table.queries)
 
 
 def _empty_long() -> pd.DataFrame:

@@ -107,6 +107,19 @@ class CovisitationRetriever:
         seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
         return (seeds @ self.matrix).tocsr()
 
+    def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        """(len(seeds), len(items)) co-visitation weight of each item with each seed item
+        (0 for an item or seed outside the catalogue the matrix was fitted on)."""
+        index = self.catalogue.index
+        seed_rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
+        item_rows = np.array([index.get(i, -1) for i in items], dtype=np.int64)
+        out = np.zeros((len(seeds), len(items)))
+        known_seed, known_item = seed_rows >= 0, item_rows >= 0
+        if known_seed.any() and known_item.any() and self.matrix.shape[0]:
+            block = self.matrix[seed_rows[known_seed]][:, item_rows[known_item]].toarray()
+            out[np.ix_(known_seed, known_item)] = block
+        return out
+
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         scores = self.scores(queries)
         return top_k_with_backfill(scores, queries, self.catalogue, self.popularity.order, k)

@@ -32,7 +32,13 @@ import pandas as pd
 
 from railtower.settings import RankingSettings
 from ranking.business_features import FEATURES, ItemStats, build_features
-from ranking.candidate_fusion import SOURCES, CandidateTable, fuse, source_order
+from ranking.candidate_fusion import (
+    SOURCES,
+    CandidateTable,
+    fuse,
+    source_order,
+    with_pair_columns,
+)
 from ranking.candidates import Candidate
 from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
@@ -87,11 +93,13 @@ class RailPipeline:
         a session vector from Redis or Triton). For deals_for_you the candidates are the
         current deals instead, carrying the fused sources' evidence where they named one.
         """
+        running = sources or self.sources
         per_source = {
             name: source.candidates(queries, self.settings.per_source)
-            for name, source in (sources or self.sources).items()
+            for name, source in running.items()
         }
         fused = fuse(per_source, len(queries), self.depth, self.settings.rrf_k)
+        fused = with_pair_columns(fused, queries, running)
         return self.deal_table(fused, queries) if rail == DEALS_RAIL else fused
 
     def deal_table(self, fused: CandidateTable, queries: Sequence[Query]) -> CandidateTable:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from railtower.errors import ArtifactMismatch
 from railtower.manifest import DataWindow, Manifest, git_commit, library_versions, now_iso
+from railtower.production import EVALUATION, load_evaluation
 from railtower.settings import RankingSettings
 from ranking.business_features import FEATURES, ItemStats
 from ranking.retriever import CandidateSource
@@ -26,7 +27,6 @@ from ranking.rules import RuleSet
 from ranking.source_state import save_sources
 
 PIPELINE = "pipeline.json"
-EVALUATION = "evaluation.json"
 RULES = "rules.json"
 RANKERS = "rankers"
 STATS = "item_stats"
@@ -145,12 +145,3 @@ def write_rails_bundle(
         libraries=library_versions(),
     ).write(folder)
     return folder
-
-
-def load_evaluation(folder: Path) -> dict[str, Any]:
-    """The evaluation record of a bundle folder (raises ArtifactMismatch if it has none)."""
-    path = folder / EVALUATION
-    if not path.exists():
-        raise ArtifactMismatch(f"{folder} has no {EVALUATION}: it was never evaluated")
-    record: dict[str, Any] = orjson.loads(path.read_bytes())
-    return record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from ranking.bundle import TowerBundle
@@ -28,6 +29,9 @@ class BundleRetriever:
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> BundleRetriever:  # noqa: ARG002
         return self  # already trained: a bundle is a fitted model
+
+    def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        return self.bundle.pair_weights(seeds, items)
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         return [[c.item_id for c in row] for row in self.candidates(queries, k)]

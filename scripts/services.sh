@@ -3,7 +3,7 @@
 # with chromium-driver for the merchandising console's browser test (the Kafka-protocol
 # broker and tritonserver come from the venv's wheels). Run as root or with sudo;
 # CI runs it on every fresh machine. The servers themselves are started and stopped by the
-# code that needs them (serving/local_services.py), never left running.
+# code that needs them (devstack/local_services.py), never left running.
 #   bash scripts/services.sh install
 set -euo pipefail
 case "${1:-install}" in
@@ -15,7 +15,7 @@ case "${1:-install}" in
     command -v chromium >/dev/null || missing+=(chromium)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     # nginx: the optional load balancer in front of several API processes (run unprivileged
-    # on loopback by serving/local_services.py, never as the system service)
+    # on loopback by devstack/local_services.py, never as the system service)
     [ -x /usr/sbin/nginx ] || missing+=(nginx)
     . "$(dirname "$0")/apt.sh"
     apt_install services "${missing[@]}"

@@ -6,6 +6,7 @@ Every route needs the admin key (`serving.security.require_admin`, header `X-API
     POST   /v1/admin/rules             validate, publish, serve it   -> 200 / 422
     GET    /v1/admin/rules             the served rule set and its published version
     POST   /v1/admin/promote           {"bundle"}                    -> 200 / 409 refused
+                                        (422 not promotable, 504 the gate timed out)
     POST   /v1/admin/rollback          {"dataset", "reason"}         -> 200 / 409 refused
     DELETE /v1/admin/users/{user_id}   every session of the user, then the user's link set
     DELETE /v1/admin/sessions/{session_id}
@@ -16,6 +17,10 @@ from the file within a second (`PublishedRules.sync`, called by serving.app's wa
 A published rule set replaces the bundle's own rules, including in bundles promoted later.
 Pre-warmed rails computed under other rules are not served once it is in force: the rules'
 version is part of the rail marker (serving.session_store), so they are recomputed.
+
+Promotion runs the offline gate in a child process (`railtower promote --json`, see
+`promote_in_child`); rollback moves the pointer in this process (railtower.production),
+which needs no evaluation code. This module never imports training/.
 """
 
 from __future__ import annotations
@@ -23,22 +28,29 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
+import yaml
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from railtower.errors import RailtowerError, RuleSetError
+from railtower.errors import RuleSetError
 from railtower.logs import get_logger
-from railtower.settings import Settings
+from railtower.production import RollbackRefused
+from railtower.production import rollback as run_rollback
+from railtower.settings import PROJECT_ROOT, Settings
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.metrics import Metrics
 from serving.security import require_admin
@@ -251,17 +263,6 @@ def _deletion(deletion: Deletion) -> dict[str, Any]:
     }
 
 
-def _finite(value: Any) -> Any:
-    """NaN (a rail without a production record) as null: JSON has no NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 # ------------------------------------------------------------------------------ routes
 
 
@@ -325,36 +326,19 @@ def admin_router(service: RailService, rules: PublishedRules) -> APIRouter:
     @router.post("/promote")
     async def promote(body: PromoteBody, request: Request) -> JSONResponse:
         bundle = _bundle_path(settings, body.bundle)
-        # Promotion is offline code (training/): imported only when an operator asks for it.
-        from ranking.rails_bundle import load_evaluation
-        from training.promotion import promote as run_gate
-
-        def gate() -> Any:
-            dataset = load_evaluation(bundle)["dataset"]
-            pointer = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
-            return run_gate(bundle, pointer, settings.promotion, settings.seed, rescore=settings)
-
-        try:
-            decision = await run_in_threadpool(gate)
-        except (RailtowerError, OSError, KeyError, ValueError) as exc:
-            raise BadRequest(422, f"cannot promote {bundle.name}: {exc}") from None
+        # The gate runs in a child process, waited on from the threadpool: it may re-score
+        # the production bundle on the candidate's held-out cases (offline evaluation code,
+        # seconds of CPU and hundreds of MB). As a child it neither imports training/ into
+        # the API nor holds that memory in an API worker, and the pointer lock
+        # (railtower.production) still serialises it with rollbacks and nightly runs.
+        answer = await run_in_threadpool(promote_in_child, settings, bundle)
         log.info(
-            "admin: promote", bundle=bundle.name, promoted=decision.promote, client=_who(request)
+            "admin: promote", bundle=bundle.name, promoted=answer["promoted"], client=_who(request)
         )
-        answer = {
-            "promoted": decision.promote,
-            "candidate": decision.candidate,
-            "production": decision.production,
-            "reasons": decision.reasons,
-            "verdicts": [_finite(asdict(v)) for v in decision.verdicts],
-        }
-        return JSONResponse(answer, status_code=200 if decision.promote else 409)
+        return JSONResponse(answer, status_code=200 if answer["promoted"] else 409)
 
     @router.post("/rollback")
     async def rollback(body: RollbackBody, request: Request) -> JSONResponse:
-        from training.promotion import RollbackRefused
-        from training.promotion import rollback as run_rollback
-
         dataset = body.dataset or settings.serving.dataset
         try:
             decision = await run_in_threadpool(
@@ -399,6 +383,82 @@ def admin_router(service: RailService, rules: PublishedRules) -> APIRouter:
         return {"session_id": session_id, **_deletion(deletion)}
 
     return router
+
+
+# ------------------------------------------------------------------------------ promotion
+
+
+# `railtower promote` exits 0 when the bundle was promoted, 3 when the gate refused it.
+_PROMOTED, _REFUSED = 0, 3
+
+
+def promote_in_child(settings: Settings, bundle: Path) -> dict[str, Any]:
+    """Run the promotion gate on `bundle` as `railtower promote <bundle> --json`, in a child
+    process with this process's settings; blocks (call it from a thread).
+
+    The child gets the settings this API runs with, whatever they came from (a config file,
+    RAILTOWER_ variables, keyword overrides): they are written to a temporary YAML file it
+    loads with --config, and its environment is this one without RAILTOWER_ variables
+    (already part of that file). The admin key is left out: the gate does not need it.
+
+    Returns:
+        The decision: promoted, candidate, production, reasons, verdicts.
+
+    Raises:
+        BadRequest: 422 when the child could not gate the bundle (its stderr's last line
+            says why), 504 when it ran past `security.admin_promote_timeout_s`.
+    """
+    timeout = settings.security.admin_promote_timeout_s
+    with tempfile.TemporaryDirectory(prefix="railtower-promote-") as work:
+        config = Path(work) / "settings.yaml"
+        effective = settings.model_dump(mode="json", exclude={"security": {"admin_api_key"}})
+        config.write_text(yaml.safe_dump(effective, sort_keys=False), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAILTOWER_")}
+        command = [
+            *(sys.executable, "-m", "railtower.cli", "promote", str(bundle)),
+            *("--json", "--config", str(config)),
+        ]
+        try:
+            done = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=PROJECT_ROOT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            # subprocess.run has killed it; the pointer moves in one rename under its lock,
+            # so production is the old bundle or the new one (history.jsonl says which).
+            log.error("admin: promotion gate timed out", bundle=bundle.name, timeout_s=timeout)
+            raise BadRequest(
+                504,
+                f"cannot promote {bundle.name}: the gate did not finish within "
+                f"security.admin_promote_timeout_s ({timeout:g} s) and was stopped; run "
+                "`railtower promote` from a shell, or raise the timeout",
+            ) from None
+    answer = _decision(done.stdout) if done.returncode in (_PROMOTED, _REFUSED) else None
+    if answer is None or answer["promoted"] != (done.returncode == _PROMOTED):
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"`railtower promote` exited {done.returncode}"
+        log.warning("admin: promotion gate failed", bundle=bundle.name, rc=done.returncode)
+        raise BadRequest(422, f"cannot promote {bundle.name}: {why}")
+    return answer
+
+
+def _decision(stdout: str) -> dict[str, Any] | None:
+    """The JSON decision `railtower promote --json` printed (its last stdout line)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    try:
+        answer = orjson.loads(lines[-1]) if lines else None
+    except orjson.JSONDecodeError:
+        return None
+    keys = ("promoted", "candidate", "production", "reasons", "verdicts")
+    if not isinstance(answer, dict) or not all(key in answer for key in keys):
+        return None
+    return {key: answer[key] for key in keys}
 
 
 def _bundle_path(settings: Settings, bundle: str) -> Path:

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from railtower.logs import configure_logging, get_logger
+from railtower.production import pointer_path
 from railtower.settings import Settings, get_settings
 from serving.admin import PublishedRules, admin_router
 from serving.api_models import RailRequest, RailResponse
@@ -48,7 +49,7 @@ log = get_logger(__name__)
 
 
 def production_pointer(settings: Settings) -> Path:
-    return settings.artifacts_dir / settings.promotion.pointer_dir / settings.serving.dataset
+    return pointer_path(settings.artifacts_dir, settings.promotion, settings.serving.dataset)
 
 
 def build_service(settings: Settings) -> RailService:

@@ -120,5 +120,8 @@ class VectorTowerSource:
             for row, row_scores in zip(ids, scores, strict=True)
         ]
 
+    def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        return self.towers.pair_weights(seeds, items)
+
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         return [[c.item_id for c in row] for row in self.candidates(queries, k)]

@@ -36,6 +36,7 @@ from railtower.datasets import load_dataset  # noqa: E402
 from railtower.errors import RailtowerError  # noqa: E402
 from railtower.logs import get_logger  # noqa: E402
 from railtower.manifest import new_version, now_iso  # noqa: E402
+from railtower.production import pointer_path  # noqa: E402
 from railtower.schemas import category_levels  # noqa: E402
 from railtower.settings import DriftSettings, Settings  # noqa: E402
 from ranking.bundle import ITEM_TOWER, TowerBundle  # noqa: E402
@@ -311,7 +312,7 @@ def run_drift(
     Raises:
         DriftError: no bundle, no clock, or an empty window.
     """
-    pointer = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+    pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
     folder = bundle or (pointer.resolve() if pointer.is_symlink() else None)
     if folder is None or not folder.exists():
         raise DriftError(

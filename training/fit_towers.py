@@ -3,9 +3,10 @@
 One process or several (Lightning DDP, `training.devices` x `training.num_nodes` ranks): the
 code is the same. `training.batch_size` is the *global* batch, split evenly across ranks, so a
 DDP run takes the same optimiser steps on the same number of examples per step as the
-single-process run and its metrics can be compared with it at equal settings; each rank's
-softmax still sees the whole global batch as negatives (training.two_tower gathers every
-rank's positives). Lightning adds the
+single-process run and its metrics can be compared with it at equal settings. With the full
+softmax every rank scores its examples against the whole catalogue; with the sampled one each
+rank's softmax still sees the whole global batch as negatives (training.two_tower gathers
+every rank's positives). Lightning adds the
 DistributedSampler; only rank 0 writes checkpoints and logs. With strategy "ddp" the launcher
 re-runs the entry point once per extra rank: such a rank leaves the process once training
 returns, so export, evaluation and reports run once, on rank 0.

@@ -4,8 +4,9 @@ Each run keeps `<artifacts>/<nightly.state_dir>/<run>/state.json` (written atomi
 with every completed step of every data set and its outputs. Rerunning a run skips the
 steps it completed, after checking that their artifacts still exist and verify (a step
 whose outputs are gone is redone). Production only changes in the last step, through
-`training.promotion.promote`, whose pointer switch is one rename: a crash anywhere leaves
-production as it was and the run resumable. A lock file keeps two runs from overlapping.
+`training.promotion.promote`, whose pointer switch (railtower.production) is one rename: a
+crash anywhere leaves production as it was and the run resumable. A lock file keeps two
+runs from overlapping.
 
 The default run name is derived from the data windows and the settings, so running the
 job twice on the same data is the same run and does nothing the second time; a run with
@@ -32,6 +33,7 @@ from railtower.datasets import Dataset, load_dataset
 from railtower.errors import ArtifactMismatch, RailtowerError
 from railtower.logs import get_logger
 from railtower.manifest import DataWindow, Manifest, library_versions, now_iso, sha256_of
+from railtower.production import pointer_path
 from railtower.settings import Settings, load_dataset_spec
 from ranking.bundle import TowerBundle
 from ranking.rails_bundle import RailsBundle, load_evaluation
@@ -371,7 +373,7 @@ def _run_dataset(
             f"({recorded['digest']} vs {window['digest']}); start a new run"
         )
     record["window"] = window
-    pointer = settings.artifacts_dir / settings.promotion.pointer_dir / dataset.name
+    pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset.name)
     done = processed_elsewhere(state_dir, run, dataset.name, window["digest"])
     if done is not None and "train" not in steps:
         # Same data, same settings: the earlier run's decision stands; nothing to retrain.

@@ -13,7 +13,7 @@ real but inside a wide interval is still acted on once the samples are large):
 2. both need at least `monitor.min_impressions` matured impressions in their windows (an
    impression has matured once the events cover its whole horizon), else nothing happens;
 3. relative drop = (previous - promoted) / previous; more than `monitor.max_relative_drop`
-   (default 0.03) calls `training.promotion.rollback`, which moves the pointer back and
+   (default 0.03) calls `railtower.production.rollback`, which moves the pointer back and
    records it. A previous hit rate of 0 gives no drop to measure: nothing happens.
 
 The two windows are different periods (before and after the promotion), so traffic that
@@ -31,6 +31,7 @@ import numpy as np
 from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.manifest import Manifest
+from railtower.production import RollbackRefused, pointer_path, production_stack, rollback
 from railtower.schemas import Impression
 from railtower.settings import Settings
 from training.evaluate import Interval
@@ -113,10 +114,8 @@ def _version_of(folder: Path, fallback: str) -> str:
 
 def promoted_and_previous(pointer: Path, artifacts_dir: Path) -> tuple[str | None, str | None]:
     """(promoted version, the version it replaced), from the pointer and the production
-    stack that `training.promotion.production_stack` replays from `history.jsonl` (the same
+    stack that `railtower.production.production_stack` replays from `history.jsonl` (the same
     stack `rollback` pops, so the model compared against is the one a rollback restores)."""
-    from training.promotion import production_stack
-
     if not pointer.is_symlink() or not pointer.exists():
         return None, None
     current = pointer.resolve()
@@ -175,7 +174,7 @@ def check_and_rollback(
     """Compare the promoted model's online hit rate with the previous one's; roll back on a
     drop beyond `monitor.max_relative_drop` (see the module docstring for the rule)."""
     cfg = settings.monitor
-    pointer = settings.artifacts_dir / settings.promotion.pointer_dir / dataset
+    pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
     promoted, previous = promoted_and_previous(pointer, settings.artifacts_dir)
     decision = MonitorDecision(dataset, promoted, previous, "no decision", "")
     if promoted is None:
@@ -213,8 +212,6 @@ def check_and_rollback(
     if dry_run:
         decision.action, decision.reason = "would roll back (dry run)", reason
         return decision
-    from training.promotion import RollbackRefused, rollback
-
     try:  # moves the pointer back and records it in history.jsonl
         rollback(settings.artifacts_dir, settings.promotion, dataset, reason)
     except RollbackRefused as exc:

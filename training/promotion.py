@@ -9,47 +9,31 @@ fingerprints must match), per rail, on the stage shoppers see:
 - the candidate's catalogue coverage@slots, as a share of the most its cases could reach,
   must reach `promotion.min_coverage_share`.
 
-A pass switches the production pointer (a symlink) atomically, so a reader sees the old
-bundle or the new one, never neither; a refusal leaves production untouched. Either way the
-decision is appended to `<pointer_dir>/history.jsonl` with its reasons.
-
-`rollback` moves the pointer back to the bundle that was production before the current one,
-as the history tells it (promotions push a bundle, rollbacks pop one, refusals change
-nothing), so a second rollback goes one further back and a later promotion stacks on top as
-usual. Promotions and rollbacks of one pointer folder hold a file lock, so an automatic
-rollback racing an operator's promotion cannot interleave their read-decide-switch steps.
+A pass switches the production pointer atomically and a refusal leaves it untouched; either
+way the decision is appended to the pointers' history with its reasons. The pointer itself
+(where it is, its lock, the switch, the history, `rollback`) is core: railtower.production.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from railtower.datasets import Dataset
-from railtower.errors import ArtifactMismatch, RailtowerError
-from railtower.logs import get_logger
-from railtower.manifest import Manifest, now_iso
+from railtower.errors import ArtifactMismatch
+from railtower.manifest import Manifest
+from railtower.production import (
+    current_production,
+    load_evaluation,
+    pointer_lock,
+    record_promotion,
+    switch,
+)
 from railtower.settings import PromotionSettings, Settings
-from ranking.rails_bundle import load_evaluation
 from training.metrics import bootstrap_ci
-
-log = get_logger(__name__)
-HISTORY = "history.jsonl"
-
-
-class RollbackRefused(RailtowerError):
-    """No rollback happened: nothing to roll back to, or the bundle to restore is unusable.
-
-    The production pointer is untouched; the message says why and what to do instead.
-    """
 
 
 @dataclass(frozen=True)
@@ -79,6 +63,17 @@ class GateDecision:
     production: str | None
     reasons: list[str] = field(default_factory=list)
     verdicts: list[RailVerdict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The decision as `railtower promote --json` prints it and /v1/admin/promote answers
+        (NaN, a rail without a production record, stays NaN here: orjson writes it null)."""
+        return {
+            "promoted": self.promote,
+            "candidate": self.candidate,
+            "production": self.production,
+            "reasons": list(self.reasons),
+            "verdicts": [asdict(v) for v in self.verdicts],
+        }
 
     def to_markdown(self) -> str:
         head = "PROMOTE" if self.promote else "REFUSE"
@@ -248,24 +243,15 @@ def promote(
     """
     Manifest.load(candidate_dir, verify=True)
     candidate = load_evaluation(candidate_dir)
-    with _pointer_lock(pointer):
-        current = pointer.resolve() if pointer.is_symlink() else None
-        if current is not None and not current.exists():
-            current = None  # a dangling pointer is no production to protect
+    with pointer_lock(pointer):
+        current = current_production(pointer)
         if current is not None and current == candidate_dir.resolve():
             raise ArtifactMismatch(f"{candidate_dir} is already production")
         decision = gated(candidate, current, settings, seed, candidate_dir.name, rescore, events)
         if decision.promote:
-            _switch(pointer, candidate_dir)
+            switch(pointer, candidate_dir)
         # Which pointer and where the bundles are: what `rollback` replays the history by.
-        _record(
-            pointer.parent / HISTORY,
-            decision,
-            action="promote",
-            pointer=pointer.name,
-            candidate_path=str(candidate_dir.resolve()),
-            production_path=None if current is None else str(current),
-        )
+        record_promotion(pointer, asdict(decision), candidate_dir, current)
     return decision
 
 
@@ -336,199 +322,3 @@ def gated(
     if note is not None:
         decision.reasons.insert(0, note)
     return decision
-
-
-@dataclass(frozen=True)
-class RollbackDecision:
-    """A rollback that happened: production moved from `previous` back to `restored`."""
-
-    dataset: str
-    previous: str
-    restored: str
-    restored_path: str
-    reason: str
-    at: str
-
-    def to_markdown(self) -> str:
-        return (
-            f"## Rollback: {self.dataset} back to {self.restored} (was {self.previous})\n\n"
-            f"- reason: {self.reason}\n- at: {self.at}\n"
-        )
-
-
-def rollback(
-    artifacts_dir: Path, settings: PromotionSettings, dataset: str, reason: str
-) -> RollbackDecision:
-    """Move the production pointer of `dataset` back to the bundle production held before.
-
-    The previous bundle is the one below the current on the production stack that
-    `<artifacts_dir>/<pointer_dir>/history.jsonl` records (a promotion pushes, a rollback
-    pops); it must still exist and verify against its manifest. The switch is one rename,
-    as for a promotion, and the rollback is appended to the history (refused ones too), so
-    a second rollback goes one further back. Serving processes follow the pointer on their
-    own (serving.reload_interval_s).
-
-    Args:
-        artifacts_dir: the artifacts folder (settings.artifacts_dir).
-        settings: the promotion settings (where the pointers live).
-        dataset: the data set whose pointer moves (<pointer_dir>/<dataset>).
-        reason: why, for the history and the log (e.g. the online monitor's finding).
-
-    Returns:
-        What moved where.
-
-    Raises:
-        RollbackRefused: no pointer, no previous bundle, the pointer disagrees with the
-            history, or the previous bundle is gone or fails verification. Nothing moved.
-
-    Example:
-        ``rollback(settings.artifacts_dir, settings.promotion, "rees46", "hit rate -8%")``
-    """
-    if not reason.strip():
-        raise ValueError("reason is empty; say why production is rolled back")
-    if not dataset or os.sep in dataset or dataset.startswith("."):
-        raise ValueError(f"dataset {dataset!r} is not a data set name (e.g. 'rees46')")
-    pointer = artifacts_dir / settings.pointer_dir / dataset
-    with _pointer_lock(pointer):
-        try:
-            previous, restored = _rollback_target(pointer, artifacts_dir)
-        except RollbackRefused as exc:
-            _record_rollback(pointer, None, None, reason, refused=str(exc))
-            log.warning("rollback refused", dataset=dataset, why=str(exc))
-            raise
-        _switch(pointer, restored)
-        entry = _record_rollback(pointer, previous, restored, reason, refused=None)
-    log.warning(
-        "production rolled back",
-        dataset=dataset,
-        previous=previous.name,
-        restored=restored.name,
-        reason=reason,
-    )
-    return RollbackDecision(
-        dataset, previous.name, restored.name, str(restored), reason, str(entry["at"])
-    )
-
-
-def production_stack(pointer: Path, artifacts_dir: Path) -> list[Path]:
-    """The bundles `pointer` has held, oldest first, replayed from the history.
-
-    Entries written before pointers were recorded are attributed to `pointer` when their
-    candidate bundle's evaluation names its data set.
-    """
-    history = pointer.parent / HISTORY
-    stack: list[Path] = []
-    if not history.exists():
-        return stack
-    for line in history.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        entry = orjson.loads(line)
-        action = entry.get("action", "promote")
-        if action == "rollback":
-            if entry.get("pointer") == pointer.name and entry.get("restored") and stack:
-                stack.pop()
-            continue
-        if not entry.get("promote") or not _for_pointer(entry, pointer, artifacts_dir):
-            continue
-        if not stack and entry.get("production"):
-            # the history starts mid-way: the promotion still says what it replaced
-            stack.append(_bundle_path(entry, "production", artifacts_dir))
-        stack.append(_bundle_path(entry, "candidate", artifacts_dir))
-    return stack
-
-
-def _rollback_target(pointer: Path, artifacts_dir: Path) -> tuple[Path, Path]:
-    if not pointer.is_symlink():
-        raise RollbackRefused(f"no production pointer at {pointer}: nothing to roll back")
-    current = pointer.resolve()
-    stack = production_stack(pointer, artifacts_dir)
-    if not stack or stack[-1].resolve() != current:
-        said = stack[-1].name if stack else "nothing"
-        raise RollbackRefused(
-            f"{pointer} names {current.name} but {HISTORY} says production is {said}; it "
-            "was moved by hand, so promote the bundle you want with `railtower promote`"
-        )
-    if len(stack) < 2:
-        raise RollbackRefused(
-            f"{current.name} is the first production bundle of {pointer.name}: there is no "
-            "previous one to roll back to; promote another bundle instead"
-        )
-    restored = stack[-2]
-    try:
-        Manifest.load(restored, verify=True)
-        load_evaluation(restored)
-    except (ArtifactMismatch, OSError, ValueError) as exc:
-        raise RollbackRefused(
-            f"the previous bundle {restored} cannot be restored ({exc}); promote a "
-            "verified bundle with `railtower promote` instead"
-        ) from None
-    return current, restored
-
-
-def _for_pointer(entry: dict[str, Any], pointer: Path, artifacts_dir: Path) -> bool:
-    if "pointer" in entry:
-        return bool(entry["pointer"] == pointer.name)
-    try:  # an entry from before pointers were recorded: ask the bundle
-        evaluation = load_evaluation(_bundle_path(entry, "candidate", artifacts_dir))
-    except (ArtifactMismatch, OSError, ValueError):
-        return False
-    return bool(evaluation.get("dataset") == pointer.name)
-
-
-def _bundle_path(entry: dict[str, Any], role: str, artifacts_dir: Path) -> Path:
-    path = entry.get(f"{role}_path")
-    return Path(path) if path else artifacts_dir / str(entry[role])
-
-
-def _record_rollback(
-    pointer: Path,
-    previous: Path | None,
-    restored: Path | None,
-    reason: str,
-    refused: str | None,
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "at": now_iso(),
-        "action": "rollback",
-        "pointer": pointer.name,
-        "rolled_back": refused is None,
-        "previous": None if previous is None else previous.name,
-        "restored": None if restored is None else restored.name,
-        "restored_path": None if restored is None else str(restored.resolve()),
-        "reason": reason,
-        "refused": refused,
-    }
-    _append(pointer.parent / HISTORY, entry)
-    return entry
-
-
-@contextmanager
-def _pointer_lock(pointer: Path) -> Iterator[None]:
-    """An exclusive lock on the pointer folder for one read-decide-switch-record step."""
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    with (pointer.parent / ".lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _switch(pointer: Path, target: Path) -> None:
-    """Point `pointer` at `target` in one rename (readers never see a missing link)."""
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    temporary = pointer.with_name(f".{pointer.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(os.path.relpath(target.resolve(), pointer.parent.resolve()))
-    os.replace(temporary, pointer)
-
-
-def _record(history: Path, decision: GateDecision, **extra: object) -> None:
-    _append(history, {"at": now_iso(), **asdict(decision), **extra})
-
-
-def _append(history: Path, entry: dict[str, Any]) -> None:
-    history.parent.mkdir(parents=True, exist_ok=True)
-    with history.open("ab") as fh:
-        fh.write(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")

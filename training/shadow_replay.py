@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from devstack.local_services import LocalServer, free_port, redis_server
 from railtower.datasets import load_dataset
 from railtower.errors import RailtowerError
 from railtower.logs import get_logger
@@ -38,7 +39,6 @@ from railtower.settings import Settings, load_dataset_spec
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.api_models import RailRequest
 from serving.impressions import MemoryImpressionSink
-from serving.local_services import LocalServer, free_port, redis_server
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService

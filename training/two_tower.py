@@ -1,7 +1,14 @@
-"""Lightning training of the two towers: sampled softmax with in-batch negatives and logQ.
+"""Lightning training of the two towers: full softmax over the catalogue, or sampled softmax.
 
 The towers are plain modules (`towers/`); this module owns the loss, the negatives, ID
 dropout, the optimiser and the validation metric (Recall@K against the full catalogue).
+
+`training.loss: full` (the default) scores every example against every catalogue item's
+vector, computed afresh by the item tower each step: the cross-entropy SASRec-style models
+train with. Published ablations show in-batch negatives alone let a sequential model settle
+on popular items; on Amazon-M2 the in-batch loss left the towers well below co-visitation.
+`sampled` (in-batch negatives with logQ correction, optionally plus uniform negatives) is
+for catalogues too big to embed every step (`training.full_softmax_max_items`).
 
 Under DDP each rank's softmax still sees the whole global batch: positives are gathered from
 every rank (gradients flow back to the rank that computed them), so W ranks of B examples
@@ -10,7 +17,7 @@ train on the same negatives and the same gradient as one process drawing W*B exa
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytorch_lightning as pl
 import torch
@@ -60,12 +67,17 @@ class TwoTowerModule(pl.LightningModule):
         self.register_buffer("log_q", log_q, persistent=False)
         self.recall_k = recall_k
         self._table: torch.Tensor | None = None
+        self._on_device: ItemFeatures | None = None
 
     # ----------------------------------------------------------------- vectors
 
-    def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """(R,) catalogue rows -> (R, D) item vectors; ID dropout while training."""
-        features = self.catalogue.take(rows.cpu()).to(self.device)
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) catalogue rows (None = all) -> (R, D) item vectors; ID dropout while training."""
+        if rows is None:
+            features = self._device_catalogue()
+            rows = torch.arange(len(self.catalogue), device=self.device)
+        else:
+            features = self.catalogue.take(rows.cpu()).to(self.device)
         if self.training and self.id_dropout > 0:
             # Only items with some content lose their id: for an ids-only item there is
             # nothing else to learn from, and hiding its id would make it a blank.
@@ -76,10 +88,17 @@ class TwoTowerModule(pl.LightningModule):
                 | (features.categories > 0).any(dim=1)
             )
             hide = has_content & (torch.rand(len(rows), device=self.device) < self.id_dropout)
-            features.item_id = torch.where(
-                hide, torch.zeros_like(features.item_id), features.item_id
+            features = replace(
+                features,
+                item_id=torch.where(hide, torch.zeros_like(features.item_id), features.item_id),
             )
         return self.item_tower(*features.as_tuple())
+
+    def _device_catalogue(self) -> ItemFeatures:
+        """The whole catalogue's features on this module's device, copied once."""
+        if self._on_device is None or self._on_device.item_id.device != self.device:
+            self._on_device = self.catalogue.to(self.device)
+        return self._on_device
 
     @torch.no_grad()
     def catalogue_vectors(self, batch_size: int = 8192) -> torch.Tensor:
@@ -106,8 +125,41 @@ class TwoTowerModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
 
+    def full_softmax_fits(self) -> bool:
+        """Whether this run trains with the full softmax (the configured loss, and a
+        catalogue small enough to embed every step)."""
+        cfg = self.training_cfg
+        return cfg.loss == "full" and len(self.catalogue) <= cfg.full_softmax_max_items
+
     def training_step(self, batch: dict[str, torch.Tensor], _batch_idx: int) -> torch.Tensor:
         targets = batch.pop("target")
+        if self.full_softmax_fits():
+            loss = self.full_softmax(batch, targets)
+        else:
+            loss = self.in_batch_step(batch, targets)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def full_softmax(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each example's target against every catalogue item.
+
+        Items already in the example's session are masked out (never its target: examples
+        target an item the session has not touched), as they are at validation and serving,
+        so the model spends nothing on ranking what a rail never shows.
+        """
+        table = self.item_vectors()
+        users = self.user_vectors(batch, table)
+        logits = users @ table.T / self.training_cfg.temperature
+        history = batch["items"]
+        seen = history > 0
+        batch_rows = torch.arange(len(targets), device=self.device)
+        in_session = torch.zeros_like(logits, dtype=torch.bool)
+        in_session[batch_rows.unsqueeze(1).expand_as(history)[seen], history[seen] - 1] = True
+        in_session[batch_rows, targets] = False
+        return F.cross_entropy(logits.masked_fill(in_session, float("-inf")), targets)
+
+    def in_batch_step(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax over the global batch's positives (+ uniform negatives)."""
         history = batch["items"]
         # Only items this batch touches go through the item tower: cheap on big catalogues.
         rows = torch.unique(torch.cat([history[history > 0] - 1, targets]))
@@ -120,9 +172,7 @@ class TwoTowerModule(pl.LightningModule):
         positives, candidate_targets, offset = self.global_batch(
             vectors[position[targets]], targets
         )
-        loss = self.sampled_softmax(users, positives, targets, candidate_targets, offset)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(targets))
-        return loss
+        return self.sampled_softmax(users, positives, targets, candidate_targets, offset)
 
     def global_batch(
         self, positives: torch.Tensor, targets: torch.Tensor

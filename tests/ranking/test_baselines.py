@@ -131,3 +131,17 @@ def test_category_popularity_ranks_the_session_category_first():
     (ranked,) = model.recommend([Query(("tv-a",), ("view",), exclude=frozenset({"tv-a"}))], k=4)
     # same category first (popular, then never-seen), then the global fill
     assert ranked == ["tv-b", "tv-new", "charger", "radio"]
+
+
+def test_covisitation_pair_weights_follow_the_matrix_and_are_zero_for_unknown_items():
+    model = CovisitationRetriever(
+        SETTINGS.baselines.covisitation,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=False,
+    ).fit(EVENTS, CATALOGUE)
+    weights = model.pair_weights(["tv", "nowhere"], ["hdmi", "case", "nowhere"])
+    assert weights.shape == (2, 3)
+    assert weights[0, 0] > 0  # tv and hdmi share eight sessions
+    assert weights[0, 1] == 0  # tv and case never met
+    assert (weights[1] == 0).all() and weights[0, 2] == 0

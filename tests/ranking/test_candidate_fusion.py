@@ -11,8 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking.candidate_fusion import SOURCES, CandidateTable, fuse
+from ranking.candidate_fusion import (
+    PAIR_COLUMNS,
+    SOURCES,
+    CandidateTable,
+    fuse,
+    newest_items,
+    with_pair_columns,
+)
 from ranking.candidates import Candidate
+from ranking.retriever import Query
 
 
 def ranked_list(*items: str) -> list[Candidate]:
@@ -214,3 +222,38 @@ def test_fusion_is_deterministic_and_independent_of_source_order(per_source, dep
     for _, group in frame.groupby("query"):
         keys = list(zip(-group["fused"], group["best"], group["item_id"], strict=True))
         assert keys == sorted(keys)
+
+
+class _Pairs:
+    """A pair source whose weight is the seed's position + the item's letter code."""
+
+    def pair_weights(self, seeds, items):
+        return np.array([[10 * s + ord(i[0]) for i in items] for s in range(len(seeds))], float)
+
+
+def test_newest_items_put_the_page_product_then_the_cart_then_the_session_newest_first():
+    query = Query(("v1", "v2", "c1"), anchor="p", cart=("c1", "c2"))
+    assert newest_items(query) == ["p", "c2", "c1"]
+    assert newest_items(Query(("a", "b", "a", "c"))) == ["c", "a", "b"]
+    assert newest_items(Query()) == []
+
+
+def test_pair_columns_hold_each_candidates_weight_with_each_newest_item():
+    per_source = {
+        "covisitation": [ranked_list("x", "y"), ranked_list("z")],
+        "session_knn": [ranked_list("y"), []],
+    }
+    queries = [Query(("a", "b")), Query(("a",))]
+    table = fuse(per_source, queries=2, depth=10, rrf_k=60)
+    out = with_pair_columns(table, queries, {"covisitation": _Pairs(), "session_knn": object()})
+    assert list(out.frame.columns[: len(table.frame.columns)]) == list(table.frame.columns)
+    first = out.frame[out.frame["query"] == 0].set_index("item_id")
+    # query 0's newest item is "b" (seed 0), then "a" (seed 1)
+    assert first.loc["x", "covisitation_last1"] == ord("x")
+    assert first.loc["x", "covisitation_last2"] == 10 + ord("x")
+    assert np.isnan(first.loc["x", "covisitation_last3"])  # only two items in the session
+    second = out.frame[out.frame["query"] == 1].set_index("item_id")
+    assert second.loc["z", "covisitation_last1"] == ord("z")
+    assert np.isnan(second.loc["z", "covisitation_last2"])
+    # a source that is not running leaves its columns empty
+    assert out.frame[[c for c in PAIR_COLUMNS if c.startswith("two_tower")]].isna().all().all()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     ServiceError,
     api_command,

@@ -32,10 +32,10 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
+from devstack.local_services import LocalServer, free_port, redis_server
 from serving import console
 from serving.app import create_app
 from serving.impressions import day_key, items_without_impressions
-from serving.local_services import LocalServer, free_port, redis_server
 from serving.service import RailService
 from towers.session_features import HistoryEvent
 

@@ -28,11 +28,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from devstack.local_services import free_port, redis_server
 from railtower.settings import RAILS, ExclusionSettings
 from ranking.item_attributes import ItemAttributes
 from ranking.rule_set import BlockRule, MarginFloorRule, RuleSet
 from serving.api_models import RailRequest
-from serving.local_services import free_port, redis_server
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService

@@ -16,12 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from devstack.local_services import free_port, redis_server
 from ranking.candidate_fusion import SOURCES
 from ranking.retriever import Query
 from ranking.rule_set import RuleSet
 from serving.api_models import RailRequest
 from serving.app import create_app
-from serving.local_services import free_port, redis_server
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService

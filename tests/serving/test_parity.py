@@ -16,11 +16,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from devstack.local_services import LocalServer, free_port, redis_server, triton_server
 from railtower.datasets import load_dataset
 from railtower.settings import ExclusionSettings
 from serving.api_models import RailRequest
 from serving.app import create_app
-from serving.local_services import LocalServer, free_port, redis_server, triton_server
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
 from serving.stages import build_query, query_history

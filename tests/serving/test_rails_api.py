@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from devstack.local_services import LocalServer, free_port, redis_server, triton_server
 from serving.app import create_app
-from serving.local_services import LocalServer, free_port, redis_server, triton_server
 from serving.metrics import Metrics
 from serving.service import RailService
 from serving.session_store import SessionStore

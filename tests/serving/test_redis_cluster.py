@@ -1,7 +1,7 @@
 """The session store, the consumer's writes and the rails API on a real Redis Cluster.
 
 Three masters with one replica each (Debian's redis-server, `redis-cli --cluster create` on
-loopback ports, serving.local_services.redis_cluster), started and stopped here; a cluster
+loopback ports, devstack.local_services.redis_cluster), started and stopped here; a cluster
 that cannot start fails the test. The last test SIGKILLs the master that owns part of the
 sessions while events are appended and rails requested, and counts what was lost and
 duplicated across the failover.
@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.connection import AbstractConnection
 
+from devstack.local_services import LocalRedisCluster, free_port, redis_cluster, redis_server
 from railtower.settings import ServingSettings
 from serving.app import create_app
 from serving.console import recent_sessions
-from serving.local_services import LocalRedisCluster, free_port, redis_cluster, redis_server
 from serving.metrics import Metrics
 from serving.price_store import PriceFollower, PricePoint, PriceStore
 from serving.redis_client import connect_url

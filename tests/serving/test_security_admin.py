@@ -15,10 +15,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, SecretStr
 
+from devstack.local_services import free_port, redis_server
 from railtower.settings import load_settings
 from serving.admin import PublishedRules, rule_errors
 from serving.app import create_app
-from serving.local_services import free_port, redis_server
 from serving.metrics import Metrics
 from serving.security import (
     BodyLimitMiddleware,
@@ -384,6 +384,23 @@ def test_promote_and_rollback_routes(tmp_path):
     assert back.status_code == 200, back.text
     assert back.json()["rolled_back"] and back.json()["restored"] == "good"
     assert (artifacts / "production" / "shop").resolve() == good.resolve()
+
+
+def test_promote_answers_422_with_the_gates_reason_and_504_past_the_timeout(tmp_path):
+    settings = _settings(tmp_path)
+    (settings.artifacts_dir / "unevaluated").mkdir(parents=True)
+    good = _bundle(settings.artifacts_dir / "good", record(_values(0.2)))
+    with _no_model_app(settings) as client:
+        broken = client.post("/v1/admin/promote", json={"bundle": "unevaluated"}, headers=ADMIN)
+    assert broken.status_code == 422
+    assert broken.json()["error"].startswith("cannot promote unevaluated: ")
+    assert "has no evaluation.json" in broken.json()["error"]
+    hurried = _settings(tmp_path, admin_promote_timeout_s=0.01)
+    with _no_model_app(hurried) as client:
+        late = client.post("/v1/admin/promote", json={"bundle": "good"}, headers=ADMIN)
+    assert late.status_code == 504 and "admin_promote_timeout_s" in late.json()["error"]
+    assert not (settings.artifacts_dir / "production" / "shop").is_symlink()
+    assert good.exists()
 
 
 def test_deletion_routes_need_a_store(tmp_path):

@@ -20,13 +20,13 @@ from fastapi.testclient import TestClient
 from kafka import KafkaAdminClient, KafkaConsumer
 from pydantic import SecretStr
 
+from devstack.local_services import free_port, kafka_broker, redis_server
 from railtower.schemas import Impression, decode_impression
 from railtower.settings import ShadowSettings
 from ranking.rule_set import load_rule_set
 from serving.api_models import RailRequest
 from serving.app import create_app
 from serving.impressions import MemoryImpressionSink, items_without_impressions
-from serving.local_services import free_port, kafka_broker, redis_server
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService

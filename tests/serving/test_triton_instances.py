@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from devstack.local_services import free_port, triton_server
 from railtower.settings import TritonModelSettings, load_settings
-from serving.local_services import free_port, triton_server
 from serving.user_vectors import TritonUserTower
 from towers.user_tower import SessionEncoder, UserTower, UserTowerConfig
 from training.export import export_session_encoder

@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaProducer
 
+from devstack.local_services import free_port, kafka_broker, redis_server
 from railtower.schemas import CatalogueUpdate, Event, encode
 from ranking.price_history import column
 from ranking.retriever import Query
 from serving.api_models import RailRequest
 from serving.app import create_app
-from serving.local_services import free_port, kafka_broker, redis_server
 from serving.metrics import Metrics
 from serving.price_store import PriceFollower, PricePoint, PriceStore
 from serving.service import RailService

@@ -13,9 +13,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from redis import RedisError
 
+from devstack.local_services import free_port, kafka_broker, redis_server
 from railtower.schemas import CatalogueUpdate, Event, MalformedMessage, decode_event, encode
 from serving.api_models import RailRequest
-from serving.local_services import free_port, kafka_broker, redis_server
 from serving.metrics import Metrics
 from serving.service import RailService
 from serving.session_store import SessionStore

@@ -221,3 +221,51 @@ def test_basket_examples_present_the_newest_item_as_a_page_view_half_the_time():
     # never a target that is already in the basket prefix
     for items, target in zip(examples.inputs["items"], examples.targets, strict=True):
         assert int(target) + 1 not in items.tolist()
+
+
+def test_item_tower_training_path_projects_only_present_text_and_matches_eval():
+    """Training embeds the whole catalogue each step and skips the projection of missing
+    text; with dropout off it must compute exactly what the exported (eval) tower does."""
+    torch.manual_seed(0)
+    featurizer = ItemFeaturizer.fit(ITEMS, warm_items={"tv1", "hdmi"}, settings=TOWERS)
+    text = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
+    text[3] = 0.0  # "case" has no text: the learned no-text vector stands in
+    feats = featurizer.transform(ITEMS, text)
+    config = ItemTowerConfig.from_settings(TOWERS.model_copy(update={"dropout": 0.0}))
+    tower = ItemTower(config)
+    torch.nn.init.normal_(tower.no_text, std=1.0)
+    trained = tower.train()(*feats.as_tuple())
+    exported = tower.eval()(*feats.as_tuple())
+    assert torch.allclose(trained, exported, atol=1e-6)
+    assert not torch.allclose(trained[3], exported[2])
+
+
+def test_full_softmax_scores_every_item_and_never_the_sessions_own():
+    """The full-softmax loss is cross-entropy over the whole catalogue with the session's
+    own items masked (they are never a rail's answer), the target always kept."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from railtower.settings import TrainingSettings
+    from training.two_tower import TwoTowerModule
+
+    torch.manual_seed(0)
+    table = F.normalize(torch.randn(6, 4), dim=1)
+    users = F.normalize(torch.randn(2, 4), dim=1)
+    targets = torch.tensor([3, 0])
+    history = torch.tensor([[0, 2, 5], [0, 0, 2]])  # catalogue rows + 1, 0 = padding
+    cfg = TrainingSettings(temperature=0.5)
+    module = SimpleNamespace(
+        training_cfg=cfg,
+        device=torch.device("cpu"),
+        item_vectors=lambda rows=None: table,
+        user_vectors=lambda batch, t: users,
+    )
+    loss = TwoTowerModule.full_softmax(module, {"items": history}, targets)
+    logits = users @ table.T / cfg.temperature
+    logits[0, [1, 4]] = float("-inf")  # session 0 holds rows 1 and 4
+    logits[1, 1] = float("-inf")
+    assert torch.allclose(loss, F.cross_entropy(logits, targets))
+    unmasked = F.cross_entropy(users @ table.T / cfg.temperature, targets)
+    assert not torch.allclose(loss, unmasked)

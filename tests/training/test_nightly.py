@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from railtower.cli import app
 from railtower.manifest import Manifest
+from railtower.production import history_path, pointer_path
 from tests.conftest import toy_events
 from tests.training.conftest import NIGHTLY_OVERRIDES, nightly_settings
 from training import nightly
@@ -25,11 +26,11 @@ FEW_BASELINES = {**NIGHTLY_OVERRIDES["evaluation"], "baselines": ["popularity"]}
 
 
 def _pointer(settings):  # type: ignore[no-untyped-def]
-    return settings.artifacts_dir / settings.promotion.pointer_dir / "rees46"
+    return pointer_path(settings.artifacts_dir, settings.promotion, "rees46")
 
 
 def _history(settings) -> list[dict]:  # type: ignore[no-untyped-def]
-    path = settings.artifacts_dir / settings.promotion.pointer_dir / "history.jsonl"
+    path = history_path(_pointer(settings))
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 

@@ -167,3 +167,25 @@ def test_cli_exits_3_on_refusal_and_leaves_production(tmp_path, monkeypatch, pro
     assert result.exit_code == 3, result.output
     assert "REFUSE" in result.output
     assert (tmp_path / "production" / "shop").resolve() == good.resolve()
+
+
+def test_cli_json_prints_the_decision_and_puts_errors_on_stderr(
+    tmp_path, monkeypatch, production_values
+):
+    monkeypatch.setenv("RAILTOWER_ARTIFACTS_DIR", str(tmp_path))
+    runner = CliRunner()
+    good = _bundle(tmp_path / "good", record(production_values))
+    bad = _bundle(tmp_path / "bad", record({r: v * 0.3 for r, v in production_values.items()}))
+    first = runner.invoke(app, ["promote", str(good), "--json"])
+    assert first.exit_code == 0, first.output
+    decision = orjson.loads(first.stdout)
+    assert decision["promoted"] is True and decision["candidate"] == "good"
+    assert list(decision) == ["promoted", "candidate", "production", "reasons", "verdicts"]
+    # no production record on the first promotion: its NDCG is NaN, written as null
+    assert decision["verdicts"][0]["production_ndcg"] is None
+    refused = runner.invoke(app, ["promote", str(bad), "--json"])
+    assert refused.exit_code == 3
+    assert orjson.loads(refused.stdout)["promoted"] is False
+    again = runner.invoke(app, ["promote", str(good), "--json"])
+    assert again.exit_code == 1 and again.stdout == ""
+    assert again.stderr.splitlines()[-1].endswith("good is already production")

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from railtower.cli import app
+from railtower.production import RollbackRefused, production_stack, rollback
 from railtower.settings import PromotionSettings
 from tests.training.test_promotion import _bundle, record
-from training.promotion import RollbackRefused, production_stack, promote, rollback
+from training.promotion import promote
 
 RAILS = ("homepage_hero", "pdp_fbt")
 

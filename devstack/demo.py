@@ -19,13 +19,7 @@ from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from railtower.datasets import load_dataset
-from railtower.errors import RailtowerError
-from railtower.schemas import Event, encode
-from railtower.settings import Settings, load_dataset_spec
-from ranking.rails_bundle import RailsBundle
-from serving.app import build_service, production_pointer
-from serving.local_services import (
+from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
@@ -33,6 +27,12 @@ from serving.local_services import (
     redis_server,
     triton_server,
 )
+from railtower.datasets import load_dataset
+from railtower.errors import RailtowerError
+from railtower.schemas import Event, encode
+from railtower.settings import Settings, load_dataset_spec
+from ranking.rails_bundle import RailsBundle
+from serving.app import build_service, production_pointer
 from serving.session_store import SessionStore
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
