@@ -169,6 +169,11 @@ def main() -> None:
         "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "RAILTOWER_SERVING__TRITON_URL": "",
         "RAILTOWER_LOG_LEVEL": "WARNING",
+        # behind nginx the shopper is the X-Real-IP nginx sets, not nginx's own address
+        "RAILTOWER_SECURITY__TRUSTED_PROXY_HEADER": "X-Real-IP",
+        # load test: one client is many shoppers; the per-client rate limit
+        # (on by default) is off
+        "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
     }
     result: dict[str, Any] = {
         "bundle": loaded.version,

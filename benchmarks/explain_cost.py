@@ -123,6 +123,9 @@ def main() -> None:
             "RAILTOWER_SHADOW__SHARE": "0",
             # explain=true is for operators: the benchmark sends the admin key it sets here
             "RAILTOWER_SECURITY__ADMIN_API_KEY": BENCH_KEY,
+            # load test: one client is many shoppers; the per-client rate limit
+            # (on by default) is off
+            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
         }
         started.append(LocalServer("api", api_command(api_port), api_port, work, env, 120).start())
         base = f"http://127.0.0.1:{api_port}"

@@ -178,6 +178,9 @@ def main() -> None:
             "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "RAILTOWER_LOG_LEVEL": "WARNING",
             "RAILTOWER_SERVING__TRITON_URL": "",
+            # load test: one client is many shoppers; the per-client rate limit
+            # (on by default) is off
+            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
         }
         triton = None
         if loaded.towers is not None:

@@ -171,7 +171,8 @@ def snapshot_latency(store: SessionStore, sessions: list[dict[str, Any]], repeat
 
 def run_single(args: argparse.Namespace, sessions: list, work: Path) -> dict:
     port = free_port()
-    server: LocalServer = redis_server(port, work / "single").start()
+    # no maxmemory: an eviction would hide what the keys cost
+    server: LocalServer = redis_server(port, work / "single", maxmemory_mb=0).start()
     try:
         store = SessionStore(f"redis://127.0.0.1:{port}/0", 2.0, args.events, 86400, 300)
         result = measure_memory(store, [store.client], sessions, args.slots, args.dim)

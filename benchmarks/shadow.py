@@ -152,6 +152,9 @@ def main() -> None:
             "RAILTOWER_SHADOW__SINK": "kafka",
             "RAILTOWER_LOG_LEVEL": "WARNING",
             "RAILTOWER_SECURITY__ADMIN_API_KEY": ADMIN_KEY,
+            # load test: one client is many shoppers; the per-client rate limit
+            # (on by default) is off
+            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
         }
         result["off"] = phase("off", env | {"RAILTOWER_SHADOW__SHARE": "0"}, bodies, args)
         on = env | {

@@ -51,7 +51,7 @@ def run_demo(settings: Settings, sessions: int = 3) -> None:
     started: list[LocalServer] = []
     try:
         redis_port = free_port()
-        started.append(redis_server(redis_port, work).start())
+        started.append(redis_server(redis_port, work, settings.serving.redis_maxmemory_mb).start())
         env = {
             "RAILTOWER_SERVING__BUNDLE": str(bundle),
             "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",

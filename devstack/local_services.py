@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from railtower.errors import RailtowerError
+from railtower.settings import ServingSettings
 
 
 class ServiceError(RailtowerError):
@@ -114,11 +115,42 @@ def api_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[st
     ]
 
 
-def redis_server(port: int, workdir: Path) -> LocalServer:
+# What Redis evicts at maxmemory. Every key Railtower writes has a TTL, the idempotence
+# markers included (a session's seen set lives as long as its events; the price stream's
+# per-point markers serving.state_ttl_s), so a volatile-* policy can reach every key and
+# none can be exempted by leaving its TTL off without letting it grow for ever. Hence:
+# - not volatile-lru / volatile-lfu: the idempotence markers are the least used keys in
+#   the store (a seen set is touched only when its session's events are appended, a
+#   price marker never after it is set), so LRU/LFU would evict them first, minutes after
+#   they are written, inside the window where a batch is redelivered (consumer restart,
+#   rebalance) and would then be applied twice;
+# - not noeviction: at the limit every write fails, the consumer applies nothing and
+#   rails go stale for everyone, so a flood of made-up session ids becomes an outage;
+# - volatile-ttl: the key nearest its expiry goes first. Pre-warmed rails (300 s) go
+#   first, then the state of the sessions idle longest. A session's seen set is refreshed
+#   with its events in one script, a price marker is set once, so a marker is evicted only
+#   near its natural expiry, long after its batch was committed and can be redelivered:
+#   an early expiry, not a double application. The price stream, refreshed on every
+#   append with the longest TTL of all (ranking.prices.long_window_h), goes last.
+# Redis picks among sampled keys (maxmemory-samples): 10 makes the order closer to exact.
+# Watch `evicted_keys` (INFO stats): any eviction means the memory is too small.
+REDIS_EVICTION_POLICY = "volatile-ttl"
+REDIS_EVICTION_SAMPLES = 10
+_DEFAULT_MAXMEMORY_MB: int = ServingSettings.model_fields["redis_maxmemory_mb"].default
+
+
+def redis_server(
+    port: int, workdir: Path, maxmemory_mb: int = _DEFAULT_MAXMEMORY_MB
+) -> LocalServer:
     """A Redis on loopback (Debian's redis-server; scripts/services.sh installs it) with an
     append-only file fsynced every second under `workdir` (one folder per port): a
     SIGKILLed and restarted Redis comes back with its state, less about the last second.
-    Production sets the same (`appendonly yes`, `appendfsync everysec`), or a replica."""
+    Production sets the same (`appendonly yes`, `appendfsync everysec`), or a replica.
+
+    Memory is bounded: `maxmemory` `maxmemory_mb` MiB (`serving.redis_maxmemory_mb`; 0 =
+    unlimited) with `maxmemory-policy volatile-ttl` (REDIS_EVICTION_POLICY says why)."""
+    if maxmemory_mb < 0:
+        raise ServiceError(f"maxmemory_mb must be >= 0 (0 = unlimited); got {maxmemory_mb}")
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError(
@@ -139,6 +171,12 @@ def redis_server(port: int, workdir: Path) -> LocalServer:
         "everysec",
         "--appenddirname",
         f"appendonly-{port}",
+        "--maxmemory",
+        f"{maxmemory_mb}mb",
+        "--maxmemory-policy",
+        REDIS_EVICTION_POLICY,
+        "--maxmemory-samples",
+        str(REDIS_EVICTION_SAMPLES),
     ]
     return LocalServer("redis", command, port, workdir)
 
@@ -209,6 +247,13 @@ def nginx_config(port: int, upstream_ports: list[int], workdir: Path) -> str:
     answer names the API process that served it (X-Railtower-Upstream), so a test or a
     benchmark can tell the replicas apart; keepalive connections to the upstreams avoid a
     new TCP handshake per request.
+
+    Every request carries the shopper's address to the API: `X-Real-IP` set to the address
+    nginx saw (overwriting whatever the client sent, so a client cannot name itself) and
+    `X-Forwarded-For` with it appended. Behind this proxy the API must be told so
+    (`security.trusted_proxy_header: X-Real-IP`, nginx's address in
+    `security.trusted_proxies`, loopback by default): without it every shopper is nginx's
+    address and they all share one rate-limit bucket.
     """
     if not upstream_ports:
         raise ServiceError("nginx needs at least one API port to balance over")
@@ -236,6 +281,8 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       add_header X-Railtower-Upstream $upstream_addr always;
     }}
   }}

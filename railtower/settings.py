@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -204,7 +205,7 @@ class TrainingSettings(_Section):
     weight_decay: float = Field(1e-5, ge=0)
     # "full": cross-entropy over every catalogue item each step (SASRec-style); "sampled":
     # in-batch negatives (+ random_negatives) with logQ correction, for huge catalogues.
-    loss: Literal["full", "sampled"] = "full"
+    loss: Literal["full", "sampled"] = "sampled"
     # Above this many catalogue items the full softmax falls back to "sampled".
     full_softmax_max_items: int = Field(300_000, ge=1)
     # Softmax temperature (both losses).
@@ -498,6 +499,10 @@ class ServingSettings(_Section):
     max_slots: int = Field(50, ge=1)
     # Price observations the Redis price stream keeps (serving/price_store.py), newest last.
     price_points_max: int = Field(1_000_000, ge=1)
+    # maxmemory of the Redis devstack/local_services.py starts (MiB; 0 = unlimited), with
+    # maxmemory-policy volatile-ttl (the reasoning is in local_services.redis_server).
+    # Production sets its own Redis the same way.
+    redis_maxmemory_mb: int = Field(512, ge=0)
     budgets: StageBudgets = StageBudgets()
     exclusions: ExclusionSettings = ExclusionSettings()
 
@@ -583,13 +588,21 @@ class SecuritySettings(_Section):
     # routes answer 503. Set it from the environment (RAILTOWER_SECURITY__ADMIN_API_KEY),
     # never in a committed file.
     admin_api_key: SecretStr | None = None
-    # Token bucket per client (X-Client-Id header, else the client IP) on POST /v1/rails/...:
-    # sustained requests per second and the burst allowed above it; 0 in either = no limit.
-    rate_limit_per_s: float = Field(0.0, ge=0.0)
-    rate_limit_burst: int = Field(0, ge=0)
+    # Token bucket per client on POST /v1/rails/...: sustained requests per second and the
+    # burst allowed above it; 0 in either = no limit. On by default: generous for one
+    # shopper's page loads (a page asks for a few rails), a wall for a scraper.
+    rate_limit_per_s: float = Field(50.0, ge=0.0)
+    rate_limit_burst: int = Field(100, ge=0)
     # Clients whose buckets are remembered (the least recently seen is forgotten first), so
-    # a flood of made-up client ids cannot exhaust memory.
+    # a flood of addresses cannot exhaust memory.
     rate_limit_clients: int = Field(10_000, ge=1)
+    # Who the client is: the peer address of the connection, unless the peer is one of
+    # `trusted_proxies` and this header is set (e.g. "X-Real-IP", or "X-Forwarded-For",
+    # read from the right: the right-most address that is not a trusted proxy). Null = the
+    # peer address always. A header from any other peer is ignored: anyone can send it.
+    trusted_proxy_header: str | None = None
+    # Peers (addresses or CIDR networks) allowed to name the client in trusted_proxy_header.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # Largest request body any POST may send, in bytes; a larger one is answered 413.
     max_body_bytes: int = Field(65_536, ge=1024)
     # explain=true on POST /v1/rails/... shows rule effects and the session's own history:
@@ -598,6 +611,31 @@ class SecuritySettings(_Section):
     # Seconds POST /v1/admin/promote waits for the promotion gate, which runs as a child
     # process (`railtower promote --json`); a gate still running then is stopped (504).
     admin_promote_timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("trusted_proxy_header")
+    @classmethod
+    def _header_name(cls, name: str | None) -> str | None:
+        if name is None or not name.strip():
+            return None
+        name = name.strip()
+        if not (name.isascii() and all(c.isalnum() or c in "-_" for c in name)):
+            raise ValueError(
+                f"trusted_proxy_header {name!r} is not an HTTP header name, e.g. X-Real-IP"
+            )
+        return name
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an IP address or network "
+                    "(e.g. 10.0.0.5, 10.0.0.0/24, ::1)"
+                ) from None
+        return proxies
 
     @field_validator("admin_api_key")
     @classmethod

@@ -34,6 +34,7 @@ from serving.console import console_router
 from serving.metrics import Metrics
 from serving.security import (
     BodyLimitMiddleware,
+    ClientIdentity,
     RateLimitMiddleware,
     TokenBuckets,
     require_admin,
@@ -113,7 +114,12 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         buckets = TokenBuckets(
             guard.rate_limit_per_s, guard.rate_limit_burst, guard.rate_limit_clients
         )
-        app.add_middleware(RateLimitMiddleware, buckets=buckets, metrics=service.metrics)
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=buckets,
+            metrics=service.metrics,
+            identify=ClientIdentity.from_settings(guard),
+        )
     # added last, so it runs first: an oversized body is refused before anything reads it
     app.add_middleware(BodyLimitMiddleware, max_bytes=guard.max_body_bytes, metrics=service.metrics)
     if isinstance(service.observer, ShadowRunner):

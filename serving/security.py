@@ -5,9 +5,12 @@
   off (503), so a deployment that forgot the key exposes nothing. The comparison takes the
   same time whatever the key sent, so response times leak nothing about it.
 - `RateLimitMiddleware`: a token bucket per client on `POST /v1/rails/...` (the public,
-  CPU-heavy endpoint). The client is the `X-Client-Id` header, else the peer IP. Trust the
-  header only behind a gateway that sets it: a client choosing its own id can take a fresh
-  bucket per request. The table of buckets is bounded (least recently seen forgotten first).
+  CPU-heavy endpoint; each new session id also writes Redis state), on by default. The
+  client is the connection's peer address, or, when the peer is one of
+  `security.trusted_proxies`, the address that proxy names in
+  `security.trusted_proxy_header` (`ClientIdentity`). Nothing the client itself chooses
+  picks its bucket: a header such as `X-Client-Id` would hand a scraper a fresh bucket per
+  request. The table of buckets is bounded (least recently seen forgotten first).
 - `BodyLimitMiddleware`: every POST body is capped at `security.max_body_bytes`, checked on
   `Content-Length` before anything is read and again on the bytes actually received (a
   client can send a false length, or none with chunked encoding).
@@ -18,11 +21,12 @@ Both middlewares are plain ASGI: they add no per-request task or buffering to th
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 from fastapi import Header, Request
@@ -37,8 +41,10 @@ from serving.service import BadRequest
 log = get_logger(__name__)
 
 RAILS_PREFIX = "/v1/rails/"
-# A client id longer than this is cut: the bucket table's memory is bounded per entry too.
+# A client key longer than this is cut: the bucket table's memory is bounded per entry too.
 MAX_CLIENT_ID = 128
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 # ------------------------------------------------------------------------------ admin key
@@ -138,13 +144,13 @@ class TokenBuckets:
                 f"{burst}, {max_clients} (a rate or burst of 0 means: build no limiter)"
             )
         self.rate_per_s, self.burst, self.max_clients = rate_per_s, float(burst), max_clients
-        self._clock = clock
+        self.clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, client: str) -> float:
         """Spend one token of `client`'s bucket; 0.0 if it had one, else seconds until it will."""
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             tokens, last = self._buckets.pop(client, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
@@ -162,11 +168,88 @@ class TokenBuckets:
         return len(self._buckets)
 
 
+class ClientIdentity:
+    """Who a request comes from, as the rate limit keys it: an address, never a name the
+    client picks.
+
+    The peer address of the connection, unless `header` is set and the peer is one of
+    `trusted` (addresses or networks): then the address that proxy reports. The header is
+    read as a list of hops, left (the client, by its own account) to right (added by the
+    last proxy), several header lines joined in order, and the right-most hop that is not a
+    trusted proxy is the client. Right-most, not left-most: each proxy appends the address
+    it saw, so only the hops added by trusted proxies are facts; the left part is whatever
+    the client sent, and taking it would let a client pick its own bucket again. With
+    `X-Real-IP` (one hop, which nginx overwrites) it is simply that address. A header from
+    an untrusted peer is ignored, as is an empty one.
+
+    Example:
+        >>> who = ClientIdentity("X-Forwarded-For", ["10.0.0.0/8"])
+        >>> who({"client": ("10.0.0.2", 1), "headers": [(b"x-forwarded-for", b"6.6.6.6, 1.2.3.4")]})
+        '1.2.3.4'
+        >>> who({"client": ("9.9.9.9", 1), "headers": [(b"x-forwarded-for", b"1.2.3.4")]})
+        '9.9.9.9'
+    """
+
+    def __init__(self, header: str | None = None, trusted: Iterable[str] = ()) -> None:
+        self.header = header.lower().encode("latin-1") if header else None
+        self.trusted = tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+
+    @classmethod
+    def from_settings(cls, security: SecuritySettings) -> ClientIdentity:
+        return cls(security.trusted_proxy_header, security.trusted_proxies)
+
+    def __call__(self, scope: Scope) -> str:
+        peer = _peer(scope)
+        if self.header is None or not self._trusted(_address(peer)):
+            return peer
+        named = [value for name, value in scope.get("headers", ()) if name == self.header]
+        text = b",".join(named).decode("latin-1")
+        hops = [hop.strip() for hop in text.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            address = _address(hop)
+            if not self._trusted(address):
+                return str(address) if address is not None else hop[:MAX_CLIENT_ID]
+        # no header, or every hop a trusted proxy (a request from the proxies' own network)
+        return _normal(hops[0]) if hops else peer
+
+    def _trusted(self, address: IPAddress | None) -> bool:
+        return address is not None and any(address in net for net in self.trusted)
+
+
+def _address(text: str) -> IPAddress | None:
+    """The IP address in `text` ("1.2.3.4", "1.2.3.4:5678", "[::1]:5678", "::1"), else None.
+    An IPv4 address mapped into IPv6 (a dual-stack socket's "::ffff:1.2.3.4") is IPv4."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _normal(text: str) -> str:
+    address = _address(text)
+    return str(address) if address is not None else text[:MAX_CLIENT_ID]
+
+
 class RateLimitMiddleware:
     """429 for a client over its token bucket on `POST /v1/rails/...`; others pass."""
 
-    def __init__(self, app: ASGIApp, buckets: TokenBuckets, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        buckets: TokenBuckets,
+        metrics: Metrics,
+        identify: ClientIdentity | None = None,
+    ) -> None:
         self.app, self.buckets, self.metrics = app, buckets, metrics
+        self.identify = identify or ClientIdentity()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -176,7 +259,7 @@ class RateLimitMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        client = _client_id(scope)
+        client = self.identify(scope)
         wait = self.buckets.take(client)
         if wait <= 0:
             await self.app(scope, receive, send)
@@ -186,8 +269,8 @@ class RateLimitMiddleware:
         b = self.buckets
         response = JSONResponse(
             {
-                "error": f"rate limit exceeded for client {client!r}: {b.rate_per_s:g} "
-                f"requests/s with bursts of {b.burst:g} (security.rate_limit_per_s, "
+                "error": f"rate limit exceeded for client {client}: {b.rate_per_s:g} "
+                f"requests/s with bursts of {b.burst:g} per client (security.rate_limit_per_s, "
                 f"security.rate_limit_burst); retry in {retry} s"
             },
             status_code=429,
@@ -196,16 +279,9 @@ class RateLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _client_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-client-id" and value:
-            return "id:" + value.decode("latin-1")[:MAX_CLIENT_ID]
-    return "ip:" + _peer(scope)
-
-
 def _peer(scope: Scope) -> str:
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    return _normal(str(client[0])) if client else "unknown"
 
 
 # ------------------------------------------------------------------------------ body size

@@ -41,7 +41,7 @@ from ranking.retriever import CandidateSource, Query
 from ranking.rules import explain_rules, ineligible
 from serving.api_models import Provenance, RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
-from serving.price_store import PriceFollower, PriceStore
+from serving.price_store import PriceFollower, PriceStore, price_points_ttl_s
 from serving.provenance import Origin, explain_slots
 from serving.rail_service import LoadedRails, load_rails
 from serving.session_store import SessionSnapshot, SessionStore
@@ -137,7 +137,10 @@ class RailService:
             if store is None
             else PriceFollower(
                 PriceStore(
-                    store.client, settings.serving.price_points_max, settings.serving.state_ttl_s
+                    store.client,
+                    settings.serving.price_points_max,
+                    settings.serving.state_ttl_s,
+                    price_points_ttl_s(settings),
                 )
             )
         )

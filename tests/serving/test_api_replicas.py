@@ -73,6 +73,11 @@ def api_env(trained_rees46, redis_url) -> dict[str, str]:
         "RAILTOWER_RANKING__EXPLORATION__SLOT": "2",
         "RAILTOWER_RANKING__EXPLORATION__POLICY": "thompson",
         "RAILTOWER_LOG_LEVEL": "WARNING",
+        # behind nginx the shopper is the X-Real-IP nginx sets, not nginx's own address
+        "RAILTOWER_SECURITY__TRUSTED_PROXY_HEADER": "X-Real-IP",
+        # load test: one client is many shoppers (up to 300 probes of every rail from this
+        # one test); the per-client rate limit (on by default) is off
+        "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
     }
 
 
@@ -112,8 +117,48 @@ def test_nginx_config_balances_the_api_ports_on_loopback(tmp_path):
     assert "listen 127.0.0.1:9000;" in text and "daemon off;" in text
     assert "server 127.0.0.1:9001;" in text and "server 127.0.0.1:9002;" in text
     assert f"pid {tmp_path / 'nginx.pid'};" in text  # nothing written outside the workdir
+    # the API learns who the shopper is: nginx overwrites any X-Real-IP the client sent
+    assert "proxy_set_header X-Real-IP $remote_addr;" in text
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in text
     with pytest.raises(ServiceError, match="at least one API port"):
         nginx_config(9000, [], tmp_path)
+
+
+@pytest.mark.integration
+def test_shoppers_behind_nginx_get_their_own_rate_limit_buckets(tmp_path):
+    """Real nginx in front of an API process with no model (its rails answer 503, after the
+    rate limit). Shoppers connect from their own loopback addresses, nginx from 127.0.0.1
+    (the one trusted proxy): each shopper has its own bucket, and an X-Real-IP a shopper
+    sends cannot take another's. Without the proxy header every shopper would be nginx."""
+    api_port, proxy = free_port(), free_port()
+    env = {
+        "RAILTOWER_ARTIFACTS_DIR": str(tmp_path / "artifacts"),  # no bundle: no model
+        "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing there
+        "RAILTOWER_SERVING__TRITON_URL": "",
+        "RAILTOWER_SECURITY__TRUSTED_PROXY_HEADER": "X-Real-IP",
+        "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0.001",
+        "RAILTOWER_SECURITY__RATE_LIMIT_BURST": "1",
+        "RAILTOWER_LOG_LEVEL": "WARNING",
+    }
+    servers = [LocalServer("api", api_command(api_port), api_port, tmp_path, env, 180).start()]
+    try:
+        servers.append(nginx_proxy(proxy, [api_port], tmp_path / "nginx").start())
+
+        def ask(shopper: str, headers: dict[str, str] | None = None) -> httpx.Response:
+            transport = httpx.HTTPTransport(local_address=shopper)
+            with httpx.Client(transport=transport, timeout=30) as client:
+                url = f"http://127.0.0.1:{proxy}/v1/rails/homepage_hero"
+                return client.post(url, json={"session_id": "s"}, headers=headers)
+
+        ann, bob, eve = ask("127.0.0.2"), ask("127.0.0.3"), ask("127.0.0.4")
+        ann_again = ask("127.0.0.2")
+        eve_renamed = ask("127.0.0.4", {"X-Real-IP": "127.0.0.5"})
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    assert [ann.status_code, bob.status_code, eve.status_code] == [503, 503, 503]
+    assert ann_again.status_code == 429 and "client 127.0.0.2:" in ann_again.json()["error"]
+    assert eve_renamed.status_code == 429 and "client 127.0.0.4:" in eve_renamed.json()["error"]
 
 
 @pytest.mark.integration

@@ -8,6 +8,7 @@ skip, if it cannot start).
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from railtower.settings import load_settings
 from serving.admin import PublishedRules, rule_errors
 from serving.app import create_app
 from serving.metrics import Metrics
+from serving.price_store import POINTS_KEY, PricePoint, PriceStore, price_points_ttl_s
 from serving.security import (
     BodyLimitMiddleware,
+    ClientIdentity,
     RateLimitMiddleware,
     TokenBuckets,
     require_admin,
@@ -45,9 +48,11 @@ def _settings(tmp_path, **security):
     )
 
 
-def _no_model_app(settings) -> TestClient:
-    """The real app around a service with no model (enough for guards and validation)."""
-    return TestClient(create_app(settings, RailService(settings, None, None, None, Metrics())))
+def _no_model_app(settings, peer: str = "testclient") -> TestClient:
+    """The real app around a service with no model (enough for guards and validation);
+    `peer` is the address the requests come from."""
+    service = RailService(settings, None, None, None, Metrics())
+    return TestClient(create_app(settings, service), client=(peer, 50000))
 
 
 def _rules(*rules, name="test", version="1") -> str:
@@ -110,20 +115,119 @@ def _guarded_app(buckets: TokenBuckets | None, max_bytes: int, metrics: Metrics)
 def test_rate_limit_answers_429_with_retry_after_and_counts_it():
     now, metrics = [0.0], Metrics()
     buckets = TokenBuckets(0.5, 2, 100, clock=lambda: now[0])
-    client = TestClient(_guarded_app(buckets, 1024, metrics))
+    app = _guarded_app(buckets, 1024, metrics)
+    client = TestClient(app, client=("198.51.100.1", 1000))
     codes = [client.post("/v1/rails/homepage_hero", content=b"{}").status_code for _ in range(2)]
     refused = client.post("/v1/rails/homepage_hero", content=b"{}")
     assert codes == [200, 200] and refused.status_code == 429
     assert refused.headers["Retry-After"] == "2"  # 1 token at 0.5/s
-    assert "rate limit exceeded" in refused.json()["error"]
+    assert "rate limit exceeded for client 198.51.100.1" in refused.json()["error"]
     assert "security.rate_limit_per_s" in refused.json()["error"]
-    # X-Client-Id names the client: another id has its own bucket
-    other = client.post("/v1/rails/homepage_hero", content=b"{}", headers={"X-Client-Id": "b"})
-    assert other.status_code == 200
+    # another address has its own bucket
+    other = TestClient(app, client=("198.51.100.2", 1000))
+    assert other.post("/v1/rails/homepage_hero", content=b"{}").status_code == 200
     assert client.post("/parsed", json={"text": "x"}).status_code == 200  # not rate limited
     now[0] += 2.0
     assert client.post("/v1/rails/homepage_hero", content=b"{}").status_code == 200
     assert metrics.errors.labels(kind="rate_limited")._value.get() == 1
+
+
+def _buckets_of(client: TestClient) -> TokenBuckets:
+    """The token buckets of the real app's rate limiter (it has none: StopIteration)."""
+    app = client.app
+    return next(m.kwargs["buckets"] for m in app.user_middleware if m.cls is RateLimitMiddleware)  # type: ignore[attr-defined]
+
+
+def _rail(client: TestClient, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return client.post("/v1/rails/homepage_hero", json={"session_id": "s"}, headers=headers)
+
+
+def test_the_rate_limit_is_on_by_default_per_peer_address(tmp_path):
+    settings = load_settings(artifacts_dir=tmp_path, serving={"triton_url": None})
+    assert (settings.security.rate_limit_per_s, settings.security.rate_limit_burst) == (50, 100)
+    assert settings.security.trusted_proxy_header is None
+    with _no_model_app(settings, peer="203.0.113.7") as client:
+        buckets = _buckets_of(client)
+        buckets.clock = lambda: 0.0  # no refill while the burst is spent
+        codes = [_rail(client).status_code for _ in range(100)]
+        refused = _rail(client)
+    assert set(codes) == {503}  # all let through (no model is loaded)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    error = refused.json()["error"]
+    assert error.startswith("rate limit exceeded for client 203.0.113.7: 50 requests/s")
+    assert "bursts of 100" in error and "security.rate_limit_burst" in error
+
+
+def test_x_client_id_cannot_dodge_the_limit(tmp_path):
+    settings = _settings(tmp_path, rate_limit_per_s=0.001, rate_limit_burst=1)
+    with _no_model_app(settings, peer="203.0.113.5") as client:
+        first = _rail(client, {"X-Client-Id": "a"})
+        renamed = _rail(client, {"X-Client-Id": "b"})
+    assert first.status_code == 503
+    assert renamed.status_code == 429  # a new name is the same client: the same bucket
+    assert "203.0.113.5" in renamed.json()["error"]
+
+
+def test_shoppers_behind_a_trusted_proxy_get_their_own_buckets(tmp_path):
+    settings = _settings(
+        tmp_path, rate_limit_per_s=0.001, rate_limit_burst=1, trusted_proxy_header="X-Real-IP"
+    )
+    ann, bob = {"X-Real-IP": "198.51.100.10"}, {"X-Real-IP": "198.51.100.20"}
+    with _no_model_app(settings, peer="127.0.0.1") as proxy:  # loopback: trusted by default
+        codes = [_rail(proxy, ann).status_code, _rail(proxy, bob).status_code]
+        again = _rail(proxy, ann)
+    assert codes == [503, 503]  # each shopper's first request passes
+    assert again.status_code == 429 and "client 198.51.100.10:" in again.json()["error"]
+
+
+def test_a_proxy_header_from_an_untrusted_peer_is_ignored(tmp_path):
+    settings = _settings(
+        tmp_path, rate_limit_per_s=0.001, rate_limit_burst=1, trusted_proxy_header="X-Real-IP"
+    )
+    with _no_model_app(settings, peer="203.0.113.9") as client:
+        first = _rail(client, {"X-Real-IP": "198.51.100.10"})
+        spoofed = _rail(client, {"X-Real-IP": "198.51.100.20"})
+    assert first.status_code == 503
+    assert spoofed.status_code == 429 and "client 203.0.113.9:" in spoofed.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "header", "client"),
+    [
+        # right-most hop that is not a trusted proxy: the left part is the client's own say
+        ("10.0.0.2", "6.6.6.6, 198.51.100.1", "198.51.100.1"),
+        ("10.0.0.2", "198.51.100.1, 10.0.0.7", "198.51.100.1"),  # a chain of trusted proxies
+        ("10.0.0.2", "198.51.100.1:5555", "198.51.100.1"),  # a hop with its port
+        ("10.0.0.2", "[2001:db8::1]:443", "2001:db8::1"),
+        ("10.0.0.2", "10.0.0.7", "10.0.0.7"),  # every hop trusted: the farthest
+        ("10.0.0.2", "", "10.0.0.2"),  # empty: the peer
+        ("::ffff:10.0.0.2", "198.51.100.1", "198.51.100.1"),  # dual-stack peer, IPv4 inside
+        ("203.0.113.9", "198.51.100.1", "203.0.113.9"),  # untrusted peer: header ignored
+        ("testclient", "198.51.100.1", "testclient"),  # not an address: never trusted
+    ],
+)
+def test_client_identity_reads_the_forwarded_chain_from_the_right(peer, header, client):
+    who = ClientIdentity("X-Forwarded-For", ["10.0.0.0/8"])
+    headers = [(b"x-forwarded-for", header.encode())] if header else []
+    assert who({"client": (peer, 1), "headers": headers}) == client
+    # several header lines are one list, in order
+    split = [(b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-for", b"198.51.100.1")]
+    assert who({"client": ("10.0.0.2", 1), "headers": split}) == "198.51.100.1"
+    assert ClientIdentity()({"client": ("10.0.0.2", 1), "headers": split}) == "10.0.0.2"
+
+
+@pytest.mark.parametrize(
+    ("security", "says"),
+    [
+        ({"trusted_proxies": ["10.0.0.0/8", "nginx"]}, "'nginx' is not an IP address"),
+        ({"trusted_proxy_header": "X-Real-IP: 1.2.3.4"}, "is not an HTTP header name"),
+    ],
+)
+def test_proxy_settings_are_checked(tmp_path, security, says):
+    from railtower.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        load_settings(artifacts_dir=tmp_path, security=security)
 
 
 # ------------------------------------------------------------------------------ body limit
@@ -487,6 +591,59 @@ def test_every_key_the_store_writes_has_a_ttl(redis_url):
     assert version > 0 and changes["1005115"] == {"price": 8.99, "stock": 3}
     store.put_catalogue_update("1005115", 7.99, 3)
     assert store.catalogue_changes(version)[0] > version
+
+
+@pytest.mark.integration
+def test_the_price_stream_expires_after_the_long_window_refreshed_by_each_append(
+    tmp_path, redis_url
+):
+    settings = _settings(tmp_path)
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    service = RailService(settings, None, store, None, Metrics())
+    assert service.prices is not None
+    prices = service.prices.store
+    window = round(settings.ranking.prices.long_window_h * 3600)  # 28 days by default
+    assert prices.points_ttl_s == price_points_ttl_s(settings) == window
+    assert prices.append([PricePoint("p1", "1005115", 1569890000.0, 9.99)]) == 1
+    assert window - 5 <= store.client.ttl(POINTS_KEY) <= window
+    store.client.expire(POINTS_KEY, 100)  # as if idle for most of the window
+    assert prices.append([PricePoint("p1", "1005115", 1569890000.0, 9.99)]) == 0
+    assert store.client.ttl(POINTS_KEY) <= 100  # a redelivered point extends nothing
+    assert prices.append([PricePoint("p2", "1005115", 1569890060.0, 8.99)]) == 1
+    assert store.client.ttl(POINTS_KEY) > window - 5  # a new point: a full window again
+    # an idle shop's stream goes: here after one second without a new point
+    short = PriceStore(store.client, 1000, seen_ttl_s=60, points_ttl_s=1)
+    store.client.delete(POINTS_KEY)
+    assert short.append([PricePoint("p3", "1005115", 1569890120.0, 7.99)]) == 1
+    deadline = time.monotonic() + 5
+    while store.client.exists(POINTS_KEY) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not store.client.exists(POINTS_KEY)
+
+
+def _text_dict(reply) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    def text(x) -> str:  # type: ignore[no-untyped-def]
+        return x.decode() if isinstance(x, bytes) else str(x)
+
+    return {text(k): text(v) for k, v in reply.items()}
+
+
+@pytest.mark.integration
+def test_the_local_redis_has_maxmemory_and_evicts_nearest_expiry_first(tmp_path, redis_url):
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    config = _text_dict(store.client.config_get("maxmemory*"))
+    mb = load_settings(artifacts_dir=tmp_path).serving.redis_maxmemory_mb
+    assert mb == 512
+    assert config["maxmemory"] == str(mb * 1024 * 1024)
+    assert config["maxmemory-policy"] == "volatile-ttl"
+    assert config["maxmemory-samples"] == "10"
+    port = free_port()
+    unlimited = redis_server(port, tmp_path / "unlimited", maxmemory_mb=0).start()
+    try:
+        other = SessionStore(f"redis://127.0.0.1:{port}/0", 2.0, 50, 3600, 300)
+        assert _text_dict(other.client.config_get("maxmemory")) == {"maxmemory": "0"}
+    finally:
+        unlimited.stop()
 
 
 @pytest.mark.integration
