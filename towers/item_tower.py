@@ -70,12 +70,8 @@ class ItemTower(nn.Module):
         image: torch.Tensor,
         has_image: torch.Tensor,
     ) -> torch.Tensor:
-        if self.training:
-            text_vec = _present_or(self.text, text, has_text, self.no_text)
-            image_vec = _present_or(self.image, image, has_image, self.no_image)
-        else:  # branch-free: the exported (traced) tower must not bake in one sample's case
-            text_vec = torch.where(has_text.unsqueeze(-1), self.text(text), self.no_text)
-            image_vec = torch.where(has_image.unsqueeze(-1), self.image(image), self.no_image)
+        text_vec = torch.where(has_text.unsqueeze(-1), self.text(text), self.no_text)
+        image_vec = torch.where(has_image.unsqueeze(-1), self.image(image), self.no_image)
         parts = [
             self.item_id(item_id),
             *(emb(categories[:, i]) for i, emb in enumerate(self.categories)),
@@ -85,20 +81,3 @@ class ItemTower(nn.Module):
             image_vec,
         ]
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
-
-
-def _present_or(
-    project: nn.Linear, values: torch.Tensor, present: torch.Tensor, missing: torch.Tensor
-) -> torch.Tensor:
-    """`project(values)` where present, the learned `missing` vector elsewhere.
-
-    Only present rows are projected: training embeds the whole catalogue every step, and on
-    a catalogue without photos (or text) projecting N zero rows would cost as much as the
-    rest of the item tower. Training only: it branches on the data, which tracing cannot keep.
-    """
-    out = missing.expand(len(values), -1)
-    if not bool(present.any()):
-        return out
-    if bool(present.all()):
-        return project(values)
-    return out.index_put((present.nonzero(as_tuple=True)[0],), project(values[present]))

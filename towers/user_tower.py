@@ -56,14 +56,6 @@ class UserTower(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.out = nn.Linear(d, d)
         self.newest_weight = nn.Parameter(torch.tensor(1.0))
-        # Item vectors come in L2-normalised (entries ~ 1/sqrt(d)); embeddings at
-        # PyTorch's N(0, 1) default would drown them eight times over at d=64, and the
-        # model would spend its first epochs shrinking them. Small initial embeddings
-        # (SASRec/BERT's 0.02) let the items carry the sequence from the first step.
-        for table in (self.types, self.ages, self.positions, self.hour, self.context):
-            nn.init.normal_(table.weight, std=0.02)
-            if table.padding_idx is not None:
-                nn.init.zeros_(table.weight[table.padding_idx])
 
     def forward(
         self,

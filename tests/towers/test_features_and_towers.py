@@ -223,23 +223,6 @@ def test_basket_examples_present_the_newest_item_as_a_page_view_half_the_time():
         assert int(target) + 1 not in items.tolist()
 
 
-def test_item_tower_training_path_projects_only_present_text_and_matches_eval():
-    """Training embeds the whole catalogue each step and skips the projection of missing
-    text; with dropout off it must compute exactly what the exported (eval) tower does."""
-    torch.manual_seed(0)
-    featurizer = ItemFeaturizer.fit(ITEMS, warm_items={"tv1", "hdmi"}, settings=TOWERS)
-    text = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
-    text[3] = 0.0  # "case" has no text: the learned no-text vector stands in
-    feats = featurizer.transform(ITEMS, text)
-    config = ItemTowerConfig.from_settings(TOWERS.model_copy(update={"dropout": 0.0}))
-    tower = ItemTower(config)
-    torch.nn.init.normal_(tower.no_text, std=1.0)
-    trained = tower.train()(*feats.as_tuple())
-    exported = tower.eval()(*feats.as_tuple())
-    assert torch.allclose(trained, exported, atol=1e-6)
-    assert not torch.allclose(trained[3], exported[2])
-
-
 def test_full_softmax_scores_every_item_and_never_the_sessions_own():
     """The full-softmax loss is cross-entropy over the whole catalogue with the session's
     own items masked (they are never a rail's answer), the target always kept."""
