@@ -203,8 +203,8 @@ class TrainingSettings(_Section):
     max_epochs: int = Field(12, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
-    # "full": cross-entropy over every catalogue item each step (SASRec-style); "sampled":
-    # in-batch negatives (+ random_negatives) with logQ correction, for huge catalogues.
+    # "sampled" (default): in-batch negatives (+ random_negatives) with logQ correction;
+    # "full": cross-entropy over every catalogue item each step (SASRec-style).
     loss: Literal["full", "sampled"] = "sampled"
     # Above this many catalogue items the full softmax falls back to "sampled".
     full_softmax_max_items: int = Field(300_000, ge=1)
