@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import torch
 
 from devstack.local_services import (
     LocalServer,
@@ -159,6 +160,8 @@ def main() -> None:
     settings = load_settings(log_level="WARNING")
     bundle = (args.bundle or production_pointer(settings)).resolve()
     loaded = load_rails(bundle, settings)
+    if settings.serving.torch_threads:  # the compute floor runs as an API process would
+        torch.set_num_threads(settings.serving.torch_threads)
     sessions = synthetic_sessions(loaded, args.sessions)
     work = settings.cache_dir / "bench-api"
     started: list[LocalServer] = []

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from railtower.settings import Settings
 from ranking.category_popularity import CategoryPopularityRetriever
-from ranking.covisitation import CovisitationRetriever
+from ranking.covisitation import CovisitationRetriever, TransitionRetriever
 from ranking.popularity import PopularityRetriever, RandomRetriever
 from ranking.retriever import Retriever
 from ranking.session_knn import SessionKnnRetriever
@@ -20,6 +20,9 @@ BASELINES: dict[str, Callable[[Settings, bool], Retriever]] = {
     ),
     "covisitation": lambda s, basket: CovisitationRetriever(
         s.baselines.covisitation, s.event_weights, s.baselines.popularity, basket
+    ),
+    "transitions": lambda s, basket: TransitionRetriever(
+        s.baselines.transitions, s.event_weights, s.baselines.popularity, basket
     ),
     "session_knn": lambda s, _basket: SessionKnnRetriever(
         s.baselines.session_knn, s.event_weights, s.baselines.popularity

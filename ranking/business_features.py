@@ -278,7 +278,10 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     for name in SOURCE_FEATURES:
         if name in frame.columns:  # a table built without pair evidence leaves them NaN
             out[:, col[name]] = frame[name].to_numpy(dtype=float)
-    rows = frame["item_id"].map(stats.row).fillna(-1).astype(np.int64).to_numpy()
+    # a dict lookup per row: Series.map(dict) would copy the whole catalogue's dict per call
+    index = stats.row
+    ids = frame["item_id"].to_numpy()
+    rows = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
     known = rows >= 0
     r = rows[known]
 

@@ -23,6 +23,7 @@ from ranking.retriever import Query
 SOURCES: tuple[str, ...] = (
     "two_tower",
     "covisitation",
+    "transitions",
     "session_knn",
     "category_popularity",
     "popularity",
@@ -32,7 +33,7 @@ SOURCES: tuple[str, ...] = (
 # each of the request's newest items, one column apiece. The KDD Cup 2023 (Amazon-M2)
 # winners' strongest ranker features were exactly these; a summed source score hides
 # whether the evidence comes from the item just viewed or from one five clicks ago.
-PAIR_SOURCES: tuple[str, ...] = ("covisitation", "two_tower")
+PAIR_SOURCES: tuple[str, ...] = ("covisitation", "transitions", "two_tower")
 NEWEST_ITEMS = 3
 PAIR_COLUMNS: tuple[str, ...] = tuple(
     f"{source}_last{k}" for source in PAIR_SOURCES for k in range(1, NEWEST_ITEMS + 1)
@@ -109,48 +110,57 @@ def fuse(
     unknown = set(per_source) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown candidate sources {sorted(unknown)}; known: {list(SOURCES)}")
-    parts = []
+    names = list(per_source)
     for name, rows in per_source.items():
         if len(rows) != queries:
             raise ValueError(f"source {name!r} answered {len(rows)} queries, expected {queries}")
-        lengths = [len(r) for r in rows]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "query": np.repeat(np.arange(queries), lengths),
-                    "item_id": [c.item_id for r in rows for c in r],
-                    "source": name,
-                    "rank": np.concatenate([np.arange(1, n + 1) for n in lengths] or [[]]),
-                    "score": [c.score for r in rows for c in r],
-                }
-            )
-        )
-    long = pd.concat(parts, ignore_index=True) if parts else _empty_long()
+    # One long list of (query, item, source, rank, score), then numpy all the way: this
+    # runs on every served rail, and a pandas pivot here cost more than all other stages.
+    lengths = [len(r) for name in names for r in per_source[name]]
+    query = np.tile(np.arange(queries, dtype=np.int64), len(names)).repeat(lengths)
+    source = np.repeat(
+        np.arange(len(names), dtype=np.int64), [sum(map(len, per_source[n])) for n in names]
+    )
+    rank = np.concatenate([np.arange(1, n + 1) for n in lengths] or [np.zeros(0, np.int64)])
+    items = [c.item_id for name in names for r in per_source[name] for c in r]
+    score = np.fromiter(
+        (c.score for name in names for r in per_source[name] for c in r), float, len(items)
+    )
+    codes, ids = pd.factorize(np.asarray(items, dtype=object))
+    key = query.astype(np.int64) * max(len(ids), 1) + codes
     # A source names an item once; should it repeat one, its best rank counts.
-    long = long.sort_values("rank", kind="stable").drop_duplicates(["query", "item_id", "source"])
-    long["rrf"] = 1.0 / (rrf_k + long["rank"].astype(float))
-    wide = long.pivot(index=["query", "item_id"], columns="source", values=["score", "rank"])
-    wide.columns = [f"{source}_{value}" for value, source in wide.columns]
-    fused = long.groupby(["query", "item_id"])["rrf"].agg(["sum", "count"])
-    frame = fused.rename(columns={"sum": "fused", "count": "sources"}).join(wide).reset_index()
-    for name in SOURCES:
-        for value in ("score", "rank"):
-            column = f"{name}_{value}"
-            if column not in frame.columns:
-                frame[column] = np.nan
-            frame[column] = frame[column].astype(float)
+    order = np.lexsort((rank, source, key))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (key[order][1:] != key[order][:-1]) | (source[order][1:] != source[order][:-1])
+    keep = order[first]
+    pairs, row = np.unique(key[keep], return_inverse=True)
+    fused = np.bincount(row, weights=1.0 / (rrf_k + rank[keep]), minlength=len(pairs))
+    count = np.bincount(row, minlength=len(pairs))
+    columns = np.array([SOURCES.index(n) for n in names], dtype=np.int64)
+    scores = np.full((len(pairs), len(SOURCES)), np.nan)
+    ranks = np.full((len(pairs), len(SOURCES)), np.nan)
+    scores[row, columns[source[keep]]] = score[keep]
+    ranks[row, columns[source[keep]]] = rank[keep]
+    pair_query = pairs // max(len(ids), 1)
+    pair_item = ids[pairs % max(len(ids), 1)] if len(ids) else np.zeros(0, dtype=object)
     # Best fused first; ties go to the item with the best single rank, then the id, so the
     # order never depends on dict or hash order.
-    frame["best_rank"] = frame[[f"{n}_rank" for n in SOURCES]].min(axis=1)
-    frame = frame.sort_values(
-        ["query", "fused", "best_rank", "item_id"], ascending=[True, False, True, True]
-    )
-    frame = frame[frame.groupby("query").cumcount() < depth].drop(columns="best_rank")
-    columns = ["query", "item_id", "fused", "sources"]
-    columns += [f"{n}_{v}" for n in SOURCES for v in ("score", "rank")]
-    frame = frame[columns].reset_index(drop=True)
-    frame["query"] = frame["query"].astype(np.int64)
-    frame["sources"] = frame["sources"].astype(np.int64)
+    best_rank = np.nanmin(ranks, axis=1) if len(pairs) else np.zeros(0)
+    by_id = np.argsort(np.argsort(pair_item.astype(str), kind="stable"), kind="stable")
+    order = np.lexsort((by_id, best_rank, -fused, pair_query))
+    starts = np.searchsorted(pair_query[order], np.arange(queries))
+    position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    order = order[position < depth]
+    data: dict[str, np.ndarray] = {
+        "query": pair_query[order].astype(np.int64),
+        "item_id": pair_item[order],
+        "fused": fused[order],
+        "sources": count[order].astype(np.int64),
+    }
+    for j, name in enumerate(SOURCES):
+        data[f"{name}_score"] = scores[order, j]
+        data[f"{name}_rank"] = ranks[order, j]
+    frame = pd.DataFrame(data)
     return CandidateTable(frame, queries)
 
 
@@ -177,21 +187,10 @@ def with_pair_columns(
             weights = source.pair_weights(seeds, items[lo:hi].tolist())
             first = s * NEWEST_ITEMS
             values[lo:hi, first : first + len(seeds)] = weights.T
-    out = frame.copy()
-    out[list(PAIR_COLUMNS)] = values
-    return CandidateTable(out, table.queries)
-
-
-def _empty_long() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "query": pd.Series([], dtype=np.int64),
-            "item_id": pd.Series([], dtype=object),
-            "source": pd.Series([], dtype=object),
-            "rank": pd.Series([], dtype=np.int64),
-            "score": pd.Series([], dtype=float),
-        }
-    )
+    # one frame built from columns: inserting nine columns one by one costs a millisecond
+    data = {name: frame[name].to_numpy() for name in frame.columns if name not in PAIR_COLUMNS}
+    data.update({name: values[:, j] for j, name in enumerate(PAIR_COLUMNS)})
+    return CandidateTable(pd.DataFrame(data), table.queries)
 
 
 def source_order(frame: pd.DataFrame, source: str) -> np.ndarray:

@@ -50,6 +50,8 @@ from ranking.rules import RuleSet, RulesOutcome, explain_rules
 Stage = Literal["candidates", "ranker", "mmr", "rules"]
 STAGES: tuple[Stage, ...] = ("candidates", "ranker", "mmr", "rules")
 DEALS_RAIL = "deals_for_you"
+# Fewer candidate rows than this are scored on one thread (see ranker_scores).
+_PARALLEL_ROWS = 20_000
 _FEATURE = {name: i for i, name in enumerate(FEATURES)}
 
 
@@ -205,7 +207,9 @@ class RailPipeline:
         if booster is None or order != "ranker" or table.frame.empty:
             return table.frame["fused"].to_numpy(dtype=float)
         features = build_features(table, queries, self.stats)
-        return booster.predict(features, num_threads=0)
+        # one request: OpenMP threads cost more to wake than 300 rows take to score, and
+        # their spinning steals the core from the next request; big batches use every core
+        return booster.predict(features, num_threads=1 if len(features) < _PARALLEL_ROWS else 0)
 
     def run(
         self,

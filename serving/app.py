@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +57,10 @@ def production_pointer(settings: Settings) -> Path:
 def build_service(settings: Settings) -> RailService:
     """The service as configured: bundle (or production pointer), Redis, Triton."""
     s = settings.serving
+    if s.torch_threads:
+        # One request's session transformer is faster on one thread, and idle OpenMP
+        # threads spin against the next request's ranker (see serving.torch_threads).
+        torch.set_num_threads(s.torch_threads)
     store = SessionStore.from_settings(s)  # one Redis or a cluster (serving.redis_mode)
     triton = (
         TritonUserTower(s.triton_url, s.triton_model, s.budgets.user_vector_ms / 1000)

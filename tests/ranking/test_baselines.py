@@ -7,7 +7,7 @@ import pytest
 
 from railtower.settings import load_settings
 from ranking.baselines import BASELINES
-from ranking.covisitation import CovisitationRetriever
+from ranking.covisitation import CovisitationRetriever, TransitionRetriever
 from ranking.popularity import PopularityRetriever
 from ranking.retriever import Catalogue, Query
 from ranking.session_knn import SessionKnnRetriever
@@ -145,3 +145,56 @@ def test_covisitation_pair_weights_follow_the_matrix_and_are_zero_for_unknown_it
     assert weights[0, 0] > 0  # tv and hdmi share eight sessions
     assert weights[0, 1] == 0  # tv and case never met
     assert (weights[1] == 0).all() and weights[0, 2] == 0
+
+
+def _transitions(basket: bool) -> TransitionRetriever:
+    return TransitionRetriever(
+        SETTINGS.baselines.transitions,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=basket,
+    )
+
+
+def test_transitions_count_only_what_came_after():
+    model = _transitions(basket=False).fit(EVENTS, CATALOGUE)
+    # tv -> hdmi -> mount in eight sessions: forward from tv, never back from the mount
+    (after_tv,) = model.recommend([Query(anchor="tv", exclude=frozenset({"tv"}))], k=2)
+    assert set(after_tv) == {"hdmi", "mount"}
+    forward = model.pair_weights(["tv", "mount"], ["mount", "tv"])
+    assert forward[0, 0] > 0 and forward[1, 1] == 0
+    # symmetric co-visitation sees the same pair both ways
+    symmetric = CovisitationRetriever(
+        SETTINGS.baselines.covisitation,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=False,
+    ).fit(EVENTS, CATALOGUE)
+    assert symmetric.pair_weights(["mount"], ["tv"])[0, 0] > 0
+
+
+def test_transitions_on_baskets_let_a_specific_complement_beat_an_item_in_every_basket():
+    # A kettle is in every basket; the descaler only ever goes with it, and the filter with
+    # the descaler. Plain co-occurrence ranks the kettle first after the descaler; lift
+    # ranks the filter (bought with the descaler more often than its own count predicts).
+    baskets = {
+        **{
+            f"a{i}": [("descaler", "purchase"), ("kettle", "purchase"), ("filter", "purchase")]
+            for i in range(4)
+        },
+        **{f"b{i}": [("kettle", "purchase"), ("lamp", "purchase")] for i in range(30)},
+        **{f"c{i}": [("descaler", "purchase"), ("kettle", "purchase")] for i in range(2)},
+    }
+    events = toy_events(baskets)
+    items = pd.DataFrame({"item_id": ["descaler", "kettle", "filter", "lamp"]})
+    catalogue = Catalogue(items)
+    query = [Query(anchor="descaler", exclude=frozenset({"descaler"}))]
+    plain = CovisitationRetriever(
+        SETTINGS.baselines.covisitation,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=True,
+    ).fit(events, catalogue)
+    assert plain.recommend(query, k=1) == [["kettle"]]
+    lift = _transitions(basket=True).fit(events, catalogue)
+    assert lift.recommend(query, k=1) == [["filter"]]
