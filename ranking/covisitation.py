@@ -122,10 +122,22 @@ class CovisitationRetriever:
         seed_rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
         item_rows = np.array([index.get(i, -1) for i in items], dtype=np.int64)
         out = np.zeros((len(seeds), len(items)))
-        known_seed, known_item = seed_rows >= 0, item_rows >= 0
-        if known_seed.any() and known_item.any() and self.matrix.shape[0]:
-            block = self.matrix[seed_rows[known_seed]][:, item_rows[known_item]].toarray()
-            out[np.ix_(known_seed, known_item)] = block
+        matrix = self.matrix
+        if not matrix.shape[0]:
+            return out
+        if not matrix.has_sorted_indices:
+            matrix.sort_indices()
+        # Each seed's row holds at most `neighbours` entries: a binary search per candidate
+        # beats sparse fancy indexing, which copies the rows twice (this runs per request).
+        for s, row in enumerate(seed_rows.tolist()):
+            if row < 0:
+                continue
+            start, end = matrix.indptr[row], matrix.indptr[row + 1]
+            cols = matrix.indices[start:end]
+            at = np.minimum(np.searchsorted(cols, item_rows), max(end - start - 1, 0))
+            hit = (item_rows >= 0) & (end > start)
+            hit[hit] &= cols[at[hit]] == item_rows[hit]
+            out[s, hit] = matrix.data[start:end][at[hit]]
         return out
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:

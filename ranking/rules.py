@@ -164,8 +164,7 @@ def explain_rules(
     for c in pool:
         if not math.isfinite(c.score):
             raise ValueError(f"candidate {c.item_id!r} has score {c.score}; scores must be finite")
-    applies = rail in rule_set.rails
-    active = [(i, r) for i, r in enumerate(rule_set.rules) if applies and r.active_at(now)]
+    active = _active(rule_set, rail, now)
     effects: dict[str, list[RuleEffect]] = defaultdict(list)
     eligible: dict[str, bool] = {}
 
@@ -196,9 +195,7 @@ def explain_rules(
         return item_id in candidate_ids or item_id in attributes
 
     pinned: dict[int, tuple[int, Candidate]] = {}  # slot -> (rule index, item)
-    for i, rule in active:
-        if not isinstance(rule, PinRule):
-            continue
+    for i, rule in active.pins:
         why_not = _pin_blocker(rule, slots, pinned, known, is_eligible)
         if why_not:
             effects[rule.item_id].append(RuleEffect(i, "pin_skipped", f"not placed: {why_not}"))
@@ -230,8 +227,7 @@ def ineligible(
 ) -> set[str]:
     """The items of `item_ids` that step 1 of :func:`explain_rules` would remove: excluded by
     the request, out of stock, blocked or below a margin floor (same rules, same `now`)."""
-    applies = rail in rule_set.rails
-    active = [(i, r) for i, r in enumerate(rule_set.rules) if applies and r.active_at(now)]
+    active = _active(rule_set, rail, now)
     effects: dict[str, list[RuleEffect]] = defaultdict(list)
     return {
         item
@@ -240,39 +236,60 @@ def ineligible(
     }
 
 
+@dataclass(frozen=True)
+class _Active:
+    """The rules valid for one request, by what they do (index in the rule set, rule): the
+    rules stage judges every candidate of the pool, so each item walks only its kind's."""
+
+    blocks: list[tuple[int, BlockRule]]
+    floors: list[tuple[int, MarginFloorRule]]
+    rescores: list[tuple[int, BoostRule | BuryRule]]
+    pins: list[tuple[int, PinRule]]
+
+
+def _active(rule_set: RuleSet, rail: str, now: datetime) -> _Active:
+    applies = rail in rule_set.rails
+    active = [(i, r) for i, r in enumerate(rule_set.rules) if applies and r.active_at(now)]
+    return _Active(
+        blocks=[(i, r) for i, r in active if isinstance(r, BlockRule)],
+        floors=[(i, r) for i, r in active if isinstance(r, MarginFloorRule)],
+        rescores=[(i, r) for i, r in active if isinstance(r, BoostRule | BuryRule)],
+        pins=[(i, r) for i, r in active if isinstance(r, PinRule)],
+    )
+
+
 def _judge(
     item_id: str,
     info: ItemInfo | None,
-    active: list[tuple[int, Rule]],
+    active: _Active,
     effects: dict[str, list[RuleEffect]],
 ) -> bool:
     """Whether the item may be shown; notes every reason it may not."""
-    notes = effects[item_id]
+    notes: list[RuleEffect] = []
     if info is not None and info.out_of_stock:
         notes.append(RuleEffect(None, "out_of_stock", "removed: stock is 0"))
-    for i, rule in active:
-        if isinstance(rule, BlockRule) and rule.targets(item_id, info):
+    for i, rule in active.blocks:
+        if rule.targets(item_id, info):
             notes.append(RuleEffect(i, "block", f"removed: blocked {rule.target_text()}"))
-        elif (
-            isinstance(rule, MarginFloorRule)
-            and info is not None
-            and info.margin is not None
-            and info.margin < rule.min_margin
-        ):
-            why = f"removed: margin {info.margin:g} below floor {rule.min_margin:g}"
-            notes.append(RuleEffect(i, "margin_floor", why))
-    return not any(n.kind in EXCLUSIONS for n in notes)
+    if info is not None and info.margin is not None:
+        for i, floor in active.floors:
+            if info.margin < floor.min_margin:
+                why = f"removed: margin {info.margin:g} below floor {floor.min_margin:g}"
+                notes.append(RuleEffect(i, "margin_floor", why))
+    if notes:  # every note here is an exclusion (EXCLUSIONS)
+        effects[item_id].extend(notes)
+    return not notes
 
 
 def _rescore(
     candidate: Candidate,
     info: ItemInfo | None,
-    active: list[tuple[int, Rule]],
+    active: _Active,
     effects: dict[str, list[RuleEffect]],
 ) -> Candidate:
     factor = 1.0
-    for i, rule in active:
-        if isinstance(rule, BoostRule | BuryRule) and rule.targets(candidate.item_id, info):
+    for i, rule in active.rescores:
+        if rule.targets(candidate.item_id, info):
             factor *= rule.factor
             detail = f"score x{rule.factor:g} ({rule.target_text()})"
             effects[candidate.item_id].append(RuleEffect(i, rule.kind, detail))
