@@ -11,8 +11,8 @@ One micro-batch (`step`):
    by event / update id), then extend the served model's price history from it, so deals
    and the re-ranker's price features see them before the rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
-   touched session in one batch (`RailService.prewarm`: the API's stages, rules and state
-   markers), so the API answers them from the pre-warmed cache;
+   session in the batch, redelivered ones included, in one batch (`RailService.prewarm`: the
+   API's stages, rules and state markers), so the API answers them from the pre-warmed cache;
 5. commit the offsets, only now: a crash before this replays the batch, and step 3 makes the
    replay change nothing that was already applied.
 
@@ -250,15 +250,16 @@ class RefreshConsumer:
             for future in self._pending_letters:
                 future.get(timeout=10)  # raises if the broker did not take it: no commit
             self._pending_letters = []
-        touched = []
+        touched, redelivered = [], []
         for session_id, events in by_session.items():
             added = self.service.store.append_events(  # type: ignore[union-attr]
                 session_id, events, users.get(session_id, ())
             )
             report.new_events += added
             report.duplicates += len(events) - added
-            if added:
-                touched.append(session_id)
+            # Nothing new is a redelivery, perhaps of a batch whose member died between this
+            # append and the pre-warm below: its rail is warmed again, or it stays cold.
+            (touched if added else redelivered).append(session_id)
         if self.ledger is not None and report.records:
             self._batches += 1
             self.ledger.write(
@@ -277,7 +278,8 @@ class RefreshConsumer:
             # an idle poll touches no Redis
             self.service.prices.sync(self.service.loaded)
         # one encoder call and one pipeline pass for every touched session of the batch
-        self.service.prewarm(touched, {s: min(users[s]) for s in touched if users.get(s)})
+        warm = touched + redelivered
+        self.service.prewarm(warm, {s: min(users[s]) for s in warm if users.get(s)})
         now = time.time()
         for session_id in touched:
             report.freshness_s += [now - t for t in produced_at[session_id]]

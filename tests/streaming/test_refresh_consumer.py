@@ -232,6 +232,48 @@ def test_a_consumer_killed_before_commit_applies_each_event_once(stack):
         assert [e.time_s for e in events] == sorted(e.time_s for e in events)  # in order
 
 
+def test_a_consumer_killed_between_append_and_prewarm_leaves_no_rail_cold(stack):
+    """Crash after the Redis append, before the pre-warm: the redelivered batch adds no event,
+    and its sessions are warmed all the same."""
+    settings, service, _ = stack
+    sessions = [f"w{n}" for n in range(6)]
+    _produce(
+        settings,
+        [
+            (s.encode(), encode(_event(k, s, ITEMS[(k + n) % len(ITEMS)])))
+            for n, s in enumerate(sessions)
+            for k in range(3)
+        ],
+    )
+    crashing = RefreshConsumer(settings, service)
+    warm = service.prewarm
+
+    def crash(sessions, *_args, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+        if sessions:  # an idle poll pre-warms nothing
+            raise RuntimeError("killed before the pre-warm")
+
+    service.prewarm = crash  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="pre-warm"):
+            _drain(crashing, lambda r: False, timeout_s=30)
+    finally:
+        service.prewarm = warm  # type: ignore[method-assign]
+        crashing.consumer.close(autocommit=False)
+        crashing.dead_letters.close()
+    version = service.loaded.version
+    appended = [s for s in sessions if service.store.snapshot(s, version, None).events]
+    assert appended  # the crash came after the append
+
+    survivor = RefreshConsumer(settings, service)
+    try:
+        reports = _drain(survivor, lambda r: sum(x.records for x in r) >= 18, timeout_s=60)
+    finally:
+        survivor.close()
+    assert sum(r.duplicates for r in reports) >= 3  # the crashed batch came back
+    for s in sessions:
+        assert service.store.snapshot(s, version, "homepage_hero").rail is not None, s
+
+
 def test_out_of_stock_leaves_cached_rails_at_once(stack):
     settings, service, _ = stack
     consumer = RefreshConsumer(settings, service)
