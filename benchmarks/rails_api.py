@@ -7,7 +7,9 @@ Usage:
 In one run, on loopback, with the servers this script starts and stops (Redis, Triton,
 the API under uvicorn as its own process):
 
-1. compute floor: each rail's stages in-process (index + ranker + MMR + rules), no HTTP;
+1. compute floor: each rail's stages in-process (index + ranker + MMR + rules), no HTTP,
+   beside the physical floor of its parts (session encoder, one HNSW query, the ranker's
+   predict on one request's candidates): what a rail cannot cost less than;
 2. HTTP p50/p95/p99 and throughput at increasing concurrency, computed path (pdp_fbt, never
    cached) and cached path (homepage_hero for sessions already served once);
 3. a 5x spike: concurrency jumps from the base to five times it; the fallback rate (answers
@@ -43,6 +45,7 @@ from devstack.local_services import (
     triton_server,
 )
 from railtower.settings import PROJECT_ROOT, load_settings
+from ranking.business_features import build_features
 from ranking.retriever import Query
 from serving.app import production_pointer
 from serving.rail_service import load_rails
@@ -80,6 +83,33 @@ def compute_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> d
             times.append(time.perf_counter() - started)
         out[rail] = percentiles(times)
     return out
+
+
+def physical_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """p50 of the parts no rail can skip, one homepage request at a time."""
+    pipeline, towers = loaded.pipeline, loaded.towers
+    timings: dict[str, list[float]] = {"ranker predict (pool rows)": []}
+    if towers is not None:
+        timings |= {"session encoder": [], "HNSW top-120": []}
+    booster = pipeline.rankers.get("homepage_hero")
+    for k in range(repeats):
+        history = sessions[k % len(sessions)]
+        items = tuple(e.item_id for e in history)
+        query = Query(items, tuple(e.event_type for e in history), exclude=frozenset(items))
+        if towers is not None:
+            started = time.perf_counter()
+            vector = towers.encode_sessions([history], [None])
+            timings["session encoder"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            towers.index.search(vector, 120, [query.exclude])
+            timings["HNSW top-120"].append(time.perf_counter() - started)
+        if booster is not None:
+            table = pipeline.candidate_table([query])
+            features = build_features(table, [query], pipeline.stats)
+            started = time.perf_counter()
+            booster.predict(features, num_threads=1)
+            timings["ranker predict (pool rows)"].append(time.perf_counter() - started)
+    return {name: percentiles(t) for name, t in timings.items() if t}
 
 
 async def closed_loop(
@@ -204,6 +234,7 @@ def main() -> None:
             store.append_events(f"b{n}", [(f"b{n}-{k}", e, None) for k, e in enumerate(history)])
 
         result["compute_floor_ms"] = compute_floor(loaded, sessions, 200)
+        result["physical_floor_ms"] = physical_floor(loaded, sessions, 200)
         pdp = [
             ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
             for n, h in enumerate(sessions)
@@ -246,6 +277,11 @@ def markdown(r: dict[str, Any]) -> str:
     lines += _head(["rail", "compute floor p50 ms", "p95", "p99"])
     lines += [
         _row([k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"]) for k, v in floor.items()
+    ]
+    lines += [""] + _head(["physical floor (one request)", "p50 ms", "p95", "p99"])
+    lines += [
+        _row([k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"])
+        for k, v in r.get("physical_floor_ms", {}).items()
     ]
     pdp_floor = floor["pdp_fbt"]["p50"]
     lines += [""] + _head(
