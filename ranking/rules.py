@@ -17,6 +17,8 @@ callers import from one place.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -180,16 +182,17 @@ def explain_rules(
                 eligible[item_id] = _judge(item_id, attributes.get(item_id), active, effects)
         return eligible[item_id]
 
-    # 1. Exclusions first, so boosts and pins never resurrect an excluded item.
-    kept = [c for c in pool if is_eligible(c.item_id)]
-    # 2. Boosts and buries; sorted() is stable, so equal scores keep the incoming order.
-    ranked = sorted(
-        (_rescore(c, attributes.get(c.item_id), active, effects) for c in kept),
-        key=lambda c: -c.score,
+    # 1. Exclusions first, so boosts and pins never resurrect an excluded item; 2. boosts and
+    # buries. Only as far down the list as an item could still reach the slots (see
+    # _judged_head); sorted() is stable, so equal scores keep the incoming order.
+    rescored = _judged_head(
+        pool, slots + len(active.pins), active, is_eligible, attributes, effects
     )
+    ranked = sorted(rescored, key=lambda c: -c.score)
     # 3. Pins: decide which are placeable, then fill the slots around them.
     by_item = {c.item_id: c for c in ranked}
-    candidate_ids = {c.item_id for c in pool}
+    pool_by_item = {c.item_id: c for c in pool}
+    candidate_ids = set(pool_by_item)
 
     def known(item_id: str) -> bool:
         return item_id in candidate_ids or item_id in attributes
@@ -200,7 +203,12 @@ def explain_rules(
         if why_not:
             effects[rule.item_id].append(RuleEffect(i, "pin_skipped", f"not placed: {why_not}"))
         else:
-            pinned[rule.slot] = (i, by_item.get(rule.item_id, Candidate(rule.item_id, 0.0)))
+            candidate = by_item.get(rule.item_id)
+            if candidate is None and rule.item_id in pool_by_item:  # below the judged head
+                candidate = _rescore(
+                    pool_by_item[rule.item_id], attributes.get(rule.item_id), active, effects
+                )
+            pinned[rule.slot] = (i, candidate or Candidate(rule.item_id, 0.0))
     taken = {c.item_id for _, c in pinned.values()}
     rest = iter(c for c in ranked if c.item_id not in taken)
     result: list[Candidate] = []
@@ -215,6 +223,42 @@ def explain_rules(
         elif (unpinned := next(rest, None)) is not None:
             result.append(unpinned)
     return RulesOutcome(result, {item: notes for item, notes in effects.items() if notes})
+
+
+def _judged_head(
+    pool: Sequence[Candidate],
+    needed: int,
+    active: _Active,
+    is_eligible: Callable[[str], bool],
+    attributes: ItemAttributes,
+    effects: dict[str, list[RuleEffect]],
+) -> list[Candidate]:
+    """The eligible candidates of `pool`, rescored, in pool order, as far as any could still
+    make the `needed` best.
+
+    When the pool comes best first (a ranker's or MMR's list always does), a candidate whose
+    score, times every boost that could apply, cannot beat the `needed`-th best rescored
+    score so far can never be shown, nor can anything after it: the rest is left unjudged
+    (the rails stage judged 300 candidates to show 12). Otherwise every candidate is judged.
+    """
+    lift = math.prod(rule.factor for _, rule in active.rescores if rule.factor > 1)
+    best_first = all(a.score >= b.score for a, b in itertools.pairwise(pool))
+    best: list[float] = []  # min-heap of the `needed` best rescored scores so far
+    out = []
+    for c in pool:
+        if best_first and needed and len(best) >= needed:
+            reach = c.score * lift if c.score >= 0 else c.score / lift
+            if best[0] >= reach:
+                break
+        if not is_eligible(c.item_id):
+            continue
+        rescored = _rescore(c, attributes.get(c.item_id), active, effects)
+        out.append(rescored)
+        if len(best) < needed:
+            heapq.heappush(best, rescored.score)
+        elif needed:
+            heapq.heappushpop(best, rescored.score)
+    return out
 
 
 def ineligible(

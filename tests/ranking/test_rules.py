@@ -607,6 +607,27 @@ def test_slots_are_eligible_unique_full_and_deterministic(candidates, rule_set, 
         assert all(shown[p.slot - 1] == p.item_id for p in pins if p.item_id in placeable)
 
 
+@settings(max_examples=300, deadline=None)
+@given(candidate_lists, rule_sets(), shops(), st.sampled_from(RAILS), st.integers(0, 12))
+def test_judging_only_the_head_of_a_best_first_list_changes_nothing(
+    candidates, rule_set, attrs, rail, n
+):
+    """A best-first list is judged only as far as an item could still reach the slots; the
+    slots must be those of judging the whole list (asking for every slot judges it all)."""
+    ordered = sorted(candidates, key=lambda c: -c.score)
+    every = len(ordered) + len(rule_set.rules) + 1
+    whole = explain_rules(ordered, rule_set, attrs, rail, every, NOW).candidates
+    head = explain_rules(ordered, rule_set, attrs, rail, n, NOW).candidates
+    pinned = {r.item_id for r in rule_set.rules if isinstance(r, PinRule)}
+    if not pinned & {c.item_id for c in whole}:
+        assert head == whole[:n]
+    else:  # pins depend on the slot count; the unpinned order must still agree
+        rest = [c for c in whole if c.item_id not in pinned]
+        assert [c for c in head if c.item_id not in pinned] == rest[
+            : len([c for c in head if c.item_id not in pinned])
+        ]
+
+
 @settings(max_examples=50, deadline=None)
 @given(rule_sets())
 def test_random_rule_sets_survive_a_json_round_trip(rule_set):
