@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from ranking.retriever import Query
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 from serving.session_store import SessionStore
+from serving.stages import Trace, in_process_vector, rules_length, run_stages
 from serving.user_vectors import TritonUserTower
 from towers.session_features import HistoryEvent
 
@@ -62,10 +64,15 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def compute_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """In-process latency of each rail's stages for single requests."""
+    """In-process latency of each rail's computation for single requests: the API's own
+    stages (serving.stages.run_stages: encoder, candidates, ranker, MMR, rules to the
+    slots and the exploration window), without Redis or HTTP; per-stage p50 beside it."""
+    settings = load_settings(log_level="WARNING")
+    slots = settings.evaluation.slots
+    length = rules_length(settings.ranking.exploration, slots)
     out = {}
     for rail in ("homepage_hero", "pdp_fbt", "cart_upsell"):
-        times = []
+        times, stages = [], defaultdict(list)
         for k in range(repeats):
             history = sessions[k % len(sessions)]
             items = tuple(e.item_id for e in history)
@@ -79,9 +86,27 @@ def compute_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> d
             else:
                 query = Query(items, types, cart=items[-1:], exclude=frozenset(items[-1:]))
             started = time.perf_counter()
-            loaded.pipeline.run(rail, [query], stages=("rules",))
+            trace = Trace()
+            vector = in_process_vector(loaded, query)
+            trace.lap("encoder", started)
+            run_stages(
+                loaded,
+                rail,
+                query,
+                slots,
+                vector,
+                lambda table, rail=rail, query=query: loaded.pipeline.ranker_scores(
+                    rail, table, [query]
+                ),
+                trace,
+                length,
+            )
             times.append(time.perf_counter() - started)
-        out[rail] = percentiles(times)
+            for stage, ms in trace.timings.items():
+                stages[stage].append(ms)
+        out[rail] = percentiles(times) | {
+            "stages_p50_ms": {k: float(np.median(v)) for k, v in stages.items()}
+        }
     return out
 
 
@@ -274,9 +299,16 @@ def _head(names: list[str]) -> list[str]:
 def markdown(r: dict[str, Any]) -> str:
     floor = r["compute_floor_ms"]
     lines = [f"# Rails API benchmark ({r['bundle']}, {r['machine']['cpus']} CPUs)", ""]
-    lines += _head(["rail", "compute floor p50 ms", "p95", "p99"])
+    stage_names = list(next(iter(floor.values())).get("stages_p50_ms", {}))
+    lines += _head(
+        ["rail", "compute floor p50 ms", "p95", "p99", *[f"{s} p50" for s in stage_names]]
+    )
     lines += [
-        _row([k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"]) for k, v in floor.items()
+        _row(
+            [k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"]
+            + [f"{v['stages_p50_ms'].get(s, float('nan')):.2f}" for s in stage_names]
+        )
+        for k, v in floor.items()
     ]
     lines += [""] + _head(["physical floor (one request)", "p50 ms", "p95", "p99"])
     lines += [
