@@ -1,0 +1,260 @@
+"""Faults under load: Redis and tritonserver SIGKILLed and restarted while clients ask for
+every rail, and what the shoppers saw in each phase.
+
+Usage:
+    python benchmarks/fault_under_load.py --bundle artifacts/<run>-rees46-rails
+
+The real stack on loopback (benchmarks.live_stack: Redis with its append-only file,
+tritonserver when the bundle has towers, the API as its own process). Closed-loop clients
+send homepage, product-page and cart requests for seeded sessions without pause while the
+phases run one after another:
+
+1. steady: nothing is wrong;
+2. redis killed: Redis gets SIGKILL, stays down `down_s`, and starts again on its port from
+   its append-only file;
+3. triton killed: tritonserver gets SIGKILL and starts again after `down_s`;
+4. recovered: nothing is wrong again.
+
+Per phase: requests, 5xx, transport errors, empty rails, the degraded share (answers carrying
+a reason), p99 and how the rails were served. After the Redis restart every seeded
+session's events are read back (the sessions lost to the crash are counted). Writes
+`reports/benchmarks/fault_under_load.json` and `.md`; tests/serving/test_fault_under_load.py
+runs it briefly in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from benchmarks.live_stack import Stack, private_artifacts, start_stack
+from devstack.local_services import LocalServer
+from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from serving.session_store import SessionStore
+from towers.session_features import HistoryEvent
+
+OUT = PROJECT_ROOT / "reports" / "benchmarks"
+PHASES = ("steady", "redis killed", "triton killed", "recovered")
+
+
+@dataclass
+class Reply:
+    phase: str
+    status: int  # 0: no HTTP answer at all
+    empty: bool
+    degraded: bool
+    served_by: str
+    seconds: float
+
+
+@dataclass
+class FaultRun:
+    replies: list[Reply] = field(default_factory=list)
+    sessions_seeded: int = 0
+    sessions_lost: int = 0
+    phases: list[str] = field(default_factory=list)
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for phase in self.phases:
+            mine = [r for r in self.replies if r.phase == phase]
+            answered = [r for r in mine if r.status == 200]
+            latency = [r.seconds * 1000 for r in mine if r.status]
+            rows.append(
+                {
+                    "phase": phase,
+                    "requests": len(mine),
+                    "server_errors": sum(r.status >= 500 for r in mine),
+                    "other_errors": sum(0 < r.status < 500 and r.status != 200 for r in mine),
+                    "transport_errors": sum(r.status == 0 for r in mine),
+                    "empty": sum(r.empty for r in answered),
+                    "degraded_share": sum(r.degraded for r in answered) / max(len(answered), 1),
+                    "p99_ms": float(np.percentile(latency, 99)) if latency else float("nan"),
+                    "served_by": dict(Counter(r.served_by for r in answered)),
+                }
+            )
+        return rows
+
+
+def seed(redis_url: str, items: list[str], sessions: int) -> list[str]:
+    """`sessions` sessions of three views each, written as the consumer writes them."""
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    names = []
+    for n in range(sessions):
+        history = [
+            (f"f{n}-{k}", HistoryEvent(items[(7 * n + k) % len(items)], "view", 1e9 + k), None)
+            for k in range(3)
+        ]
+        store.append_events(f"fault-{n}", history)
+        names.append(f"fault-{n}")
+    return names
+
+
+def lost_sessions(redis_url: str, sessions: list[str]) -> int:
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    return sum(len(store.snapshot(s, "any", None).events) != 3 for s in sessions)
+
+
+def requests_for(sessions: list[str], items: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    bodies: list[tuple[str, dict[str, Any]]] = []
+    for n, session in enumerate(sessions):
+        item = items[(11 * n) % len(items)]
+        bodies += [
+            ("homepage_hero", {"session_id": session}),
+            ("pdp_fbt", {"session_id": session, "item_id": item}),
+            ("cart_upsell", {"session_id": session, "cart": [item]}),
+        ]
+    return bodies
+
+
+def run_faults(
+    stack: Stack,
+    items: list[str],
+    clients: int = 3,
+    phase_s: float = 6.0,
+    down_s: float = 2.0,
+    sessions: int = 30,
+) -> FaultRun:
+    """The four phases against a started stack; returns every reply and the sessions lost."""
+    run = FaultRun(phases=list(PHASES))
+    names = seed(stack.redis_url, items, sessions)
+    run.sessions_seeded = len(names)
+    time.sleep(1.5)  # past the append-only file's once-a-second fsync
+    bodies = requests_for(names, items)
+    phase = [PHASES[0]]
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        k = offset
+        with httpx.Client(base_url=stack.base, timeout=10) as http:
+            while not stop.is_set():
+                rail, body = bodies[k % len(bodies)]
+                k += clients
+                now, started = phase[0], time.perf_counter()
+                try:
+                    reply = http.post(f"/v1/rails/{rail}", json=body)
+                except httpx.HTTPError:
+                    record = Reply(now, 0, True, True, "none", time.perf_counter() - started)
+                else:
+                    data = reply.json() if reply.status_code == 200 else {}
+                    record = Reply(
+                        now,
+                        reply.status_code,
+                        not data.get("items"),
+                        bool(data.get("reasons")),
+                        str(data.get("served_by", "none")),
+                        time.perf_counter() - started,
+                    )
+                with lock:
+                    run.replies.append(record)
+
+    workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(phase_s)
+        phase[0] = PHASES[1]
+        redis = _server(stack, "redis")
+        redis.kill()
+        time.sleep(down_s)
+        redis.start()
+        time.sleep(max(phase_s - down_s, 0.0))
+        run.sessions_lost = lost_sessions(stack.redis_url, names)
+        triton = _server(stack, "triton")
+        if triton is not None:
+            phase[0] = PHASES[2]
+            triton.kill()
+            time.sleep(down_s)
+            triton.start()
+            time.sleep(max(phase_s - down_s, 0.0))
+        else:
+            run.phases.remove(PHASES[2])
+        phase[0] = PHASES[3]
+        time.sleep(phase_s)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=15)
+    return run
+
+
+def _server(stack: Stack, name: str) -> LocalServer | None:
+    return next((s for s in stack.servers if s.name.startswith(name)), None)
+
+
+def markdown(run: FaultRun, bundle: str) -> str:
+    lines = [
+        f"# Faults under load ({bundle})",
+        "",
+        f"Sessions seeded before the Redis kill: {run.sessions_seeded}; lost after its "
+        f"restart: {run.sessions_lost}.",
+        "",
+        "| phase | requests | 5xx | other 4xx/5xx | transport errors | empty rails | degraded "
+        "| p99 ms | served by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in run.table():
+        served = ", ".join(f"{k} {v}" for k, v in sorted(row["served_by"].items()))
+        lines.append(
+            f"| {row['phase']} | {row['requests']} | {row['server_errors']} | "
+            f"{row['other_errors']} | {row['transport_errors']} | {row['empty']} | "
+            f"{row['degraded_share']:.1%} | {row['p99_ms']:.0f} | {served} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def catalogue_items(bundle: Path, settings: Settings) -> list[str]:
+    from serving.rail_service import load_rails  # noqa: PLC0415 - loads the models
+
+    loaded = load_rails(bundle, settings)
+    order = np.argsort(-loaded.pipeline.stats.popularity, kind="stable")
+    return [str(i) for i in loaded.pipeline.stats.item_ids[order[:500]]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--phase-seconds", type=float, default=10.0)
+    parser.add_argument("--down-seconds", type=float, default=3.0)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    settings = load_settings(log_level="WARNING")
+    bundle = args.bundle.resolve()
+    items = catalogue_items(bundle, settings)
+    root = settings.cache_dir / "bench-faults"
+    if root.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(root)
+    artifacts, copy = private_artifacts(bundle, settings.artifacts_dir, root)
+    stack = start_stack(artifacts, settings.serving.triton_repository, root / "work", copy)
+    try:
+        run = run_faults(stack, items, args.clients, args.phase_seconds, args.down_seconds)
+    finally:
+        stack.stop()
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {
+        "bundle": bundle.name,
+        "phases": run.table(),
+        "sessions_seeded": run.sessions_seeded,
+        "sessions_lost": run.sessions_lost,
+        "replies": [asdict(r) for r in run.replies],
+    }
+    (OUT / "fault_under_load.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    text = markdown(run, bundle.name)
+    (OUT / "fault_under_load.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
