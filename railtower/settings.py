@@ -453,6 +453,10 @@ class StageBudgets(_Section):
     redis_ms: float = Field(25.0, gt=0)
     user_vector_ms: float = Field(60.0, gt=0)
     ranker_ms: float = Field(40.0, gt=0)
+    # Re-ranker jobs a process lets wait or run at once (0 = no bound). Beyond it a request
+    # is served the fused order at once instead of queueing behind work that would miss
+    # its budget anyway; a job whose budget ran out before it started is dropped.
+    ranker_queue: int = Field(4, ge=0)
 
 
 class ExclusionSettings(_Section):

@@ -127,6 +127,8 @@ class RailService:
         self.metrics = metrics
         self.budgets = settings.serving.budgets
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ranker")
+        self._ranker_jobs = 0  # submitted to the pool and not finished (ranker_queue)
+        self._ranker_jobs_lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self.source: Path | None = None
         self._catalogue_version = 0
@@ -527,15 +529,33 @@ class RailService:
     def _rank_within_budget(
         self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: Trace
     ):  # type: ignore[no-untyped-def]
+        fused = table.frame["fused"].to_numpy(dtype=float)
+        bound = self.budgets.ranker_queue
+        with self._ranker_jobs_lock:
+            busy = bool(bound) and self._ranker_jobs >= bound
+            if not busy:
+                self._ranker_jobs += 1
+        if busy:
+            # Shed at once: queueing behind `bound` jobs would miss the budget and leave one
+            # more job for the requests after this one (the backlog a spike used to leave).
+            self.metrics.fallbacks.labels(reason="ranker_busy").inc()
+            trace.reasons.append(f"re-ranker busy ({bound} jobs in hand): fused order")
+            return fused
         future = self._pool.submit(loaded.pipeline.ranker_scores, rail, table, [query])
+        future.add_done_callback(self._ranker_job_done)
         try:
             return future.result(timeout=self.budgets.ranker_ms / 1000)
         except concurrent.futures.TimeoutError:
+            future.cancel()  # not started yet: nobody waits for it any more, drop it
             self.metrics.fallbacks.labels(reason="ranker_budget").inc()
             trace.reasons.append(
                 f"re-ranker over its {self.budgets.ranker_ms:.0f} ms budget: fused order"
             )
-            return table.frame["fused"].to_numpy(dtype=float)
+            return fused
+
+    def _ranker_job_done(self, _future: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+        with self._ranker_jobs_lock:
+            self._ranker_jobs -= 1
 
     def _put_vector(  # type: ignore[no-untyped-def]
         self, session_id: str, loaded: LoadedRails, vector, snapshot: SessionSnapshot, trace: Trace
