@@ -113,8 +113,13 @@ def walk(node: Any, path: str = "", context: dict[str, float] | None = None) -> 
             yield from walk(value, f"{path}[{i}]", context)
 
 
+# A measured rate counts as capacity only while at most this share of answers was degraded.
+MAX_DEGRADED_SHARE = 0.05
+
+
 def rate_by(tree: Any, file: str, by_keys: Sequence[str], rate_keys: Sequence[str]) -> Rate | None:
-    """The best rate per unit at the smallest measured unit count, or None.
+    """The best rate per unit at the smallest measured unit count, or None (rows with more
+    than MAX_DEGRADED_SHARE degraded answers left out).
 
     At that count several settings may have been measured (batch sizes, delays): the best
     one is what a deployment would pick.
@@ -123,6 +128,10 @@ def rate_by(tree: Any, file: str, by_keys: Sequence[str], rate_keys: Sequence[st
     for path, node, context in walk(tree):
         unit = next((k for k in by_keys if k in context and context[k] > 0), None)
         key = next((k for k in rate_keys if _number(node.get(k))), None)
+        # a rate served mostly degraded (the budgets tripped) is not capacity
+        degraded = node.get("degraded_share")
+        if _number(degraded) and degraded > MAX_DEGRADED_SHARE:
+            continue
         if unit is not None and key is not None and node[key] > 0:
             where = f"{path}.{key}" if path else key
             at = ", ".join(f"{k}={context[k]:g}" for k in SETTING_KEYS if k in context)
