@@ -154,3 +154,19 @@ def test_missing_markers_fail_with_what_to_add(benchmarks):
     assert done.returncode != 0
     assert "<!-- capacity:start -->" in done.stderr and "<!-- capacity:end -->" in done.stderr
     assert readme.read_text() == "# Shop\nno markers here\n"
+
+
+def test_a_rate_served_mostly_degraded_is_not_capacity():
+    rows = {
+        "configs": [
+            {
+                "replicas": 1,
+                "rows": [
+                    {"concurrency": 4, "rails_per_s": 40.0, "degraded_share": 0.01, "p99": 100},
+                    {"concurrency": 16, "rails_per_s": 60.0, "degraded_share": 0.9, "p99": 900},
+                ],
+            }
+        ]
+    }
+    rate = cm.rate_by(rows, "api_replicas.json", ("replicas",), ("rails_per_s",))
+    assert rate is not None and rate.per_unit == 40.0
