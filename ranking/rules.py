@@ -151,7 +151,8 @@ def explain_rules(
 
     Returns:
         min(slots, |eligible candidates ∪ placed pins|) candidates, no duplicates, with
-        boosted scores, and the effects of every rule per item id.
+        boosted scores, and the effects of every rule per item id judged (a best-first list
+        is judged only as far as an item could still reach the slots: see _judged_head).
 
     Raises:
         ValueError: unknown rail, slots < 0, naive `now`, or a score that is not finite.
