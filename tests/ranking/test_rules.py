@@ -607,25 +607,40 @@ def test_slots_are_eligible_unique_full_and_deterministic(candidates, rule_set, 
         assert all(shown[p.slot - 1] == p.item_id for p in pins if p.item_id in placeable)
 
 
+def test_a_boost_lifts_an_item_from_below_the_judged_head():
+    # best first; the samsung buds sit last, far below the two slots, until a x10 boost
+    ranked = [
+        Candidate("mouse", 0.9),
+        Candidate("drill", 0.8),
+        Candidate("elx", 0.7),
+        Candidate("x-buds", 0.6),
+        Candidate("s-buds", 0.1),
+    ]
+    boost = rules_of({"kind": "boost", "brand": "samsung", "factor": 10.0})
+    shown = explain_rules(ranked, boost, ATTRS, "homepage_hero", 2, NOW).candidates
+    assert [c.item_id for c in shown] == ["s-buds", "mouse"]
+
+
 @settings(max_examples=300, deadline=None)
 @given(candidate_lists, rule_sets(), shops(), st.sampled_from(RAILS), st.integers(0, 12))
 def test_judging_only_the_head_of_a_best_first_list_changes_nothing(
     candidates, rule_set, attrs, rail, n
 ):
     """A best-first list is judged only as far as an item could still reach the slots; the
-    slots must be those of judging the whole list (asking for every slot judges it all)."""
+    unpinned items shown must be those of judging the whole list (asking for more slots than
+    there are candidates and pin slots judges it all). Pins depend on the slot count (a pin
+    beyond it is skipped), so they are compared apart: the same pins, at the same slots."""
     ordered = sorted(candidates, key=lambda c: -c.score)
-    every = len(ordered) + len(rule_set.rules) + 1
+    every = max(len(ordered), 14) + len(rule_set.rules) + 1
     whole = explain_rules(ordered, rule_set, attrs, rail, every, NOW).candidates
     head = explain_rules(ordered, rule_set, attrs, rail, n, NOW).candidates
     pinned = {r.item_id for r in rule_set.rules if isinstance(r, PinRule)}
-    if not pinned & {c.item_id for c in whole}:
-        assert head == whole[:n]
-    else:  # pins depend on the slot count; the unpinned order must still agree
-        rest = [c for c in whole if c.item_id not in pinned]
-        assert [c for c in head if c.item_id not in pinned] == rest[
-            : len([c for c in head if c.item_id not in pinned])
-        ]
+    unpinned = [c for c in head if c.item_id not in pinned]
+    whole_unpinned = [c for c in whole if c.item_id not in pinned]
+    assert len(unpinned) == min(n - (len(head) - len(unpinned)), len(whole_unpinned))
+    assert unpinned == whole_unpinned[: len(unpinned)]
+    shown_whole = {c.item_id: c for c in whole}
+    assert all(c == shown_whole.get(c.item_id, c) for c in head if c.item_id in pinned)
 
 
 @settings(max_examples=50, deadline=None)
