@@ -219,36 +219,29 @@ class RailPipeline:
         mmr_lambda: float | None = None,
         sources: Mapping[str, CandidateSource] | None = None,
     ) -> dict[Stage, list[list[Candidate]]]:
-        """Each requested stage's ranked list per query (the full depth, slots first).
+        """Each requested stage's ranked list per query (the full depth, slots first): a view
+        of :func:`ranking.engine.compute`, the one composition of the stages.
 
         MMR re-orders the first `slots` and leaves the rest in ranker order, so recall at
         the candidate depth stays comparable across stages; the rules stage fills the slots
         from popular items when exclusions leave too few.
         """
-        table = self.candidate_table(queries, sources, rail)
+        # imported here: the engine composes this class's stages (it imports this module)
+        from ranking.engine import compute
+
+        until = max(stages, key=STAGES.index)
+        done = compute(self, rail, queries, until=until, sources=sources, mmr_lambda=mmr_lambda)
         out: dict[Stage, list[list[Candidate]]] = {}
         if "candidates" in stages:
             # deals_for_you's candidates come ordered by how good a deal they are
-            out["candidates"] = table.ranked("deal_strength" if rail == DEALS_RAIL else "fused")
-        if not set(stages) & {"ranker", "mmr", "rules"}:
-            return out
-        scored = CandidateTable(
-            table.frame.assign(ranker=self.ranker_scores(rail, table, queries)), table.queries
-        )
-        ranked = scored.ranked("ranker")
+            key = "deal_strength" if rail == DEALS_RAIL else "fused"
+            out["candidates"] = done.table.ranked(key)
         if "ranker" in stages:
-            out["ranker"] = ranked
-        if not set(stages) & {"mmr", "rules"}:
-            return out
-        lam = self.settings.mmr_lambda if mmr_lambda is None else mmr_lambda
-        diversified = [self.diversify(row, lam) for row in ranked]
+            out["ranker"] = done.ranked  # type: ignore[assignment]
         if "mmr" in stages:
-            out["mmr"] = diversified
+            out["mmr"] = done.diversified  # type: ignore[assignment]
         if "rules" in stages:
-            out["rules"] = [
-                self.apply_rules(rail, row, query, self.depth)
-                for row, query in zip(diversified, queries, strict=True)
-            ]
+            out["rules"] = [r.outcome.candidates for r in done.ruled]  # type: ignore[union-attr]
         return out
 
     def diversify(
@@ -265,23 +258,6 @@ class RailPipeline:
         scores = sorted((c.score for c in ordered), reverse=True)
         return [Candidate(c.item_id, s) for c, s in zip(ordered, scores, strict=True)]
 
-    def apply_rules(
-        self,
-        rail: str,
-        ranked: Sequence[Candidate],
-        query: Query,
-        length: int,
-        slots: int | None = None,
-    ) -> list[Candidate]:
-        """The rules over `ranked` (at most `length` items), never fewer than `slots`.
-
-        Out-of-stock items are dropped even without a rule set. When exclusions leave fewer
-        than `slots`, popular items the query does not exclude are added below every
-        candidate and judged by the rules like any other, until the slots are full or the
-        catalogue has nothing eligible left.
-        """
-        return self.explain_rules(rail, ranked, query, length, slots).outcome.candidates
-
     def explain_rules(
         self,
         rail: str,
@@ -290,8 +266,14 @@ class RailPipeline:
         length: int,
         slots: int | None = None,
     ) -> RuledSlots:
-        """:meth:`apply_rules` with the rules' effects per item and the popular fill it added
-        (per-slot provenance); the same computation, so it costs nothing more."""
+        """The rules over `ranked` (at most `length` items), never fewer than `slots`, with
+        the rules' effects per item and the popular fill it added (per-slot provenance).
+
+        Out-of-stock items are dropped even without a rule set. When exclusions leave fewer
+        than `slots`, popular items the query does not exclude are added below every
+        candidate and judged by the rules like any other, until the slots are full or the
+        catalogue has nothing eligible left.
+        """
         rule_set = self.rules
         now = self.request_time(query)
         pool = [c for c in ranked if c.item_id not in query.exclude]

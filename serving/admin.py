@@ -179,8 +179,8 @@ class PublishedRules:
             version = None if publication is None else publication.version
             if self._applied == (id(loaded), version):
                 return False
-            # One attribute assignment: a request reads the rule set once (apply_rules), so
-            # it uses the old rules or the new ones, never a mix.
+            # One attribute assignment: a request reads the rule set once (the engine's rules
+            # stage), so it uses the old rules or the new ones, never a mix.
             loaded.pipeline.rule_set = (
                 loaded.rails.rule_set if publication is None else publication.rule_set
             )

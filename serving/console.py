@@ -35,7 +35,9 @@ from starlette.concurrency import run_in_threadpool
 
 from railtower.errors import RuleSetError
 from railtower.schemas import CATEGORY_SEPARATOR
+from ranking.engine import rerule
 from ranking.item_attributes import ItemInfo
+from ranking.rail_inputs import RAIL_INPUTS, rail_parts
 from ranking.retriever import Query as RailQuery
 from ranking.rules import RuleSet
 from serving.admin import parse_rule_set, rule_errors
@@ -427,12 +429,9 @@ def compare_rules(service: RailService, proposed: RuleSet, body: CompareRequest)
         if last is None:
             skipped.append(Skipped(session_id=session_id, why="no events of catalogue items"))
             continue
-        targets = {
-            "homepage_hero": (None, ()),
-            "pdp_fbt": (last, ()),
-            "cart_upsell": (None, tuple(cart)),
-        }
-        for rail, parts in targets.items():
+        for rail in PREVIEW_RAILS:
+            # the page product and cart only where the rail reads them (ranking.rail_inputs)
+            parts = rail_parts(rail, last, cart if RAIL_INPUTS[rail].cart else ())
             request = RailRequest(
                 session_id=session_id,
                 user_id=None,
@@ -453,7 +452,7 @@ def compare_rules(service: RailService, proposed: RuleSet, body: CompareRequest)
                 _ranker(loaded, rail, query),
                 Trace(),
             )
-            after = proposed_pipeline.apply_rules(rail, served.before_rules, query, slots, slots)
+            after = rerule(proposed_pipeline, rail, served.before_rules, query, slots)
             old, new = [c.item_id for c in served.slots], [c.item_id for c in after]
             diffs[rail].append(_diff(session_id, rail, old, new))
     for rail, rail_diffs in diffs.items():

@@ -35,7 +35,9 @@ from railtower.logs import get_logger
 from railtower.settings import RAILS, Settings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.engine import compute, fallback
 from ranking.exploration import Explored, InMemoryArmStats
+from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
 from ranking.rules import explain_rules, ineligible
@@ -55,7 +57,12 @@ from serving.stages import (
     rules_length,
     run_stages,
 )
-from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
+from serving.user_vectors import (
+    TritonUserTower,
+    VectorTowerSource,
+    encode_sessions,
+    session_vector,
+)
 from towers.session_features import HistoryEvent, history_of
 
 log = get_logger(__name__)
@@ -263,21 +270,24 @@ class RailService:
             histories = [
                 history_of(q.session_items, q.session_types, q.session_times) for q in queries
             ]
-            inputs = loaded.towers.session_inputs(histories, [q.context for q in queries])
-            if self.triton is not None:
-                try:
-                    vectors = self.triton.encode(inputs, loaded.towers.triton_version)
-                except Exception:  # noqa: BLE001 - Triton down or slow: encode here
-                    self.metrics.fallbacks.labels(reason="triton").inc()
-            if vectors is None:
-                vectors = loaded.towers.encode_inputs(inputs)
+            vectors, _, degraded = encode_sessions(
+                loaded.towers,
+                histories,
+                [q.context for q in queries],
+                self.triton,
+                loaded.towers.triton_version,
+            )
+            if degraded:
+                self.metrics.fallbacks.labels(reason="triton").inc()
             sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
-        ranked = pipeline.run("homepage_hero", queries, stages=("mmr",), sources=sources)["mmr"]
         length = rules_length(self.settings.ranking.exploration, slots)
-        for n, (session_id, snap, query, row) in enumerate(
-            zip(session_ids, snapshots, queries, ranked, strict=True)
+        done = compute(
+            pipeline, "homepage_hero", queries, sources=sources, slots=slots, length=length
+        )
+        for n, (session_id, snap, ruled) in enumerate(
+            zip(session_ids, snapshots, done.ruled, strict=True)  # type: ignore[arg-type]
         ):
-            items = pipeline.apply_rules("homepage_hero", row, query, length, slots)
+            items = ruled.outcome.candidates
             # The exploration draw happens here, at warm time, seeded as the API would seed
             # it for this state; the cached rail keeps its propensities (see _from_cache).
             request = RailRequest(session_id=session_id, slots=slots)
@@ -341,7 +351,7 @@ class RailService:
             log.exception("rail computation failed; serving popularity", rail=rail)
             self.metrics.errors.labels(kind="compute").inc()
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
-            ruled = loaded.pipeline.explain_rules(rail, [], query, request.slots, request.slots)
+            ruled = fallback(loaded.pipeline, rail, query, request.slots)
             return _Answer("fallback", ruled.outcome.candidates, ruled=ruled)
         explored = self._explore(rail, request, snapshot, output.slots)
         items = explored.items if explored is not None else output.slots
@@ -405,22 +415,22 @@ class RailService:
                 f"({self.settings.serving.max_slots})",
             )
         index = loaded.catalogue.index
-        if rail == "pdp_fbt":
+        reads = RAIL_INPUTS[rail]
+        if reads.page_item:
             if request.item_id is None:
-                raise BadRequest(422, "pdp_fbt needs item_id: the product on the page")
+                raise BadRequest(422, f"{rail} needs item_id: the product on the page")
             if request.item_id not in index:
                 raise BadRequest(
                     404, f"item_id {request.item_id!r} is not in the catalogue of {loaded.version}"
                 )
-        if rail == "cart_upsell" and not request.cart:
-            raise BadRequest(422, "cart_upsell needs a non-empty cart (item ids)")
+        if reads.cart and not request.cart:
+            raise BadRequest(422, f"{rail} needs a non-empty cart (item ids)")
         unknown = [i for i in request.cart if i not in index]
         if unknown:
             raise BadRequest(
                 404, f"cart items not in the catalogue of {loaded.version}: {unknown[:10]}"
             )
-        anchor = request.item_id if rail == "pdp_fbt" else None
-        return anchor, tuple(dict.fromkeys(request.cart))
+        return rail_parts(rail, request.item_id, request.cart)
 
     def _snapshot(
         self, rail: str, request: RailRequest, loaded: LoadedRails, trace: Trace
@@ -709,12 +719,10 @@ def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
         except Exception:  # noqa: BLE001 - Triton may come up later; requests fall back meanwhile
             log.warning("triton not answering at load; requests use the in-process tower")
     for rail in RAILS:
-        query = Query(session_items=(item,), session_types=("view",), exclude=frozenset([item]))
-        if rail == "pdp_fbt":
-            query = Query(anchor=item, exclude=frozenset([item]))
-        elif rail == "cart_upsell":
-            query = Query(cart=(item,), exclude=frozenset([item]))
-        loaded.pipeline.run(rail, [query], stages=("rules",))
+        anchor, cart = rail_parts(rail, item, [item] if RAIL_INPUTS[rail].cart else [])
+        session = () if anchor or cart else (item,)
+        query = rail_query(anchor, cart, session, ("view",) * len(session))
+        compute(loaded.pipeline, rail, [query])
 
 
 def last_resort(
@@ -727,13 +735,11 @@ def last_resort(
     a valid request gets when its own path failed. It still never returns the product on
     the page, the cart or the request's exclusions."""
     anchor, cart = parts
-    exclude = frozenset(request.exclude) | frozenset(cart) | frozenset([anchor] if anchor else [])
-    query = Query(anchor=anchor, cart=cart, exclude=exclude)
+    # stricter than a computed rail: with no session to go on, the cart is excluded too
+    query = rail_query(anchor, cart, also_exclude=[*request.exclude, *cart])
+    exclude = query.exclude
     try:
-        pipeline = loaded.pipeline
-        return pipeline.explain_rules(
-            rail, [], query, request.slots, request.slots
-        ).outcome.candidates
+        return fallback(loaded.pipeline, rail, query, request.slots).outcome.candidates
     except Exception:  # noqa: BLE001 - the rules themselves failed: plain popularity
         log.exception("rules failed on the last-resort rail; plain popular items", rail=rail)
         stats = loaded.pipeline.stats

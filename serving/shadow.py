@@ -38,6 +38,7 @@ from railtower.schemas import Impression
 from railtower.settings import Settings, ShadowSettings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.engine import fallback, rerule
 from ranking.exploration import Explored
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
@@ -372,9 +373,9 @@ class ShadowRunner:
             loaded = self._under_rules(served.loaded, arm.rule_set)  # type: ignore[arg-type]
             pipeline = loaded.pipeline
             if served.before_rules is not None:  # the rules are the only difference
-                return loaded, pipeline.apply_rules(rail, served.before_rules, query, slots, slots)
+                return loaded, rerule(pipeline, rail, served.before_rules, query, slots)
             if served.served_by == "fallback":  # production fell back to popular items
-                return loaded, pipeline.apply_rules(rail, [], query, slots, slots)
+                return loaded, fallback(pipeline, rail, query, slots).outcome.candidates
             vector = served.vector
             session_only = query.anchor is None and not query.cart
             if vector is None and session_only and served.snapshot is not None:

@@ -22,7 +22,9 @@ import numpy as np
 from railtower.settings import ExclusionSettings, ExplorationSettings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.engine import compute
 from ranking.exploration import ArmStats, Explored, explore
+from ranking.rail_inputs import rail_query
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailRequest
@@ -81,23 +83,15 @@ def build_query(
     context = request.context.key() if request.context else None
     if context is None and snapshot is not None:
         context = snapshot.context
-    if anchor is not None:
-        exclude = frozenset([anchor])
-    elif cart:
-        exclude = frozenset(cart)
-    else:  # the hero rail is for discovery: nothing the shopper already saw
-        exclude = frozenset(items)
-    exclude |= frozenset(request.exclude)
     purchased = snapshot.purchased if snapshot is not None else {}
-    exclude |= purchased_items(events, purchased, rail, exclusions)
-    return Query(
-        session_items=items,
-        session_types=tuple(e.event_type for e in events),
-        session_times=tuple(e.time_s for e in events) if events else (),
-        context=context,
-        anchor=anchor,
-        cart=cart,
-        exclude=exclude,
+    return rail_query(
+        anchor,
+        cart,
+        items,
+        [e.event_type for e in events],
+        [e.time_s for e in events],
+        context,
+        also_exclude=[*request.exclude, *purchased_items(events, purchased, rail, exclusions)],
     )
 
 
@@ -149,7 +143,7 @@ def run_stages(
     trace: Trace,
     length: int | None = None,
 ) -> StageOutput:
-    """Fused candidates -> re-ranker -> MMR -> rules for one request whose vector is known.
+    """The engine's stages (ranking.engine.compute) for one request whose vector is known.
 
     Args:
         vector: (D,) session vector for the tower source; None keeps the pipeline's own.
@@ -162,18 +156,24 @@ def run_stages(
     sources: dict[str, CandidateSource] = dict(pipeline.sources)
     if loaded.towers is not None and vector is not None:
         sources["two_tower"] = VectorTowerSource(loaded.towers, vector)
-    since = time.perf_counter()
-    # deals_for_you draws its own candidates (the current deals): the rail decides
-    table = pipeline.candidate_table([query], sources, rail)
-    since = trace.lap("candidates", since)
-    scores = rank(table)
-    since = trace.lap("ranker", since)
-    ranked = CandidateTable(table.frame.assign(ranker=scores), 1).ranked("ranker")[0]
-    diversified = pipeline.diversify(ranked, pipeline.settings.mmr_lambda, slots)
-    since = trace.lap("mmr", since)
-    ruled = pipeline.explain_rules(rail, diversified, query, length or slots, slots)
-    trace.lap("rules", since)
-    return StageOutput(ruled.outcome.candidates, diversified, table, ranked, ruled)
+    done = compute(
+        pipeline,
+        rail,
+        [query],
+        sources=sources,
+        rank=lambda table, _queries: rank(table),
+        slots=slots,
+        length=length or slots,
+        timings=trace.timings,
+    )
+    ruled = done.ruled[0]  # type: ignore[index]
+    return StageOutput(
+        ruled.outcome.candidates,
+        done.diversified[0],  # type: ignore[index]
+        done.table,
+        done.ranked[0],  # type: ignore[index]
+        ruled,
+    )
 
 
 # ------------------------------------------------------------------ the exploration slot

@@ -89,13 +89,29 @@ def session_vector(
     degraded: list[str] = []
     if cached is not None and cached.shape == (towers.item_vectors.shape[1],):
         return VectorResult(cached, "redis", degraded)
-    inputs = towers.session_inputs([history], [context])
+    vectors, source, degraded = encode_sessions(
+        towers, [history], [context], triton, triton_version
+    )
+    return VectorResult(vectors[0], source, degraded)
+
+
+def encode_sessions(
+    towers: TowerBundle,
+    histories: Sequence[Sequence[HistoryEvent]],
+    contexts: Sequence[str | None],
+    triton: TritonUserTower | None,
+    triton_version: str = "",
+) -> tuple[np.ndarray, str, list[str]]:
+    """(B, D) vectors of many sessions in one call: Triton when it answers in time, else the
+    bundle's in-process tower. Returns (vectors, "triton" | "in_process", degradations)."""
+    degraded: list[str] = []
+    inputs = towers.session_inputs(histories, contexts)
     if triton is not None:
         try:
-            return VectorResult(triton.encode(inputs, triton_version)[0], "triton", degraded)
+            return triton.encode(inputs, triton_version), "triton", degraded
         except Exception as exc:  # noqa: BLE001 - Triton down or slow: degrade, never fail
             degraded.append(f"triton unavailable ({type(exc).__name__}): in-process tower")
-    return VectorResult(towers.encode_inputs(inputs)[0], "in_process", degraded)
+    return towers.encode_inputs(inputs), "in_process", degraded
 
 
 class VectorTowerSource:

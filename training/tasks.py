@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from railtower.settings import DatasetSpec, EvaluationSettings, RailName
+from ranking.rail_inputs import rail_query
 from ranking.retriever import Query
 from towers.session_features import context_column
 
@@ -116,12 +117,11 @@ def _hero_case(
     session_id: str, base: Query, items: list[str], types: list[str], t: int
 ) -> EvalCase:
     seen = frozenset(items[:t])
-    query = replace(
-        base,
-        session_items=tuple(items[:t]),
-        session_types=tuple(types[:t]),
+    query = rail_query(
+        session_items=items[:t],
+        session_types=types[:t],
         session_times=base.session_times[:t],
-        exclude=seen,
+        context=base.context,
     )
     followed = strongest(items[t:], types[t:], seen)
     return EvalCase(session_id, query, frozenset([items[t]]), len(seen), followed)
@@ -158,14 +158,7 @@ def _pdp_cases(
     for anchor, targets, at in candidates:
         sequence = spec.session_kind == "sequence"
         cut = at if sequence else 0
-        query = Query(
-            tuple(items[:cut]),
-            tuple(types[:cut]),
-            tuple(times[:cut]),
-            context,
-            anchor=anchor,
-            exclude=frozenset([anchor]),
-        )
+        query = rail_query(anchor, (), items[:cut], types[:cut], times[:cut], context)
         later = (items[at + 1 :], types[at + 1 :]) if sequence else (items, types)
         followed = strongest(*later, frozenset([anchor]))
         yield EvalCase(
@@ -189,9 +182,7 @@ def _cart_cases(
         cut = int(rng.integers(1, len(basket)))
         cart = tuple(basket[:cut])
         when = (_times(frame)[0],) * len(cart)
-        query = Query(
-            cart, ("cart",) * len(cart), when, _context(frame), cart=cart, exclude=frozenset(cart)
-        )
+        query = rail_query(None, cart, cart, ("cart",) * len(cart), when, _context(frame))
         followed = strongest(items, types, frozenset(cart))
         yield EvalCase(session_id, query, frozenset(basket[cut:]), len(cart), followed)
         return
@@ -206,13 +197,8 @@ def _cart_cases(
             later = {i for i, k in zip(items[t + 1 :], types[t + 1 :], strict=True) if k in strong}
             targets = frozenset(later - set(cart))
             if targets:
-                query = Query(
-                    tuple(items[: t + 1]),
-                    tuple(types[: t + 1]),
-                    tuple(times[: t + 1]),
-                    context,
-                    cart=tuple(cart),
-                    exclude=frozenset(cart),
+                query = rail_query(
+                    None, cart, items[: t + 1], types[: t + 1], times[: t + 1], context
                 )
                 followed = strongest(items[t + 1 :], types[t + 1 :], frozenset(cart))
                 yield EvalCase(session_id, query, targets, len(cart), followed)

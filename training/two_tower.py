@@ -18,16 +18,21 @@ train on the same negatives and the same gradient as one process drawing W*B exa
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, replace
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_only
 
+from railtower.logs import get_logger
 from railtower.settings import TrainingSettings
 from towers.item_features import ItemFeatures
 from towers.item_tower import ItemTower, ItemTowerConfig
 from towers.user_tower import UserTower, UserTowerConfig
+
+log = get_logger(__name__)
 
 
 class TwoTowerModule(pl.LightningModule):
@@ -68,6 +73,7 @@ class TwoTowerModule(pl.LightningModule):
         self.register_buffer("log_q", log_q, persistent=False)
         self.recall_k = recall_k
         self._table: torch.Tensor | None = None
+        self._started = time.perf_counter()
         self._on_device: ItemFeatures | None = None
 
     # ----------------------------------------------------------------- vectors
@@ -260,3 +266,23 @@ class TwoTowerModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._table = None
+        if self.trainer.sanity_checking or rank_zero_only.rank != 0:
+            return
+        # Progress in the log, not only on a terminal's progress bar: a nightly run on a
+        # machine nobody watches must say how far it got and whether it still improves.
+        metrics = self.trainer.callback_metrics
+        log.info(
+            "tower epoch",
+            epoch=self.current_epoch,
+            of=self.trainer.max_epochs,
+            train_loss=_rounded(metrics.get("train_loss")),
+            **{f"val_recall@{self.recall_k}": _rounded(metrics.get(f"val_recall@{self.recall_k}"))},
+            seconds=round(time.perf_counter() - self._started, 1),
+        )
+
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
+
+def _rounded(value: torch.Tensor | None) -> float | None:
+    return None if value is None else round(float(value), 4)
