@@ -49,7 +49,7 @@ from devstack.local_services import (
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 CONFIGS = ("1 worker", "2 workers", "2 processes + nginx")

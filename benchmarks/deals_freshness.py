@@ -43,7 +43,7 @@ from serving.api_models import RailRequest
 from serving.app import production_pointer
 from serving.metrics import Metrics
 from serving.service import RailService
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
 

@@ -33,7 +33,7 @@ from devstack.local_services import LocalServer, api_command, free_port, redis_s
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"

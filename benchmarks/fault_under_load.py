@@ -39,7 +39,7 @@ import orjson
 from benchmarks.live_stack import Stack, private_artifacts, start_stack
 from devstack.local_services import LocalServer
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"

@@ -46,8 +46,8 @@ from railtower.datasets import load_dataset
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import LoadedRails, load_rails
-from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower, VectorTowerSource
+from state.session_store import SessionStore
 from training.parity import (
     TOLERANCE,
     held_out_cases,

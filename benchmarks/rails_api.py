@@ -50,9 +50,9 @@ from ranking.business_features import build_features
 from ranking.retriever import Query
 from serving.app import production_pointer
 from serving.rail_service import load_rails
-from serving.session_store import SessionStore
 from serving.stages import Trace, in_process_vector, rules_length, run_stages
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"

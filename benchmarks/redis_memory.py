@@ -5,7 +5,7 @@ Usage:
     python -m benchmarks.redis_memory             # 10,000 sessions (a few minutes)
     python -m benchmarks.redis_memory --quick     # 300 sessions: checks that it works
 
-Writes, through the serving code (serving/session_store.py), N sessions whose contents are
+Writes, through the serving code (state/session_store.py), N sessions whose contents are
 real REES46 data: events at the configured `serving.session_events` (item ids, event types
 and times cycled from real sessions, 16-hex event ids, UUID session ids, a device context),
 a float32 vector at `towers.dim` under a realistic model version, a pre-warmed homepage rail
@@ -41,9 +41,9 @@ from devstack.local_services import LocalServer, free_port, redis_cluster, redis
 from railtower.datasets import load_dataset
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from ranking.candidates import Candidate
-from serving.redis_client import connect_url
-from serving.service import _rail_payload  # the cached rail exactly as serving stores it
-from serving.session_store import SessionStore
+from serving.rail_cache import rail_payload  # the cached rail exactly as serving stores it
+from state.redis_client import connect_url
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
@@ -120,7 +120,7 @@ def measure_memory(
                 Candidate(str(rng.choice(catalogue)), float(rng.random())) for _ in range(slots)
             ]
             store.put_rail(
-                s["session_id"], VERSION, "homepage_hero", _rail_payload("50", items, None)
+                s["session_id"], VERSION, "homepage_hero", rail_payload("50", items, None)
             )
 
     grown = {

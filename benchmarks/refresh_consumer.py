@@ -44,8 +44,8 @@ from serving.app import production_pointer
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService
-from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 from streaming.consumer import BatchReport, RefreshConsumer
 from streaming.topics import ensure_topics
 

@@ -43,7 +43,7 @@ from devstack.local_services import (
 )
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.rail_service import load_rails
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 WORK = PROJECT_ROOT / ".cache" / "railtower" / "bench-shadow"

@@ -42,8 +42,8 @@ from ranking.rails_bundle import RULES
 from ranking.rule_set import RuleSet
 from serving.api_models import RailRequest
 from serving.rail_service import LoadedRails, load_rails
-from serving.session_store import SessionSnapshot, SessionStore
 from serving.stages import build_query
+from state.session_store import SessionSnapshot, SessionStore
 from towers.session_features import HistoryEvent
 from training.promotion import promote
 

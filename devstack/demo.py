@@ -33,7 +33,7 @@ from railtower.schemas import Event, encode
 from railtower.settings import Settings, load_dataset_spec
 from ranking.rails_bundle import RailsBundle
 from serving.app import build_service, production_pointer
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
 from towers.session_features import HistoryEvent

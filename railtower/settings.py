@@ -512,7 +512,7 @@ class ServingSettings(_Section):
     # not completed a pass for this long (at least three of its intervals).
     watch_stale_s: float = Field(30.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6390/0"
-    # single: redis_url is one Redis. cluster: Redis Cluster (serving/redis_client.py);
+    # single: redis_url is one Redis. cluster: Redis Cluster (state/redis_client.py);
     # redis_url names one node (database 0 only), redis_cluster_nodes more "host:port"
     # startup nodes, so the client can discover the cluster while any one of them answers.
     redis_mode: Literal["single", "cluster"] = "single"
@@ -530,7 +530,7 @@ class ServingSettings(_Section):
     # Instances and dynamic batching of the user tower in Triton (written by the export).
     triton: TritonModelSettings = TritonModelSettings()
     max_slots: int = Field(50, ge=1)
-    # Price observations the Redis price stream keeps (serving/price_store.py), newest last.
+    # Price observations the Redis price stream keeps (state/price_store.py), newest last.
     price_points_max: int = Field(1_000_000, ge=1)
     # maxmemory of the Redis devstack/local_services.py starts (MiB; 0 = unlimited), with
     # maxmemory-policy volatile-ttl (the reasoning is in local_services.redis_server).

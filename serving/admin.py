@@ -16,7 +16,7 @@ version is also kept under `history/`), so every API process on these artifacts 
 from the file within a second (`PublishedRules.sync`, called by serving.app's watch loop).
 A published rule set replaces the bundle's own rules, including in bundles promoted later.
 Pre-warmed rails computed under other rules are not served once it is in force: the rules'
-version is part of the rail marker (serving.session_store), so they are recomputed.
+version is part of the rail marker (state.session_store), so they are recomputed.
 
 Promotion runs the offline gate in a child process (`railtower promote --json`, see
 `promote_in_child`); rollback moves the pointer in this process (railtower.production),
@@ -55,7 +55,7 @@ from ranking.rule_set import RuleSet, load_rule_set
 from serving.metrics import Metrics
 from serving.security import require_admin
 from serving.service import BadRequest, RailService
-from serving.session_store import Deletion, SessionStore
+from state.session_store import Deletion, SessionStore
 
 log = get_logger(__name__)
 

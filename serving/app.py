@@ -42,10 +42,10 @@ from serving.security import (
     require_explain_key,
 )
 from serving.service import BadRequest, RailService
-from serving.session_store import SessionStore
 from serving.shadow import ShadowRunner, build_shadow
 from serving.shadow_routes import shadow_router
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 
 log = get_logger(__name__)
 

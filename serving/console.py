@@ -26,7 +26,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -66,9 +65,7 @@ OPTIONAL_ROUTES = {
 }
 # The rails a session's own events define (its page: last item; its cart: carted items).
 PREVIEW_RAILS = ("homepage_hero", "pdp_fbt", "cart_upsell")
-_EVENTS_KEYS = "rt:{s:*}:events"  # serving/session_store.py's key layout
 _NUMERIC_CATEGORY = re.compile(r"^(category-)?\d+$")
-_SESSION_OF_KEY = re.compile(rb"^rt:\{s:(.+)\}:events$")
 
 
 # ------------------------------------------------------------------------------ the bodies
@@ -345,29 +342,16 @@ def recent_sessions(service: RailService, limit: int) -> list[SessionView]:
     if store is None:
         raise BadRequest(503, "no Redis configured: sessions live there")
     try:
-        keys = []
-        for key in store.client.scan_iter(match=_EVENTS_KEYS, count=500):
-            keys.append(key)
-            if len(keys) >= 20 * limit:
-                break
-        pipe = store.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.lrange(key, 0, -1)
-        lists = pipe.execute()
+        sessions = store.scan_sessions(20 * limit)
     except redis.RedisError as exc:
         raise BadRequest(503, f"Redis is not answering ({type(exc).__name__})") from None
     views = []
-    for key, raw_events in zip(keys, lists, strict=True):
-        match = _SESSION_OF_KEY.match(key)
-        if match is None or not raw_events:
-            continue
-        events = [orjson.loads(raw) for raw in raw_events]
-        history = [HistoryEvent(e["item_id"], e["event_type"], e["time_s"]) for e in events]
+    for session_id, history in sessions:
         last, cart = session_targets(history, loaded.catalogue.index)
         newest = max(e.time_s for e in history)
         views.append(
             SessionView(
-                session_id=match.group(1).decode(),
+                session_id=session_id,
                 events=len(history),
                 last_event_at=datetime.fromtimestamp(newest, UTC) if newest > 0 else None,
                 last_item=last,

@@ -42,7 +42,7 @@ from railtower.logs import get_logger
 from railtower.schemas import Impression, encode
 from railtower.settings import Settings, StreamingSettings
 from serving.metrics import Metrics
-from serving.redis_client import RedisClient
+from state.redis_client import RedisClient
 
 log = get_logger(__name__)
 

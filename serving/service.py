@@ -24,29 +24,28 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import redis
 
-from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.settings import RAILS, Settings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
-from ranking.engine import compute, fallback
+from ranking.engine import fallback
 from ranking.exploration import Explored, InMemoryArmStats
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
 from ranking.rails import RuledSlots
-from ranking.retriever import CandidateSource, Query
-from ranking.rules import explain_rules, ineligible
+from ranking.retriever import Query
+from ranking.rules import explain_rules
 from serving.api_models import Provenance, RailItem, RailRequest, RailResponse, ServedBy
 from serving.metrics import Metrics
-from serving.price_store import PriceFollower, PriceStore, price_points_ttl_s
+from serving.prewarm import prewarm
 from serving.provenance import Origin, explain_slots
-from serving.rail_service import LoadedRails, load_rails
-from serving.session_store import SessionSnapshot, SessionStore
+from serving.rail_cache import cached_rail, rail_payload
+from serving.rail_service import LoadedRails
+from serving.served_model import CatalogueWatcher, ServedModel
 from serving.stages import (
     StageOutput,
     Trace,
@@ -59,11 +58,9 @@ from serving.stages import (
 )
 from serving.user_vectors import (
     TritonUserTower,
-    VectorTowerSource,
-    encode_sessions,
     session_vector,
 )
-from towers.session_features import HistoryEvent, history_of
+from state.session_store import SessionSnapshot, SessionStore
 
 log = get_logger(__name__)
 
@@ -96,15 +93,13 @@ class ServedRequest:
     explored: Explored | None = None
 
 
-class ServedObserver(Protocol):
+class ServedObserver(CatalogueWatcher, Protocol):
     """Sees every served request after its answer is computed (serving.shadow.ShadowRunner).
 
     `observe` runs on the request thread: it must only hand work off, never compute.
     """
 
     def observe(self, served: ServedRequest) -> None: ...
-
-    def catalogue_changed(self, item_id: str, price: float | None, stock: int | None) -> None: ...
 
 
 @dataclass
@@ -119,8 +114,9 @@ class _Answer:
     ruled: RuledSlots | None = None
 
 
-class RailService:
-    """The served model, its state stores, and the request path over them."""
+class RailService(ServedModel):
+    """The request path over the served model (serving.served_model.ServedModel: loading,
+    hot swaps, catalogue and prices) and its state stores."""
 
     def __init__(
         self,
@@ -130,174 +126,22 @@ class RailService:
         triton: TritonUserTower | None,
         metrics: Metrics,
     ) -> None:
-        self.settings, self.loaded, self.store, self.triton = settings, loaded, store, triton
-        self.metrics = metrics
+        super().__init__(settings, loaded, store, triton, metrics)
         self.budgets = settings.serving.budgets
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ranker")
         self._ranker_jobs = 0  # submitted to the pool and not finished (ranker_queue)
         self._ranker_jobs_lock = threading.Lock()
-        self._swap_lock = threading.Lock()
-        self.source: Path | None = None
-        self._catalogue_version = 0
-        # Price observations the consumer published (serving.price_store): deals and the
-        # re-ranker's price-history features follow them.
-        self.prices = (
-            None
-            if store is None
-            else PriceFollower(
-                PriceStore(
-                    store.client,
-                    settings.serving.price_points_max,
-                    settings.serving.state_ttl_s,
-                    price_points_ttl_s(settings),
-                )
-            )
-        )
         # Impression logging and shadow traffic (serving.shadow); set by serving.app.
         self.observer: ServedObserver | None = None
         # Thompson's click / impression counts per item: in memory, per process, for now
         # (nothing feeds clicks back yet, so Thompson samples from its priors alone).
         self.arm_stats = InMemoryArmStats({}, {})
 
-    # ------------------------------------------------------------------ model lifecycle
-
-    @property
-    def ready(self) -> bool:
-        """Ready when a model (index, rankers, rules) is loaded."""
-        return self.loaded is not None
-
-    def load(self, folder: Path) -> bool:
-        """Load `folder` and swap it in; on failure keep serving the last good model.
-
-        Returns True when the new model is now served.
-        """
-        with self._swap_lock:
-            try:
-                fresh = load_rails(folder, self.settings)
-            except (ArtifactMismatch, OSError, ValueError) as exc:
-                self.metrics.errors.labels(kind="bundle_load").inc()
-                log.error(
-                    "bundle not loaded; keeping the current model",
-                    folder=str(folder),
-                    error=str(exc),
-                    serving=None if self.loaded is None else self.loaded.version,
-                )
-                return False
-            _warm_up(fresh, self.triton)
-            # the stock and prices this process has applied hold for the new model too: an
-            # item out of stock must not come back because the bundle changed
-            self._carry_catalogue(fresh)
-            self.loaded, self.source = fresh, folder.resolve()
-            self.metrics.model_info.info({"version": fresh.version})
-            log.info("serving model", version=fresh.version, folder=str(folder))
-            return True
-
-    def reload_if_moved(self, pointer: Path) -> bool:
-        """Hot-swap when the production pointer now names another bundle."""
-        if not pointer.exists() or pointer.resolve() == self.source:
-            return False
-        return self.load(pointer)
-
-    def _carry_catalogue(self, fresh: LoadedRails) -> None:
-        """Apply every published price/stock change to a model about to be swapped in; if
-        Redis cannot say, the next catalogue sync replays them all (version reset)."""
-        if self.store is None:
-            return
-        try:
-            version, changes = self.store.catalogue_changes(-1)
-        except redis.RedisError:
-            self._catalogue_version = -1
-            return
-        for item_id, change in changes.items():
-            _apply_change(fresh, item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
-        self._catalogue_version = version
-
-    def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
-        """Apply a price/stock change to the served model's item attributes.
-
-        Returns False for an item the model does not know (it cannot be recommended anyway).
-        """
-        if self.observer is not None:  # a shadowed challenger must see the same stock
-            self.observer.catalogue_changed(item_id, price, stock)
-        loaded = self.loaded
-        return loaded is not None and _apply_change(loaded, item_id, price, stock)
-
-    def sync_catalogue(self) -> int:
-        """Pull the catalogue changes other processes published to Redis; return how many."""
-        if self.store is None:
-            return 0
-        try:
-            version, changes = self.store.catalogue_changes(self._catalogue_version)
-            if self.prices is not None:
-                self.prices.sync(self.loaded)
-        except redis.RedisError:
-            return 0  # Redis down: keep the attributes we have
-        for item_id, change in changes.items():
-            self.apply_catalogue_change(item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
-        self._catalogue_version = version
-        return len(changes)
-
     def prewarm(self, session_ids: Sequence[str], users: Mapping[str, str] | None = None) -> int:
-        """Recompute and store the session vector and homepage rail of many sessions at once.
-
-        The streaming consumer's path: one encoder call and one pipeline pass for the whole
-        micro-batch instead of a request per session; the same stages, rules and markers as
-        `serve`, so the API then answers these sessions from the cache. `users` names the
-        user of a session, whose purchases across sessions the rail then excludes (a request
-        filters a cached rail by its own user's purchases anyway). Returns how many rails
-        were stored. Raises redis.RedisError if Redis is down (nothing is committed).
-        """
-        users = users or {}
-        loaded, store = self.loaded, self.store
-        if loaded is None or store is None or not session_ids:
-            return 0
-        pipeline, slots = loaded.pipeline, self.settings.evaluation.slots
-        snapshots = [store.snapshot(s, loaded.version, None, users.get(s)) for s in session_ids]
-        exclusions = self.settings.serving.exclusions
-        queries = [
-            build_query(
-                RailRequest(session_id=s, user_id=users.get(s), slots=slots),
-                snap,
-                (None, ()),
-                "homepage_hero",
-                exclusions,
-            )
-            for s, snap in zip(session_ids, snapshots, strict=True)
-        ]
-        sources: dict[str, CandidateSource] = dict(pipeline.sources)
-        vectors = None
-        if loaded.towers is not None:
-            histories = [
-                history_of(q.session_items, q.session_types, q.session_times) for q in queries
-            ]
-            vectors, _, degraded = encode_sessions(
-                loaded.towers,
-                histories,
-                [q.context for q in queries],
-                self.triton,
-                loaded.towers.triton_version,
-            )
-            if degraded:
-                self.metrics.fallbacks.labels(reason="triton").inc()
-            sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
-        length = rules_length(self.settings.ranking.exploration, slots)
-        done = compute(
-            pipeline, "homepage_hero", queries, sources=sources, slots=slots, length=length
-        )
-        for n, (session_id, snap, ruled) in enumerate(
-            zip(session_ids, snapshots, done.ruled, strict=True)  # type: ignore[arg-type]
-        ):
-            items = ruled.outcome.candidates
-            # The exploration draw happens here, at warm time, seeded as the API would seed
-            # it for this state; the cached rail keeps its propensities (see _from_cache).
-            request = RailRequest(session_id=session_id, slots=slots)
-            explored = self._explore("homepage_hero", request, snap, items)
-            items = explored.items if explored is not None else items
-            if vectors is not None:
-                store.put_vector(session_id, loaded.version, vectors[n], snap.marker)
-            payload = _rail_payload(snap.marker, items, explored)
-            store.put_rail(session_id, loaded.version, "homepage_hero", payload)
-        return len(session_ids)
+        """Store the session vector and homepage rail of many sessions at once (the refresh
+        consumer's path; serving.prewarm). Returns how many rails were stored. Raises
+        redis.RedisError if Redis is down (nothing is committed)."""
+        return prewarm(self, session_ids, users)
 
     # ------------------------------------------------------------------ the request path
 
@@ -353,7 +197,7 @@ class RailService:
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
             ruled = fallback(loaded.pipeline, rail, query, request.slots)
             return _Answer("fallback", ruled.outcome.candidates, ruled=ruled)
-        explored = self._explore(rail, request, snapshot, output.slots)
+        explored = self.explore(rail, request, snapshot, output.slots)
         items = explored.items if explored is not None else output.slots
         # A rail computed under the request's own exclusions is that request's alone: caching
         # it would hide those items from the session's next plain request.
@@ -361,7 +205,7 @@ class RailService:
             self._write_cache(request, loaded, snapshot, items, trace, explored)
         return _Answer("computed", items, output.before_rules, vector, explored, output)
 
-    def _explore(
+    def explore(
         self,
         rail: str,
         request: RailRequest,
@@ -460,41 +304,12 @@ class RailService:
         loaded: LoadedRails,
         trace: Trace,
     ) -> tuple[list[Candidate], Explored | None] | None:
-        """The pre-warmed rail, and its exploration draw when it was warmed with one.
-
-        The exploration slot is drawn when the rail is computed (request or warm time) and
-        the draw is stored with the rail, so a cached answer shows exactly what the stored
-        propensities describe. A cached rail that explored and lost an item since (out of
-        stock, blocked, excluded by the request) is recomputed instead: the slots would
-        shift under the logged propensity. So is one left with fewer items than slots.
-        """
-        payload = snapshot.rail or {}  # the store returns it only if computed from this state
-        stored = payload.get("items", [])
-        # What the query excludes now, or went out of stock or got blocked since the rail was
-        # warmed, leaves it at once: the same judgement as the rules stage, without re-ranking.
-        pipeline = loaded.pipeline
-        removed = ineligible(
-            [i["item_id"] for i in stored],  # type: ignore[union-attr]
-            pipeline.rules,
-            pipeline.attributes,
-            rail,
-            pipeline.request_time(query),
-            query.exclude,
-        )
-        items = [i for i in stored if i["item_id"] not in removed]  # type: ignore[union-attr]
-        if len(items) < request.slots:
-            return None
-        explored = _stored_exploration(payload, request.slots)
-        if "exploration" in payload and (len(items) < len(stored) or explored is None):  # type: ignore[arg-type]
-            return None
-        self.metrics.cache_hits.inc()
-        trace.vector_source = "cache"
-        top = [Candidate(i["item_id"], float(i["score"])) for i in items[: request.slots]]
-        if explored is not None:
-            explored = Explored(
-                top, explored.slot, explored.choice_set, explored.chosen, explored.probabilities
-            )
-        return top, explored
+        """The pre-warmed rail still valid for this request (serving.rail_cache), counted."""
+        cached = cached_rail(snapshot.rail or {}, loaded.pipeline, rail, query, request.slots)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            trace.vector_source = "cache"
+        return cached
 
     def _compute(
         self,
@@ -588,7 +403,7 @@ class RailService:
     ) -> None:
         if not snapshot.events:
             return  # as for the vector: an unknown session id leaves nothing behind
-        payload = _rail_payload(snapshot.marker, items, explored)
+        payload = rail_payload(snapshot.marker, items, explored)
         try:
             self.store.put_rail(request.session_id, loaded.version, "homepage_hero", payload)  # type: ignore[union-attr]
         except redis.RedisError:
@@ -675,56 +490,6 @@ class RailService:
         )
 
 
-def _rail_payload(
-    marker: str, items: Sequence[Candidate], explored: Explored | None
-) -> dict[str, object]:
-    """The cached rail: its items and, when the exploration slot drew, that draw."""
-    payload: dict[str, object] = {
-        "marker": marker,
-        "items": [{"item_id": c.item_id, "score": c.score} for c in items],
-    }
-    if explored is not None and explored.slot is not None:
-        payload["exploration"] = {
-            "slot": explored.slot,
-            "choice_set": explored.choice_set,
-            "probabilities": [explored.probabilities[i] for i in explored.choice_set],
-        }
-    return payload
-
-
-def _stored_exploration(payload: dict[str, object], slots: int) -> Explored | None:
-    """The exploration draw stored with a cached rail (its items are set by the caller); None
-    when the rail was warmed without one or for a different number of slots."""
-    stored = payload.get("exploration")
-    if not isinstance(stored, dict):
-        return None
-    items = payload.get("items", [])
-    slot = int(stored["slot"])
-    if slot >= slots or len(items) != slots:  # type: ignore[arg-type]
-        return None  # warmed for another slot count: the draw was over another cut
-    choice = [str(i) for i in stored["choice_set"]]
-    chosen = str(items[slot]["item_id"])  # type: ignore[index]
-    probabilities = dict(zip(choice, map(float, stored["probabilities"]), strict=True))
-    return Explored([], slot, choice, chosen, probabilities)
-
-
-def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
-    """Run each rail once before the model takes traffic: the first LightGBM, TorchScript and
-    Triton calls are several times slower than the rest, and no shopper should pay for them."""
-    item = str(loaded.catalogue.ids[0])
-    if triton is not None and loaded.towers is not None:
-        inputs = loaded.towers.session_inputs([[HistoryEvent(item, "view", 0.0)]], [None])
-        try:
-            triton.encode(inputs, loaded.towers.triton_version)
-        except Exception:  # noqa: BLE001 - Triton may come up later; requests fall back meanwhile
-            log.warning("triton not answering at load; requests use the in-process tower")
-    for rail in RAILS:
-        anchor, cart = rail_parts(rail, item, [item] if RAIL_INPUTS[rail].cart else [])
-        session = () if anchor or cart else (item,)
-        query = rail_query(anchor, cart, session, ("view",) * len(session))
-        compute(loaded.pipeline, rail, [query])
-
-
 def last_resort(
     loaded: LoadedRails,
     rail: str,
@@ -746,18 +511,3 @@ def last_resort(
         order = stats.item_ids[np.argsort(-stats.popularity, kind="stable")].tolist()
         items = [i for i in order if i not in exclude][: request.slots]
         return [Candidate(item, -float(k)) for k, item in enumerate(items)]
-
-
-def _apply_change(
-    loaded: LoadedRails, item_id: str, price: float | None, stock: int | None
-) -> bool:
-    """A price/stock change on one model's item attributes and the price its ranker reads;
-    False for an item the model does not know (it cannot be recommended anyway)."""
-    if item_id not in loaded.pipeline.attributes:
-        return False
-    loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
-    if price is not None:
-        # the re-ranker's price features read the item statistics: keep them current too
-        stats = loaded.pipeline.stats
-        stats.price[stats.row[item_id]] = price
-    return True

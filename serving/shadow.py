@@ -44,9 +44,9 @@ from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
-from serving.redis_client import connect
 from serving.service import ServedRequest
 from serving.stages import Trace, in_process_vector, run_stages
+from state.redis_client import connect
 
 log = get_logger(__name__)
 

@@ -29,8 +29,8 @@ from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailRequest
 from serving.rail_service import LoadedRails
-from serving.session_store import SessionSnapshot
 from serving.user_vectors import VectorTowerSource, session_vector
+from state.session_store import SessionSnapshot
 from towers.session_features import HistoryEvent, history_of
 
 
@@ -103,7 +103,7 @@ def purchased_items(
 ) -> frozenset[str]:
     """Items the shopper purchased within the window, on the rails configured for it: in
     this session's events, and in the user's purchases across sessions (item -> time, kept
-    by the consumer when the request names the user; serving.session_store).
+    by the consumer when the request names the user; state.session_store).
 
     The window ends at the session's newest event, the clock the rules are judged by
     (RailPipeline.request_time), so a replayed session is treated as it was live; a session

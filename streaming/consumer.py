@@ -7,7 +7,7 @@ One micro-batch (`step`):
    original bytes (flushed before anything is committed: a rejected message is kept too);
 3. append each session's new events to Redis (idempotent by event id, atomic), publish
    catalogue changes (price, stock) for every API process, and append the batch's prices
-   (events' prices and price updates) to the price stream (serving.price_store, idempotent
+   (events' prices and price updates) to the price stream (state.price_store, idempotent
    by event / update id), then extend the served model's price history from it, so deals
    and the re-ranker's price features see them before the rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
@@ -37,10 +37,10 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -51,8 +51,8 @@ from kafka.errors import KafkaError
 from railtower.logs import get_logger
 from railtower.schemas import MalformedMessage, decode_catalogue_update, decode_event
 from railtower.settings import Settings
-from serving.price_store import PricePoint
-from serving.service import RailService
+from state.price_store import PricePoint
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 log = get_logger(__name__)
@@ -135,12 +135,33 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.member._membership("assigned", assigned)
 
 
+class RailRefresher(Protocol):
+    """What the consumer needs of the served model. The API's `RailService` is one (the CLI
+    hands it over), so streaming never imports serving: the two meet in the state they
+    share (state/) and the rail engine (ranking/)."""
+
+    store: SessionStore | None
+
+    def append_prices(self, points: Sequence[PricePoint]) -> int: ...
+
+    def sync_prices(self) -> int: ...
+
+    def prewarm(
+        self, session_ids: Sequence[str], users: Mapping[str, str] | None = None
+    ) -> int: ...
+
+    def apply_catalogue_change(
+        self, item_id: str, price: float | None, stock: int | None
+    ) -> bool: ...
+
+
 class RefreshConsumer:
     """One member of the refresh consumer group.
 
     Args:
         settings: the streaming section names the topics, the group and the batch size.
-        service: the loaded RailService whose store the events go to and which pre-warms.
+        service: the served model's refresher (serving.service.RailService, wired by the
+            CLI): its store takes the events, and it pre-warms the sessions they touch.
         member_id: this member's name (the Kafka client id); default host and PID.
         ledger: a file to append one JSON line per assignment, applied batch and commit.
     """
@@ -148,7 +169,7 @@ class RefreshConsumer:
     def __init__(
         self,
         settings: Settings,
-        service: RailService,
+        service: RailRefresher,
         member_id: str | None = None,
         ledger: Path | None = None,
     ) -> None:
@@ -271,12 +292,12 @@ class RefreshConsumer:
                 duplicates=report.duplicates,
             )
         if prices:
-            report.price_points = self.service.prices.store.append(prices)  # type: ignore[union-attr]
-        if report.records and self.service.prices is not None:
+            report.price_points = self.service.append_prices(prices)
+        if report.records:
             # the one path by which serving learns prices: this process reads the stream
             # like every API process does (before re-warming: rails see the new prices);
             # an idle poll touches no Redis
-            self.service.prices.sync(self.service.loaded)
+            self.service.sync_prices()
         # one encoder call and one pipeline pass for every touched session of the batch
         warm = touched + redelivered
         self.service.prewarm(warm, {s: min(users[s]) for s in warm if users.get(s)})

@@ -33,8 +33,8 @@ from ranking.bundle import TowerBundle
 from ranking.rails import RailPipeline
 from ranking.retriever import Query
 from serving.rail_service import LoadedRails
-from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower, VectorTowerSource
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent, history_of
 from training.bundle_eval import rebuild_cases
 from training.drift import encode_items

@@ -42,8 +42,8 @@ from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService
-from serving.session_store import SessionStore
 from serving.shadow import ShadowRunner
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 from training.shadow_eval import ShadowRun, run_shadow_report
 from training.split import split_events

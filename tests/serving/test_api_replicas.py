@@ -27,7 +27,7 @@ from devstack.local_services import (
     nginx_proxy,
     redis_server,
 )
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 SESSION = [("1005115", "view"), ("1004767", "view"), ("1005105", "cart")]

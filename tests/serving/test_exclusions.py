@@ -36,8 +36,8 @@ from serving.api_models import RailRequest
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService
-from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 pytestmark = pytest.mark.integration

@@ -25,9 +25,9 @@ from serving.app import create_app
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService
-from serving.session_store import SessionStore
 from serving.stages import in_process_vector
 from serving.user_vectors import VectorTowerSource
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,9 @@ from ranking.rule_set import load_rule_set
 from serving.api_models import RailRequest
 from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
+from serving.rail_cache import rail_payload, stored_exploration
 from serving.rail_service import load_rails
-from serving.service import RailService, _rail_payload, _stored_exploration
+from serving.service import RailService
 from serving.shadow import ShadowRunner
 
 PAGE = "1005115"  # a REES46 phone with co-cart neighbours
@@ -100,9 +101,9 @@ def test_explored_items_obey_blocks_stock_and_exclusions(explored_service):
 def test_a_cached_rail_keeps_its_draw():
     items = [Candidate(f"i{n}", 1.0 - n / 10) for n in range(4)]
     drawn = Explored(items, 2, ["g", "i2", "x"], "i2", {"g": 0.6, "i2": 0.2, "x": 0.2})
-    payload = _rail_payload("m", items, drawn)
-    back = _stored_exploration(payload, 4)
+    payload = rail_payload("m", items, drawn)
+    back = stored_exploration(payload, 4)
     assert back is not None and (back.slot, back.chosen) == (2, "i2")
     assert back.probabilities == drawn.probabilities
-    assert _stored_exploration(payload, 3) is None  # warmed for another cut: recompute
-    assert _stored_exploration(_rail_payload("m", items, None), 4) is None
+    assert stored_exploration(payload, 3) is None  # warmed for another cut: recompute
+    assert stored_exploration(rail_payload("m", items, None), 4) is None

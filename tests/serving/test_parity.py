@@ -22,9 +22,9 @@ from railtower.settings import ExclusionSettings
 from serving.api_models import RailRequest
 from serving.app import create_app
 from serving.rail_service import load_rails
-from serving.session_store import SessionStore
 from serving.stages import build_query, query_history
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 from training.examples import session_examples
 from training.parity import (

@@ -17,8 +17,8 @@ from devstack.local_services import LocalServer, free_port, redis_server, triton
 from serving.app import create_app
 from serving.metrics import Metrics
 from serving.service import RailService
-from serving.session_store import SessionStore
 from serving.user_vectors import TritonUserTower
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 SESSION = [("1005115", "view"), ("1004767", "view"), ("1005105", "cart")]

@@ -26,10 +26,11 @@ from railtower.settings import ServingSettings
 from serving.app import create_app
 from serving.console import recent_sessions
 from serving.metrics import Metrics
-from serving.price_store import PriceFollower, PricePoint, PriceStore
-from serving.redis_client import connect_url
+from serving.price_follower import PriceFollower
 from serving.service import RailService
-from serving.session_store import SessionStore
+from state.price_store import PricePoint, PriceStore
+from state.redis_client import connect_url
+from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 T0 = 1569890000.0

@@ -21,7 +21,6 @@ from railtower.settings import load_settings
 from serving.admin import PublishedRules, rule_errors
 from serving.app import create_app
 from serving.metrics import Metrics
-from serving.price_store import POINTS_KEY, PricePoint, PriceStore, price_points_ttl_s
 from serving.security import (
     BodyLimitMiddleware,
     ClientIdentity,
@@ -30,7 +29,8 @@ from serving.security import (
     require_admin,
 )
 from serving.service import RailService
-from serving.session_store import SessionStore
+from state.price_store import POINTS_KEY, PricePoint, PriceStore, price_points_ttl_s
+from state.session_store import SessionStore
 from tests.training.test_promotion import _bundle, record
 from towers.session_features import HistoryEvent
 

@@ -23,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from devstack.local_services import free_port, kafka_broker, redis_server
 from railtower.datasets import load_dataset
 from railtower.schemas import decode_event
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from streaming.consumer import read_ledger
 from streaming.local_group import (
     Member,

@@ -21,9 +21,10 @@ from ranking.retriever import Query
 from serving.api_models import RailRequest
 from serving.app import create_app
 from serving.metrics import Metrics
-from serving.price_store import PriceFollower, PricePoint, PriceStore
+from serving.price_follower import PriceFollower
 from serving.service import RailService
-from serving.session_store import SessionStore
+from state.price_store import PricePoint, PriceStore
+from state.session_store import SessionStore
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
 

@@ -18,7 +18,7 @@ from railtower.schemas import CatalogueUpdate, Event, MalformedMessage, decode_e
 from serving.api_models import RailRequest
 from serving.metrics import Metrics
 from serving.service import RailService
-from serving.session_store import SessionStore
+from state.session_store import SessionStore
 from streaming import consumer as consumer_module
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics

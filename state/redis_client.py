@@ -10,7 +10,7 @@ What every key layout relies on, and why it holds on a cluster:
 
 - A Lua script or MULTI touches keys of one slot only (else CROSSSLOT): the keys of one
   session share the hash tag `{s:<session>}`, the catalogue's `{catalogue}`, the price
-  stream's `{price}` (serving/session_store.py, serving/price_store.py).
+  stream's `{price}` (state/session_store.py, state/price_store.py).
 - Pipelines without MULTI may span slots: redis-py groups their commands by node, one
   round trip per node, so a session's snapshot (one slot) is one round trip.
 - SCAN visits every master (`RedisCluster.scan_iter`) and DEL of keys in several slots is

@@ -28,7 +28,7 @@ Every call has a socket timeout (the stage budget): a slow or absent Redis raise
 and the caller degrades.
 
 The same code runs on one Redis or on Redis Cluster (`serving.redis_mode`; the client comes
-from serving/redis_client.py, which says what holds on a cluster). Only one thing differs:
+from state/redis_client.py, which says what holds on a cluster). Only one thing differs:
 a cluster pipeline cannot carry a script, so there `append_events` writes the user's set
 and runs the script in two round trips instead of one.
 """
@@ -36,6 +36,7 @@ and runs the script in two round trips instead of one.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +45,11 @@ import numpy as np
 import orjson
 
 from railtower.settings import ServingSettings
-from serving.redis_client import RedisClient, connect, connect_url, is_cluster
+from state.redis_client import RedisClient, connect, connect_url, is_cluster
 from towers.session_features import HistoryEvent
+
+# what `_key(session, "events")` writes, read back by `scan_sessions`
+_SESSION_OF_KEY = re.compile(rb"^rt:\{s:(.+)\}:events$")
 
 # KEYS: events, seen, n. ARGV: max events, ttl, then (event id, payload) pairs.
 _APPEND = """
@@ -114,7 +118,7 @@ class SessionStore:
     """Redis-backed session state shared by the API (reads) and the consumer (writes).
 
     Args:
-        client: a single Redis URL, or a client from `serving.redis_client.connect` (one
+        client: a single Redis URL, or a client from `state.redis_client.connect` (one
             Redis or a cluster); `SessionStore.from_settings` builds it as configured.
         timeout_s: socket timeout of a URL's client (the request's Redis budget).
         purchase_ttl_s: keep each user's purchases (across sessions) this long, for the
@@ -172,6 +176,27 @@ class SessionStore:
 
     def ping(self) -> bool:
         return bool(self.client.ping())
+
+    def scan_sessions(self, max_keys: int) -> list[tuple[str, list[HistoryEvent]]]:
+        """Up to `max_keys` sessions with events, found by SCAN (never KEYS, so a large store
+        stays responsive), each with its events. Raises redis.RedisError if Redis is down."""
+        keys = []
+        for key in self.client.scan_iter(match=self._key("*", "events"), count=500):
+            keys.append(key)
+            if len(keys) >= max_keys:
+                break
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        found = []
+        for key, raw_events in zip(keys, pipe.execute(), strict=True):
+            match = _SESSION_OF_KEY.match(key)
+            if match is None or not raw_events:
+                continue
+            events = [orjson.loads(raw) for raw in raw_events]
+            history = [HistoryEvent(e["item_id"], e["event_type"], e["time_s"]) for e in events]
+            found.append((match.group(1).decode(), history))
+        return found
 
     def snapshot(
         self, session_id: str, version: str, rail: str | None, user_id: str | None = None
@@ -251,7 +276,7 @@ class SessionStore:
             if purchases:  # GT: a redelivered older purchase never moves the time back
                 pipe.zadd(self._purchases_key(user_id), purchases, gt=True)
                 pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)
-        if self.cluster:  # a cluster pipeline carries no script (serving/redis_client.py)
+        if self.cluster:  # a cluster pipeline carries no script (state/redis_client.py)
             if len(pipe):
                 pipe.execute()
             return int(self._append(keys=keys, args=args))
@@ -320,7 +345,7 @@ class SessionStore:
 
         One SCAN of the keyspace whatever the number of sessions (vectors and rails carry
         model versions, so their names cannot be listed in advance); on a cluster it visits
-        every master and the DELs go per slot (serving/redis_client.py). Events that arrive
+        every master and the DELs go per slot (state/redis_client.py). Events that arrive
         after the scan create new state: stop the sender first for a lasting deletion.
         """
         prefixes = {self._key(s, ""): s for s in dict.fromkeys(session_ids)}

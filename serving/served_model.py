@@ -1,0 +1,190 @@
+"""The model an API process serves, and what keeps it current: loading and hot swaps, the
+catalogue changes (stock, price) and the price stream other processes publish to Redis.
+
+The request path (serving.service.RailService) builds on it; the refresh consumer drives it
+through the same object (streaming.consumer.RailRefresher), so the consumer's process sees
+every change the API processes see.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from railtower.errors import ArtifactMismatch
+from railtower.logs import get_logger
+from railtower.settings import RAILS, Settings
+from ranking.engine import compute
+from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
+from serving.metrics import Metrics
+from serving.price_follower import PriceFollower
+from serving.rail_service import LoadedRails, load_rails
+from serving.user_vectors import TritonUserTower
+from state.price_store import PricePoint, PriceStore, price_points_ttl_s
+from state.session_store import SessionStore
+from towers.session_features import HistoryEvent
+
+log = get_logger(__name__)
+
+
+class CatalogueWatcher(Protocol):
+    """Sees every catalogue change this process applies (the shadow arms' challenger must
+    see the same stock as production)."""
+
+    def catalogue_changed(self, item_id: str, price: float | None, stock: int | None) -> None: ...
+
+
+class ServedModel:
+    """The served model and its state stores; swapped whole, never edited in place by a
+    request (each request reads `loaded` once)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedRails | None,
+        store: SessionStore | None,
+        triton: TritonUserTower | None,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.loaded, self.store, self.triton = settings, loaded, store, triton
+        self.metrics = metrics
+        self._swap_lock = threading.Lock()
+        self.source: Path | None = None
+        self._catalogue_version = 0
+        # Price observations the consumer published (state.price_store): deals and the
+        # re-ranker's price-history features follow them.
+        self.prices = (
+            None
+            if store is None
+            else PriceFollower(
+                PriceStore(
+                    store.client,
+                    settings.serving.price_points_max,
+                    settings.serving.state_ttl_s,
+                    price_points_ttl_s(settings),
+                )
+            )
+        )
+        self.observer: CatalogueWatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Ready when a model (index, rankers, rules) is loaded."""
+        return self.loaded is not None
+
+    def load(self, folder: Path) -> bool:
+        """Load `folder` and swap it in; on failure keep serving the last good model.
+
+        Returns True when the new model is now served.
+        """
+        with self._swap_lock:
+            try:
+                fresh = load_rails(folder, self.settings)
+            except (ArtifactMismatch, OSError, ValueError) as exc:
+                self.metrics.errors.labels(kind="bundle_load").inc()
+                log.error(
+                    "bundle not loaded; keeping the current model",
+                    folder=str(folder),
+                    error=str(exc),
+                    serving=None if self.loaded is None else self.loaded.version,
+                )
+                return False
+            _warm_up(fresh, self.triton)
+            # the stock and prices this process has applied hold for the new model too: an
+            # item out of stock must not come back because the bundle changed
+            self._carry_catalogue(fresh)
+            self.loaded, self.source = fresh, folder.resolve()
+            self.metrics.model_info.info({"version": fresh.version})
+            log.info("serving model", version=fresh.version, folder=str(folder))
+            return True
+
+    def reload_if_moved(self, pointer: Path) -> bool:
+        """Hot-swap when the production pointer now names another bundle."""
+        if not pointer.exists() or pointer.resolve() == self.source:
+            return False
+        return self.load(pointer)
+
+    def _carry_catalogue(self, fresh: LoadedRails) -> None:
+        """Apply every published price/stock change to a model about to be swapped in; if
+        Redis cannot say, the next catalogue sync replays them all (version reset)."""
+        if self.store is None:
+            return
+        try:
+            version, changes = self.store.catalogue_changes(-1)
+        except redis.RedisError:
+            self._catalogue_version = -1
+            return
+        for item_id, change in changes.items():
+            _apply_change(fresh, item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
+        self._catalogue_version = version
+
+    def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
+        """Apply a price/stock change to the served model's item attributes.
+
+        Returns False for an item the model does not know (it cannot be recommended anyway).
+        """
+        if self.observer is not None:  # a shadowed challenger must see the same stock
+            self.observer.catalogue_changed(item_id, price, stock)
+        loaded = self.loaded
+        return loaded is not None and _apply_change(loaded, item_id, price, stock)
+
+    def sync_catalogue(self) -> int:
+        """Pull the catalogue changes other processes published to Redis; return how many."""
+        if self.store is None:
+            return 0
+        try:
+            version, changes = self.store.catalogue_changes(self._catalogue_version)
+            if self.prices is not None:
+                self.prices.sync(self.loaded)
+        except redis.RedisError:
+            return 0  # Redis down: keep the attributes we have
+        for item_id, change in changes.items():
+            self.apply_catalogue_change(item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
+        self._catalogue_version = version
+        return len(changes)
+
+    def append_prices(self, points: Sequence[PricePoint]) -> int:
+        """Append price observations to the shared stream (the consumer's step); returns how
+        many were new. Raises redis.RedisError if Redis is down."""
+        return 0 if self.prices is None else self.prices.store.append(points)
+
+    def sync_prices(self) -> int:
+        """Follow the price stream into the served model; returns how many points were read.
+        Raises redis.RedisError if Redis is down."""
+        return 0 if self.prices is None else self.prices.sync(self.loaded)
+
+
+def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
+    """Run each rail once before the model takes traffic: the first LightGBM, TorchScript and
+    Triton calls are several times slower than the rest, and no shopper should pay for them."""
+    item = str(loaded.catalogue.ids[0])
+    if triton is not None and loaded.towers is not None:
+        inputs = loaded.towers.session_inputs([[HistoryEvent(item, "view", 0.0)]], [None])
+        try:
+            triton.encode(inputs, loaded.towers.triton_version)
+        except Exception:  # noqa: BLE001 - Triton may come up later; requests fall back meanwhile
+            log.warning("triton not answering at load; requests use the in-process tower")
+    for rail in RAILS:
+        anchor, cart = rail_parts(rail, item, [item] if RAIL_INPUTS[rail].cart else [])
+        session = () if anchor or cart else (item,)
+        query = rail_query(anchor, cart, session, ("view",) * len(session))
+        compute(loaded.pipeline, rail, [query])
+
+
+def _apply_change(
+    loaded: LoadedRails, item_id: str, price: float | None, stock: int | None
+) -> bool:
+    """A price/stock change on one model's item attributes and the price its ranker reads;
+    False for an item the model does not know (it cannot be recommended anyway)."""
+    if item_id not in loaded.pipeline.attributes:
+        return False
+    loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
+    if price is not None:
+        # the re-ranker's price features read the item statistics: keep them current too
+        stats = loaded.pipeline.stats
+        stats.price[stats.row[item_id]] = price
+    return True
