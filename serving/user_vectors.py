@@ -16,9 +16,9 @@ import torch
 from ranking.bundle import TowerBundle
 from ranking.candidates import Candidate
 from ranking.retriever import Query
-from towers.session_features import HistoryEvent
+from towers.session_features import SESSION_INPUT_NAMES, HistoryEvent
 
-INPUT_NAMES = ("items", "types", "ages", "hour", "context")
+INPUT_NAMES = SESSION_INPUT_NAMES  # the encoder's inputs, in order (towers.session_features)
 OUTPUT_NAME = "vector"
 MAX_BATCH = 128  # max_batch_size in triton_models/user_tower/config.pbtxt
 

@@ -30,6 +30,26 @@ CONTEXT_BUCKETS = 1024
 CONTEXT_COLUMNS = ("device", "locale", "country")
 
 
+class SessionInput(NamedTuple):
+    """One input of the session encoder: per event (B, L) or per session (B,)."""
+
+    name: str
+    per_event: bool
+
+
+# The session encoder's inputs, in its argument order: `collate` builds them, the in-process
+# tower and Triton take them, and the Triton config's `input` block is generated from them
+# (training.triton_export), so a new input is added here once.
+SESSION_INPUTS: tuple[SessionInput, ...] = (
+    SessionInput("items", per_event=True),  # catalogue rows + 1, 0 = padding
+    SessionInput("types", per_event=True),  # EVENT_TYPE_INDEX, 0 = padding
+    SessionInput("ages", per_event=True),  # AGE_EDGES_S buckets, 0 = padding
+    SessionInput("hour", per_event=False),  # 0..23, 24 = unknown
+    SessionInput("context", per_event=False),  # hashed device / locale / country
+)
+SESSION_INPUT_NAMES: tuple[str, ...] = tuple(i.name for i in SESSION_INPUTS)
+
+
 def context_column(columns: Sequence[str]) -> str | None:
     return next((c for c in CONTEXT_COLUMNS if c in columns), None)
 

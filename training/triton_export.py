@@ -1,10 +1,11 @@
 """Export a tower bundle's session encoder as a new version of the Triton user-tower model.
 
-The committed `triton_models/user_tower/config.pbtxt` is the template: inputs, outputs,
-backend and version policy are fixed by the code that feeds the model. How Triton runs it
+The committed `triton_models/user_tower/config.pbtxt` is the template: outputs, backend and
+version policy are fixed by the code that feeds the model. Its `input` block is rendered from
+the one session-side spec (`towers.session_features.SESSION_INPUTS`), and how Triton runs it
 (`instance_group` count and kind, `dynamic_batching` delay and preferred sizes) is
-configuration (`serving.triton`), so the export renders those two blocks from the settings
-into the repository's config.pbtxt. A config that did not change is not rewritten, so a
+configuration (`serving.triton`), so the export renders those three blocks into the
+repository's config.pbtxt. A config that did not change is not rewritten, so a
 polling Triton does not reload the model for nothing.
 """
 
@@ -21,6 +22,7 @@ from railtower.settings import (
     TritonModelSettings,
     get_settings,
 )
+from towers.session_features import SESSION_INPUTS
 
 TEMPLATE = PROJECT_ROOT / "triton_models" / "user_tower"
 KEEP_VERSIONS = 6  # older version folders are pruned; the config loads every one kept
@@ -28,6 +30,8 @@ KEEP_VERSIONS = 6  # older version folders are pruned; the config loads every on
 # The two blocks of the template the settings own; everything else is copied as it is.
 _BATCHING = re.compile(r"^dynamic_batching\s*\{[^}]*\}\n", re.MULTILINE)
 _INSTANCES = re.compile(r"^instance_group\s*\[[^\]]*\]\n", re.MULTILINE)
+# The inputs come from the one session-side spec (towers.session_features.SESSION_INPUTS).
+_INPUTS = re.compile(r"^input\s*\[\n(?:[ \t].*\n)*\]\n", re.MULTILINE)  # indented rows
 
 
 def render_config(template: str, triton: TritonModelSettings) -> str:
@@ -37,11 +41,12 @@ def render_config(template: str, triton: TritonModelSettings) -> str:
     Raises:
         ValueError: the template lacks one of the two blocks (edited by hand?).
     """
-    for name, pattern in (("dynamic_batching", _BATCHING), ("instance_group", _INSTANCES)):
+    blocks = (("dynamic_batching", _BATCHING), ("instance_group", _INSTANCES), ("input", _INPUTS))
+    for name, pattern in blocks:
         if len(pattern.findall(template)) != 1:
             raise ValueError(
                 f"{TEMPLATE / 'config.pbtxt'} must hold exactly one {name} block for the "
-                "export to fill from serving.triton; restore it from git"
+                "export to fill (from serving.triton and the session inputs); restore it from git"
             )
     declared = re.search(r"^max_batch_size:\s*(\d+)", template, re.MULTILINE)
     if declared is None or int(declared.group(1)) != TRITON_MAX_BATCH:
@@ -58,7 +63,13 @@ def render_config(template: str, triton: TritonModelSettings) -> str:
         + "}\n"
     )
     instances = f"instance_group [ {{ count: {triton.instances}, kind: {triton.kind} }} ]\n"
+    rows = [
+        f'  {{ name: "{i.name}", data_type: TYPE_INT64, dims: [ {-1 if i.per_event else 1} ] }}'
+        for i in SESSION_INPUTS
+    ]
+    inputs = "input [\n" + ",\n".join(rows) + "\n]\n"
     text = _BATCHING.sub(lambda _: batching, template)
+    text = _INPUTS.sub(lambda _: inputs, text)
     return _INSTANCES.sub(lambda _: instances, text)
 
 

@@ -21,6 +21,8 @@ from towers.item_tower import ItemTower, ItemTowerConfig
 from towers.session_features import (
     AGE_BUCKETS,
     HOURS,
+    SESSION_INPUT_NAMES,
+    SESSION_INPUTS,
     HistoryEvent,
     history_of,
     session_features,
@@ -170,6 +172,10 @@ def test_training_and_serving_build_identical_session_tensors():
         for name in ("items", "types", "ages"):
             assert examples.inputs[name][i].tolist() == getattr(serving, name).tolist(), name
         assert examples.inputs["hour"][i] == serving.hour
+    # the one session-side spec names exactly the inputs training builds, in encoder order
+    assert list(examples.inputs) == list(SESSION_INPUT_NAMES)
+    per_event = {i.name for i in SESSION_INPUTS if i.per_event}
+    assert {n for n, t in examples.inputs.items() if t.dim() == 2} == per_event
 
 
 def test_user_tower_handles_an_empty_session_and_ignores_padding_content():

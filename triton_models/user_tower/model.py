@@ -4,13 +4,12 @@ It loads that version's `session_encoder.pt` (the TorchScript file of the tower 
 encodes every request of a dynamic batch in one forward pass.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
-
-INPUTS = ("items", "types", "ages", "hour", "context")
 
 
 class TritonPythonModel:
@@ -19,28 +18,26 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.encoder = torch.jit.load(str(folder / "session_encoder.pt"), map_location="cpu")
         self.encoder.eval()
+        # the encoder's inputs in argument order, as the export rendered them into the config
+        # from the one session-side spec (towers.session_features.SESSION_INPUTS)
+        config = json.loads(args["model_config"])
+        # (name, per event): per-event inputs are (B, L); per-session ones arrive as (B, 1)
+        # (protobuf JSON writes int64 dims as strings)
+        self.inputs = [(i["name"], [int(d) for d in i["dims"]] == [-1]) for i in config["input"]]
 
     def execute(self, requests: list) -> list:
         arrays = {
             name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-            for name in INPUTS
+            for name, _ in self.inputs
         }
-        sizes = [a.shape[0] for a in arrays["items"]]
-        batch = {
-            name: torch.from_numpy(np.concatenate(parts, axis=0)) for name, parts in arrays.items()
-        }
+        sizes = [a.shape[0] for a in arrays[self.inputs[0][0]]]
+        batch = [torch.from_numpy(np.concatenate(arrays[name], axis=0)) for name, _ in self.inputs]
+        batch = [
+            t if per_event else t.reshape(-1)
+            for t, (_, per_event) in zip(batch, self.inputs, strict=True)
+        ]
         with torch.inference_mode():
-            vectors = (
-                self.encoder(
-                    batch["items"],
-                    batch["types"],
-                    batch["ages"],
-                    batch["hour"].reshape(-1),
-                    batch["context"].reshape(-1),
-                )
-                .numpy()
-                .astype(np.float32)
-            )
+            vectors = self.encoder(*batch).numpy().astype(np.float32)
         responses, start = [], 0
         for size in sizes:
             out = pb_utils.Tensor("vector", vectors[start : start + size])
