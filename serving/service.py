@@ -6,8 +6,10 @@
 
 Every stage that is slow or down degrades the answer and says why in `reasons`; nothing
 blocks the rail. Popularity under the rules is the last fallback. The served model can be
-swapped while requests run: each request reads `self.loaded` once and uses that model only.
-The stages after the session vector live in `serving.stages`, shared with the shadow arms.
+swapped while requests run (serving.served_model): each request reads `self.loaded` once
+and uses that model only. The stages after the session vector are the rail engine's
+(`ranking.engine.compute`, through `serving.stages.run_stages`), the one composition the
+pre-warming, the shadow arms and the evaluator use too.
 
 Exclusions (the request's `exclude`, purchased items, blocks, out of stock) hold on every
 path: they live in the query (`serving.stages.build_query`), which the computed path, the
@@ -56,10 +58,7 @@ from serving.stages import (
     rules_length,
     run_stages,
 )
-from serving.user_vectors import (
-    TritonUserTower,
-    session_vector,
-)
+from serving.user_vectors import TritonUserTower, session_vector
 from state.session_store import SessionSnapshot, SessionStore
 
 log = get_logger(__name__)

@@ -80,4 +80,7 @@ class ItemTower(nn.Module):
             text_vec,
             image_vec,
         ]
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
+        # The id also bypasses the MLP: content makes similar items similar, but the next
+        # item is one exact item, and a warm item's own embedding is what tells it apart from
+        # its look-alikes (SASRec's whole item representation). A cold item has id 0 (zeros).
+        return F.normalize(self.mlp(torch.cat(parts, dim=-1)) + self.item_id(item_id), dim=-1)
