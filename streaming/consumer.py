@@ -11,8 +11,9 @@ One micro-batch (`step`):
    by event / update id), then extend the served model's price history from it, so deals
    and the re-ranker's price features see them before the rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
-   session in the batch, redelivered ones included, in one batch (`RailService.prewarm`: the
-   API's stages, rules and state markers), so the API answers them from the pre-warmed cache;
+   session in the batch, redelivered ones included, in one batch (`RailRefresher.prewarm`,
+   the API's serving.prewarm: the rail engine's stages, the rules and the state markers), so
+   the API answers them from the pre-warmed cache;
 5. commit the offsets, only now: a crash before this replays the batch, and step 3 makes the
    replay change nothing that was already applied.
 
