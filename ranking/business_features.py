@@ -269,18 +269,17 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
 
     Args:
         table: fused candidates; row order is kept.
-        queries: the batch the table answers (table.frame["query"] indexes it).
+        queries: the batch the table answers (table["query"] indexes it).
         stats: statistics of the training window the ranker was (or is being) trained on.
     """
-    frame = table.frame
-    out = np.full((len(frame), len(FEATURES)), np.nan, dtype=np.float32)
+    out = np.full((len(table), len(FEATURES)), np.nan, dtype=np.float32)
     col = {name: i for i, name in enumerate(FEATURES)}
     for name in SOURCE_FEATURES:
-        if name in frame.columns:  # a table built without pair evidence leaves them NaN
-            out[:, col[name]] = frame[name].to_numpy(dtype=float)
+        if name in table.columns:  # a table built without pair evidence leaves them NaN
+            out[:, col[name]] = table[name]
     # a dict lookup per row: Series.map(dict) would copy the whole catalogue's dict per call
     index = stats.row
-    ids = frame["item_id"].to_numpy()
+    ids = table["item_id"]
     rows = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
     known = rows >= 0
     r = rows[known]
@@ -303,7 +302,7 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     put("stock", stats.stock[r])
     put("margin", stats.margin[r])
 
-    query_of = frame["query"].to_numpy()
+    query_of = table["query"]
     bounds = np.searchsorted(query_of, np.arange(len(queries) + 1))
     for q, query in enumerate(queries):
         lo, hi = bounds[q], bounds[q + 1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -57,30 +58,52 @@ def newest_items(query: Query, n: int = NEWEST_ITEMS) -> list[str]:
     return list(dict.fromkeys(ordered))[:n]
 
 
-@dataclass
+@dataclass(eq=False)
 class CandidateTable:
-    """Fused candidates of a batch of queries.
+    """Fused candidates of a batch of queries, column by column.
 
     Attributes:
-        frame: one row per (query, item): `query` (position in the batch), `item_id`,
-            `fused` (the reciprocal-rank-fusion score), `sources` (how many sources named
-            the item), and `<source>_score` / `<source>_rank` (1-based) for each of
-            :data:`SOURCES`, NaN where that source did not name the item. Rows are sorted by
-            query, then by fused score (best first).
+        columns: equal-length arrays, one row per (query, item): `query` (position in the
+            batch), `item_id`, `fused` (the reciprocal-rank-fusion score), `sources` (how
+            many sources named the item), and `<source>_score` / `<source>_rank` (1-based)
+            for each of :data:`SOURCES`, NaN where that source did not name the item. Rows
+            are sorted by query, then by fused score (best first).
         queries: number of queries in the batch (some may have no row at all).
+
+    The served path reads the arrays; :attr:`frame` is the same table as a DataFrame for
+    training and reports. Building a DataFrame costs more than fusing one request's
+    candidates, so it is only built when asked for.
     """
 
-    frame: pd.DataFrame
+    columns: dict[str, np.ndarray]
     queries: int
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, queries: int) -> CandidateTable:
+        return cls({str(name): frame[name].to_numpy() for name in frame.columns}, queries)
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns["query"])
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        return self.columns[column]
+
+    def with_columns(self, **added: np.ndarray) -> CandidateTable:
+        """The same rows with `added` columns (replacing any of the same name)."""
+        return CandidateTable({**self.columns, **added}, self.queries)
 
     def ranked(self, score_column: str = "fused") -> list[list[Candidate]]:
         """Per query, its candidates ordered by `score_column` (ties keep the fused order)."""
         out: list[list[Candidate]] = [[] for _ in range(self.queries)]
-        query = self.frame["query"].to_numpy()
-        score = self.frame[score_column].to_numpy(dtype=float)
+        query = self.columns["query"]
+        score = np.asarray(self.columns[score_column], dtype=float)
         # lexsort is stable: equal scores keep the fused order; NaN sorts last
         order = np.lexsort((-score, query))
-        items = self.frame["item_id"].to_numpy()
+        items = self.columns["item_id"]
         for q, item, value in zip(
             query[order].tolist(), items[order].tolist(), score[order].tolist(), strict=True
         ):
@@ -159,8 +182,7 @@ def fuse(
     for j, name in enumerate(SOURCES):
         data[f"{name}_score"] = scores[order, j]
         data[f"{name}_rank"] = ranks[order, j]
-    frame = pd.DataFrame(data)
-    return CandidateTable(frame, queries)
+    return CandidateTable(data, queries)
 
 
 def with_pair_columns(
@@ -169,11 +191,9 @@ def with_pair_columns(
     """`table` plus :data:`PAIR_COLUMNS`: each candidate's weight with each of its request's
     newest items, from every pair source that is running (NaN where none is, or the request
     has fewer items; 0 where the source knows both items but never saw them together)."""
-    frame = table.frame
-    values = np.full((len(frame), len(PAIR_COLUMNS)), np.nan)
-    query_of = frame["query"].to_numpy()
-    bounds = np.searchsorted(query_of, np.arange(table.queries + 1))
-    items = frame["item_id"].to_numpy()
+    values = np.full((len(table), len(PAIR_COLUMNS)), np.nan)
+    bounds = np.searchsorted(table["query"], np.arange(table.queries + 1))
+    items = table["item_id"]
     for s, name in enumerate(PAIR_SOURCES):
         source = sources.get(name)
         if not isinstance(source, PairWeights):
@@ -186,16 +206,13 @@ def with_pair_columns(
             weights = source.pair_weights(seeds, items[lo:hi].tolist())
             first = s * NEWEST_ITEMS
             values[lo:hi, first : first + len(seeds)] = weights.T
-    # one concat: inserting nine columns one by one costs a millisecond per request
-    pairs = pd.DataFrame(values, columns=list(PAIR_COLUMNS), index=frame.index)
-    rest = frame.drop(columns=[c for c in PAIR_COLUMNS if c in frame.columns])
-    return CandidateTable(pd.concat([rest, pairs], axis=1), table.queries)
+    return table.with_columns(**{column: values[:, j] for j, column in enumerate(PAIR_COLUMNS)})
 
 
-def source_order(frame: pd.DataFrame, source: str) -> np.ndarray:
+def source_order(table: CandidateTable | pd.DataFrame, source: str) -> np.ndarray:
     """Scores that put `source`'s own candidates first, in its rank order, and the rest of
     the pool behind them in fused order (a rail served by one source, e.g. session-kNN)."""
-    rank = frame[f"{source}_rank"].to_numpy(dtype=float)
-    fused = frame["fused"].to_numpy(dtype=float)
+    rank = np.asarray(table[f"{source}_rank"], dtype=float)
+    fused = np.asarray(table["fused"], dtype=float)
     # fused scores are reciprocal-rank sums below 1, ranks are at most a few hundred
     return np.where(np.isfinite(rank), 1e6 - rank, fused)

@@ -25,9 +25,11 @@ from ranking.retriever import (
     Catalogue,
     Query,
     event_weight_array,
-    query_matrix,
     scored_top_k,
+    seed_columns,
+    stacked_rows,
     top_k_with_backfill,
+    weighted_rows,
 )
 
 
@@ -112,8 +114,12 @@ class CovisitationRetriever:
 
     def scores(self, queries: Sequence[Query]) -> sp.csr_matrix:
         """(Q, I) co-visitation score of every item with each query's seed items."""
-        seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
-        return (seeds @ self.matrix).tocsr()
+        decay = self.settings.recency_decay
+        rows = [
+            weighted_rows(self.matrix, *seed_columns(query, self.catalogue, decay))
+            for query in queries
+        ]
+        return stacked_rows(rows, len(self.catalogue))
 
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
         """(len(seeds), len(items)) co-visitation weight of each item with each seed item

@@ -80,7 +80,7 @@ def compute(
     if until == "candidates":
         return RailRun(table)
     scores = (rank or _unbudgeted(pipeline, rail))(table, queries)
-    ranked = CandidateTable(table.frame.assign(ranker=scores), table.queries).ranked("ranker")
+    ranked = table.with_columns(ranker=scores).ranked("ranker")
     clock.lap("ranker")
     if until == "ranker":
         return RailRun(table, ranked)

@@ -144,7 +144,9 @@ class RailPipeline:
             )
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         if frame.empty:
-            return CandidateTable(fused.frame.iloc[0:0].assign(deal_strength=[]), len(queries))
+            return CandidateTable.from_frame(
+                fused.frame.iloc[0:0].assign(deal_strength=[]), len(queries)
+            )
         frame = frame.join(evidence, on=["query", "item_id"])
         frame["fused"] = frame["fused"].fillna(0.0)
         frame["sources"] = frame["sources"].fillna(0).astype(np.int64)
@@ -152,7 +154,7 @@ class RailPipeline:
             ["query", "deal_strength", "item_id"], ascending=[True, False, True], kind="stable"
         ).reset_index(drop=True)
         columns = [*fused.frame.columns, "deal_strength"]
-        return CandidateTable(frame[columns], len(queries))
+        return CandidateTable.from_frame(frame[columns], len(queries))
 
     def deal_scores(self, table: CandidateTable, queries: Sequence[Query]) -> np.ndarray:
         """Deal strength x (affinity_floor + the shopper's affinity), per table row.
@@ -162,11 +164,11 @@ class RailPipeline:
         price-band closeness, all read from the re-ranker's own features.
         """
         deals = self.settings.deals
-        if table.frame.empty:
+        if len(table) == 0:
             return np.zeros(0)
         x = build_features(table, queries, self.stats)
         tower_rank = x[:, _FEATURE["two_tower_rank"]]
-        query_of = table.frame["query"].to_numpy()
+        query_of = table["query"]
         tower_on = pd.Series(np.isfinite(tower_rank)).groupby(query_of).transform("any")
         tower = np.where(
             np.isfinite(tower_rank),
@@ -188,7 +190,7 @@ class RailPipeline:
             weighted += np.where(present, weight * np.nan_to_num(signal), 0.0)
             weights += np.where(present, weight, 0.0)
         affinity = np.divide(weighted, weights, out=np.zeros(len(x)), where=weights > 0)
-        strength = table.frame["deal_strength"].to_numpy(dtype=float)
+        strength = table["deal_strength"].astype(float)
         return strength * (deals.affinity_floor + affinity)
 
     def ranker_scores(
@@ -201,11 +203,11 @@ class RailPipeline:
         if rail == DEALS_RAIL:
             return np.asarray(self.deal_scores(table, queries), dtype=float)
         order = self.orders.get(rail, "ranker")
-        if order in SOURCES and not table.frame.empty:
-            return source_order(table.frame, order)
+        if order in SOURCES and len(table):
+            return source_order(table, order)
         booster = self.rankers.get(rail)
-        if booster is None or order != "ranker" or table.frame.empty:
-            return table.frame["fused"].to_numpy(dtype=float)
+        if booster is None or order != "ranker" or len(table) == 0:
+            return table["fused"].astype(float)
         features = build_features(table, queries, self.stats)
         # one request: OpenMP threads cost more to wake than 300 rows take to score, and
         # their spinning steals the core from the next request; big batches use every core

@@ -101,19 +101,54 @@ def seed_weights(query: Query, recency_decay: float) -> dict[str, float]:
     return weights
 
 
-def query_matrix(
-    queries: Sequence[Query], catalogue: Catalogue, recency_decay: float
-) -> sp.csr_matrix:
-    """(Q, I) sparse matrix of seed weights; items outside the catalogue are dropped."""
-    rows, cols, vals = [], [], []
-    for row, query in enumerate(queries):
-        for item, w in seed_weights(query, recency_decay).items():
-            col = catalogue.index.get(item)
-            if col is not None:
-                rows.append(row)
-                cols.append(col)
-                vals.append(w)
-    return sp.csr_matrix((vals, (rows, cols)), shape=(len(queries), len(catalogue)))
+def seed_columns(
+    query: Query, catalogue: Catalogue, recency_decay: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The query's seed items as catalogue columns ascending, with their weights; items
+    outside the catalogue are dropped. (Ascending, as in a CSR row of seed weights, so sums
+    over the seeds run in the order a sparse product runs them.)"""
+    weights = {
+        col: w
+        for item, w in seed_weights(query, recency_decay).items()
+        if (col := catalogue.index.get(item)) is not None
+    }
+    columns = np.fromiter(sorted(weights), np.int64, len(weights))
+    return columns, np.array([weights[c] for c in columns.tolist()], dtype=float)
+
+
+def weighted_rows(
+    matrix: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """sum_k weights[k] * matrix[rows[k]] as (columns ascending, values).
+
+    One request's row of `seeds @ matrix`, reading only the rows it needs: a sparse matmul
+    per request spends most of its time validating formats. Products are summed in the
+    order of `rows`; given ascending, that is the matmul's order, so both give the same
+    floats.
+    """
+    starts, ends = matrix.indptr[rows], matrix.indptr[rows + 1]
+    if not len(rows) or not (ends > starts).any():
+        return np.zeros(0, np.int64), np.zeros(0)
+    spans = [slice(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+    columns = np.concatenate([matrix.indices[span] for span in spans])
+    values = np.concatenate(
+        [matrix.data[span] * w for span, w in zip(spans, weights.tolist(), strict=True)]
+    )
+    unique, at = np.unique(columns, return_inverse=True)
+    return unique, np.bincount(at, weights=values, minlength=len(unique))
+
+
+def stacked_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], width: int) -> sp.csr_matrix:
+    """(len(rows), width) CSR matrix from per-row (columns ascending, values)."""
+    lengths = [len(columns) for columns, _ in rows]
+    return sp.csr_matrix(
+        (
+            np.concatenate([v for _, v in rows] or [np.zeros(0)]),
+            np.concatenate([c for c, _ in rows] or [np.zeros(0, np.int64)]),
+            np.r_[0, np.cumsum(lengths, dtype=np.int64)],
+        ),
+        shape=(len(rows), width),
+    )
 
 
 def event_weight_array(event_types: pd.Series, weights: EventWeights) -> np.ndarray:

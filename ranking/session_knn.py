@@ -18,12 +18,12 @@ from ranking.popularity import PopularityRetriever
 from ranking.retriever import (
     Catalogue,
     Query,
-    query_matrix,
     scored_top_k,
+    seed_columns,
+    stacked_rows,
     top_k_with_backfill,
+    weighted_rows,
 )
-
-_CHUNK = 512
 
 
 class SessionKnnRetriever:
@@ -44,7 +44,6 @@ class SessionKnnRetriever:
         self.popularity = PopularityRetriever(popularity, weights)
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> SessionKnnRetriever:
-        self.catalogue = catalogue
         self.popularity.fit(events, catalogue)
         items = catalogue.indices(events["item_id"])
         known = items >= 0
@@ -57,53 +56,66 @@ class SessionKnnRetriever:
             (np.ones(len(rows)), (rows, items[known])), shape=(len(ends), len(catalogue))
         )
         member.data[:] = 1.0
-        self.sessions = member
         length = np.asarray(member.sum(axis=1)).ravel()
-        self.norm = 1.0 / np.sqrt(np.maximum(length, 1.0))
         df = np.asarray(member.sum(axis=0)).ravel()
-        self.idf = (
+        idf = (
             np.log((len(ends) + 1) / (df + 1)) + 1.0
             if self.settings.idf_weighting
             else np.ones(len(catalogue))
         )
+        return self.restore(catalogue, member, 1.0 / np.sqrt(np.maximum(length, 1.0)), idf)
+
+    def restore(
+        self, catalogue: Catalogue, sessions: sp.csr_matrix, norm: np.ndarray, idf: np.ndarray
+    ) -> SessionKnnRetriever:
+        """Take fitted state (sessions x items membership, per-session norm, per-item idf)."""
+        self.catalogue = catalogue
+        self.sessions = sp.csr_matrix(sessions)
+        self.sessions.sort_indices()
+        self.norm, self.idf = norm, idf
+        # item -> the sessions holding it, oldest first: a request reads only its seeds'
+        # columns, so no per-request work grows with the number of sessions
+        self._holding = self.sessions.tocsc()
+        self._holding.sort_indices()
         return self
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        out: list[list[str]] = []
-        for start in range(0, len(queries), _CHUNK):
-            chunk = queries[start : start + _CHUNK]
-            votes = self._votes(chunk)
-            out += top_k_with_backfill(votes, chunk, self.catalogue, self.popularity.order, k)
-        return out
+        return top_k_with_backfill(
+            self._votes(queries), queries, self.catalogue, self.popularity.order, k
+        )
 
     def candidates(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
-        out: list[list[Candidate]] = []
-        for start in range(0, len(queries), _CHUNK):
-            chunk = queries[start : start + _CHUNK]
-            out += scored_top_k(self._votes(chunk), chunk, self.catalogue, k)
-        return out
+        return scored_top_k(self._votes(queries), queries, self.catalogue, k)
 
     def _votes(self, queries: Sequence[Query]) -> sp.csr_matrix:
-        seeds = query_matrix(queries, self.catalogue, self.settings.recency_decay)
-        sims = (seeds @ sp.diags(self.idf) @ self.sessions.T).tocsr() @ sp.diags(self.norm)
-        return (self._nearest(sp.csr_matrix(sims)) @ self.sessions).tocsr()
+        """(Q, I) votes: per query, its neighbour sessions' similarity summed per item."""
+        return stacked_rows([self._one(query) for query in queries], len(self.catalogue))
 
-    def _nearest(self, sims: sp.csr_matrix) -> sp.csr_matrix:
-        """Per row: the most recent `sample_sessions` matches, then the top `neighbours`."""
-        rows, cols, vals = [], [], []
-        for r in range(sims.shape[0]):
-            start, end = sims.indptr[r], sims.indptr[r + 1]
-            c, v = sims.indices[start:end], sims.data[start:end]
-            if len(c) > self.settings.sample_sessions:
-                recent = np.argpartition(-c, self.settings.sample_sessions - 1)
-                keep = recent[: self.settings.sample_sessions]
-                c, v = c[keep], v[keep]
-            if len(c) > self.settings.neighbours:
-                top = np.lexsort((-c, -v))[: self.settings.neighbours]
-                c, v = c[top], v[top]
-            rows.append(np.full(len(c), r))
-            cols.append(c)
-            vals.append(v)
-        return sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=sims.shape
-        )
+    def _one(self, query: Query) -> tuple[np.ndarray, np.ndarray]:
+        """(item columns ascending, votes) of one query.
+
+        Similarity of a past session s: sum over the query's seed items i in s of
+        weight_i * idf_i, times norm_s. Only the `sample_sessions` most recent sessions
+        sharing a seed are candidates (recency sampling), then the `neighbours` most similar
+        (ties: the more recent) vote with their similarity for each of their items.
+        """
+        columns, weights = seed_columns(query, self.catalogue, self.settings.recency_decay)
+        sample, holding = self.settings.sample_sessions, self._holding
+        parts, shares = [], []
+        for col, w in zip(columns.tolist(), weights.tolist(), strict=True):
+            # a session among the `sample` most recent of the union is among the `sample`
+            # most recent of every seed list holding it, so each list can be cut first
+            start, end = holding.indptr[col], holding.indptr[col + 1]
+            held = holding.indices[max(start, end - sample) : end]
+            parts.append(held)
+            shares.append(np.full(len(held), w * self.idf[col]))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0)
+        session, at = np.unique(np.concatenate(parts), return_inverse=True)
+        sim = np.bincount(at, weights=np.concatenate(shares), minlength=len(session))
+        session, sim = session[-sample:], sim[-sample:] * self.norm[session[-sample:]]
+        if len(session) > self.settings.neighbours:
+            # the most similar, back in session order (the order the votes are summed in)
+            top = np.sort(np.lexsort((-session, -sim))[: self.settings.neighbours])
+            session, sim = session[top], sim[top]
+        return weighted_rows(self.sessions, session, sim)

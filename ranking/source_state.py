@@ -58,10 +58,12 @@ def load_sources(
             source.catalogue = catalogue
             source.matrix = sp.load_npz(path / "neighbours.npz").tocsr()
         elif isinstance(source, SessionKnnRetriever):
-            source.catalogue = catalogue
-            source.sessions = sp.load_npz(path / "sessions.npz").tocsr()
-            source.norm = np.load(path / "norm.npy", allow_pickle=False)
-            source.idf = np.load(path / "idf.npy", allow_pickle=False)
+            source.restore(
+                catalogue,
+                sp.load_npz(path / "sessions.npz").tocsr(),
+                np.load(path / "norm.npy", allow_pickle=False),
+                np.load(path / "idf.npy", allow_pickle=False),
+            )
         elif isinstance(source, CategoryPopularityRetriever):
             source.restore(catalogue)
         sources[path.name] = source  # type: ignore[assignment]

@@ -60,7 +60,7 @@ def explain_slots(
 ) -> list[Provenance]:
     """One provenance per item of `items` (the response's slots, in order)."""
     sources = _source_ranks(origin.table)
-    fused = _positions(origin.table.frame["item_id"].tolist() if origin.table else [])
+    fused = _positions(origin.table["item_id"].tolist() if origin.table is not None else [])
     ranker = _positions([c.item_id for c in origin.ranked or []])
     mmr = _positions([c.item_id for c in origin.before_rules or []])
     closest = _Closest(loaded, query)
@@ -108,14 +108,13 @@ def _positions(ids: Sequence[str]) -> dict[str, int]:
 
 
 def _source_ranks(table: CandidateTable | None) -> dict[str, list[SourceRank]]:
-    if table is None or table.frame.empty:
+    if table is None or len(table) == 0:
         return {}
-    frame = table.frame
     out: dict[str, list[SourceRank]] = {}
-    items = frame["item_id"].tolist()
+    items = table["item_id"].tolist()
     for name in SOURCES:
-        ranks = frame[f"{name}_rank"].to_numpy(dtype=float)
-        scores = frame[f"{name}_score"].to_numpy(dtype=float)
+        ranks = table[f"{name}_rank"].astype(float)
+        scores = table[f"{name}_score"].astype(float)
         for item, rank, score in zip(items, ranks, scores, strict=True):
             if math.isfinite(rank):
                 named = out.setdefault(item, [])

@@ -353,7 +353,7 @@ class RailService(ServedModel):
     def _rank_within_budget(
         self, rail: str, table: CandidateTable, query: Query, loaded: LoadedRails, trace: Trace
     ):  # type: ignore[no-untyped-def]
-        fused = table.frame["fused"].to_numpy(dtype=float)
+        fused = table["fused"].astype(float)
         bound = self.budgets.ranker_queue
         with self._ranker_jobs_lock:
             busy = bool(bound) and self._ranker_jobs >= bound

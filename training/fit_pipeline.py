@@ -207,7 +207,7 @@ def fit_pipeline(
             rail=rail,
             requests=table.queries,
             earlier_requests=table.queries - own[0].queries,
-            rows=len(table.frame),
+            rows=len(table),
             trained=fit.booster is not None,
             seconds=round(time.perf_counter() - started, 1),
         )
@@ -258,7 +258,7 @@ def _stack(parts: Sequence[Requests]) -> Requests:
     for table, *_ in parts:
         frames.append(table.frame.assign(query=table.frame["query"] + offset))
         offset += table.queries
-    table = CandidateTable(pd.concat(frames, ignore_index=True), offset)
+    table = CandidateTable.from_frame(pd.concat(frames, ignore_index=True), offset)
     features = np.concatenate([p[1] for p in parts])
     labels = np.concatenate([p[2] for p in parts])
     return table, features, labels, [s for p in parts for s in p[3]]

@@ -66,8 +66,7 @@ def graded_labels(
     table: CandidateTable, followed: Sequence[Mapping[str, str]], grades: Mapping[str, int]
 ) -> np.ndarray:
     """Per candidate row, the grade of the strongest event the shopper gave it (0: none)."""
-    queries = table.frame["query"].to_numpy()
-    items = table.frame["item_id"].to_numpy()
+    queries, items = table["query"], table["item_id"]
     return np.array(
         [grades.get(followed[q].get(i, ""), 0) for q, i in zip(queries, items, strict=True)],
         dtype=np.int32,
@@ -89,7 +88,7 @@ def fit_ranker(
         sessions: the session id of each request, for the session-level holdout.
         slots: the NDCG cut-off early stopping watches (the rail's slot count).
     """
-    queries = table.frame["query"].to_numpy()
+    queries = table["query"]
     useful = np.zeros(table.queries, dtype=bool)
     useful[np.unique(queries[labels > 0])] = True
     groups = int(useful.sum())
