@@ -444,6 +444,37 @@ def consume(
         consumer.close()
 
 
+@app.command("rebuild-state")
+def rebuild_state(
+    from_offset: int | None = typer.Option(
+        None, "--from-offset", help="start at this offset on every partition (default: earliest)"
+    ),
+    since: str | None = typer.Option(
+        None, help="start at each partition's first record at or after this ISO time (no zone: UTC)"
+    ),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Rebuild session state in Redis from the events topic's retention (after Redis lost it).
+
+    Reads up to the end offsets taken at the start with a group-less consumer (the live
+    group's offsets do not move), appends every event idempotently as the consumer does
+    and prints a JSON summary. Stop the consumers first for sessions in topic order.
+    """
+    import orjson
+    import redis
+
+    from streaming.rebuild import RebuildError, parse_since, rebuild_from_settings
+
+    settings = _settings(config)
+    try:
+        start = parse_since(since) if since is not None else None
+        report = rebuild_from_settings(settings, from_offset, start)
+    except (RebuildError, redis.RedisError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    sys.stdout.write(orjson.dumps(report.to_dict()).decode() + "\n")
+
+
 @app.command("distill-images")
 def distill_images(
     dataset: str = typer.Option("hm_catalogue", "--dataset", "-d", help="a data set with photos"),

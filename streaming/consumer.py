@@ -109,6 +109,65 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+@dataclass(frozen=True)
+class SessionEvent:
+    """One events-topic record as the session store takes it."""
+
+    session_id: str
+    event_id: str
+    history: HistoryEvent
+    # the event's context (device, else locale, else country)
+    context: str | None
+    user_id: str | None
+    price: float | None
+
+
+def read_session_event(raw: bytes | None) -> SessionEvent:
+    """Decode one events-topic record (railtower.schemas.decode_event) into what the session
+    store takes: the one decoding of the refresh consumer and of `railtower rebuild-state`.
+
+    Raises:
+        MalformedMessage: not a valid event (its reason, as the dead-letter topic records
+            it), or one that decodes but cannot be applied ("cannot be applied: <error>").
+    """
+    event = decode_event(raw)
+    try:
+        history = HistoryEvent(event.item_id, event.event_type, event.event_time.timestamp())
+    except Exception as exc:  # noqa: BLE001 - decoded but not appliable: never retried
+        raise MalformedMessage(f"cannot be applied: {type(exc).__name__}: {exc}") from exc
+    context = event.device or event.locale or event.country
+    return SessionEvent(
+        event.session_id, event.event_id, history, context, event.user_id, event.price
+    )
+
+
+class SessionBatch:
+    """Events grouped by session, appended to the store one session at a time (one Lua
+    script each: idempotent by event id, atomic), in the order they were added."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[tuple[str, HistoryEvent, str | None]]] = defaultdict(list)
+        # the users each session's events name: deleting a user finds these sessions
+        self.users: dict[str, set[str]] = defaultdict(set)
+
+    def add(self, event: SessionEvent) -> None:
+        self.events[event.session_id].append((event.event_id, event.history, event.context))
+        if event.user_id:
+            self.users[event.session_id].add(event.user_id)
+
+    def append_to(self, store: SessionStore) -> dict[str, int]:
+        """Append every session's events; session id -> how many were new (the rest had
+        been applied before).
+
+        Raises:
+            redis.RedisError: Redis is down (nothing after the failing session is written).
+        """
+        return {
+            session_id: store.append_events(session_id, events, self.users.get(session_id, ()))
+            for session_id, events in self.events.items()
+        }
+
+
 def consumer_settings(settings: Settings) -> Settings:
     """`settings` as the consumer's service uses them: its Redis client waits
     `streaming.redis_timeout_ms`, not the API's per-request Redis budget."""
@@ -223,11 +282,9 @@ class RefreshConsumer:
         started = time.monotonic()
         report = BatchReport()
         polled = self.consumer.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch)
-        by_session: dict[str, list[tuple[str, HistoryEvent, str | None]]] = defaultdict(list)
+        batch = SessionBatch()
         produced_at: dict[str, list[float]] = defaultdict(list)
         prices: list[PricePoint] = []
-        # the users each session's events name: deleting a user finds these sessions
-        users: dict[str, set[str]] = defaultdict(set)
         for partition, records in polled.items():
             if records:
                 report.offsets[f"{partition.topic}:{partition.partition}"] = (
@@ -241,17 +298,15 @@ class RefreshConsumer:
                     if partition.topic == s.catalogue_topic:
                         self._catalogue(record.value, report, prices)
                         continue
-                    event = decode_event(record.value)
-                    history = HistoryEvent(
-                        event.item_id, event.event_type, event.event_time.timestamp()
-                    )
+                    event = read_session_event(record.value)
                 except MalformedMessage as exc:
                     self._dead_letter(record, exc.reason, report)
                     continue
                 except (redis.RedisError, KafkaError):
                     raise  # a part is down, not the message: the batch is retried
                 except Exception as exc:  # noqa: BLE001 - one message must not stop the group
-                    # decoded but not appliable: never retried forever (the batch would never
+                    # decoded but not appliable (an event's own case is read_session_event's):
+                    # never retried forever (the batch would never
                     # commit and every member taking the partition would die on it in turn)
                     reason = f"cannot be applied: {type(exc).__name__}: {exc}"
                     self._dead_letter(record, reason, report)
@@ -260,12 +315,11 @@ class RefreshConsumer:
                     # the price the shopper saw is an observation of the item's price, as
                     # the training window's events were (ranking.business_features)
                     prices.append(
-                        PricePoint(event.event_id, event.item_id, history.time_s, event.price)
+                        PricePoint(
+                            event.event_id, event.history.item_id, event.history.time_s, event.price
+                        )
                     )
-                context = event.device or event.locale or event.country
-                by_session[event.session_id].append((event.event_id, history, context))
-                if event.user_id:
-                    users[event.session_id].add(event.user_id)
+                batch.add(event)
                 produced_at[event.session_id].append(record.timestamp / 1000)
         if self._pending_letters:
             self.dead_letters.flush()
@@ -273,12 +327,10 @@ class RefreshConsumer:
                 future.get(timeout=10)  # raises if the broker did not take it: no commit
             self._pending_letters = []
         touched, redelivered = [], []
-        for session_id, events in by_session.items():
-            added = self.service.store.append_events(  # type: ignore[union-attr]
-                session_id, events, users.get(session_id, ())
-            )
+        store = self.service.store
+        for session_id, added in batch.append_to(store).items():  # type: ignore[arg-type]
             report.new_events += added
-            report.duplicates += len(events) - added
+            report.duplicates += len(batch.events[session_id]) - added
             # Nothing new is a redelivery, perhaps of a batch whose member died between this
             # append and the pre-warm below: its rail is warmed again, or it stays cold.
             (touched if added else redelivered).append(session_id)
@@ -301,6 +353,7 @@ class RefreshConsumer:
             self.service.sync_prices()
         # one encoder call and one pipeline pass for every touched session of the batch
         warm = touched + redelivered
+        users = batch.users
         self.service.prewarm(warm, {s: min(users[s]) for s in warm if users.get(s)})
         now = time.time()
         for session_id in touched:
