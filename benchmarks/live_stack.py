@@ -88,6 +88,8 @@ def start_stack(
         env = _api_env(artifacts, stack, dataset, bundle)
         if triton_repository is not None:
             env["RAILTOWER_SERVING__TRITON_URL"] = _start_triton(stack, triton_repository, work)
+            # requests encode through Triton too, so killing it is felt on the request path
+            env["RAILTOWER_SERVING__REQUEST_ENCODER"] = "triton"
         api_port = free_port()
         api = LocalServer("api", api_command(api_port), api_port, work, env, 180.0)
         stack.servers.append(api.start())

@@ -85,6 +85,7 @@ def start_stack(bundle: Path, settings, work: Path) -> tuple[list[LocalServer], 
         "RAILTOWER_SERVING__BUNDLE": str(bundle),
         "RAILTOWER_SERVING__REDIS_URL": redis_url,
         "RAILTOWER_SERVING__TRITON_URL": f"127.0.0.1:{grpc}",
+        "RAILTOWER_SERVING__REQUEST_ENCODER": "triton",  # the Triton path is what it proves
         "RAILTOWER_LOG_LEVEL": "WARNING",
         # load test: one client is many shoppers (every held-out case, one after another);
         # the per-client rate limit (on by default) is off

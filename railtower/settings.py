@@ -457,6 +457,14 @@ class StageBudgets(_Section):
     # is served the fused order at once instead of queueing behind work that would miss
     # its budget anyway; a job whose budget ran out before it started is dropped.
     ranker_queue: int = Field(4, ge=0)
+    # Rails a process computes at once (0 = no bound). More requests wait for a slot rather
+    # than run side by side: threads sharing one interpreter slow each other down, so
+    # without a bound a spike pushed every request past the re-ranker's budget and the
+    # process served fused orders at a lower rate than one at a time would.
+    compute_slots: int = Field(2, ge=0)
+    # How long a request waits for a compute slot before it is answered at once with the
+    # rules over popular items (the answer under overload; cached rails never wait).
+    admission_ms: float = Field(200.0, gt=0)
 
 
 class ExclusionSettings(_Section):
@@ -525,6 +533,12 @@ class ServingSettings(_Section):
     # Triton gRPC endpoint of the user tower; null = encode sessions in-process only.
     triton_url: str | None = "127.0.0.1:8101"
     triton_model: str = "user_tower"
+    # Where one rail request's session is encoded when Redis has no vector for it: the
+    # bundle's tower in the API process, or Triton. Batches (the refresh consumer's
+    # pre-warming) go to Triton whenever it is configured. On CPU one short session costs
+    # 0.6-0.7 ms in-process against 2-3 ms through gRPC and the Python backend, plus
+    # Triton's own core (benchmarks/rails_api.py); on a GPU machine `triton` may win.
+    request_encoder: Literal["in_process", "triton"] = "in_process"
     # Model repository the export step writes versions into and tritonserver serves.
     triton_repository: Path = Field(Path("triton_models"), validate_default=True)
     # Instances and dynamic batching of the user tower in Triton (written by the export).

@@ -165,13 +165,16 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         request: Request,
         explain: bool = False,
         x_api_key: Annotated[str | None, Header()] = None,
-    ) -> RailResponse:
+    ) -> Response:
         if explain:  # ?explain=true, the same as "explain": true in the body
             body = body.model_copy(update={"explain": True})
         if body.explain:
             require_explain_key(request, x_api_key)
         # The stages are CPU work (numpy, LightGBM, torch): off the event loop.
-        return await run_in_threadpool(service.serve, rail, body)
+        answer = await run_in_threadpool(service.serve, rail, body)
+        # Serialised once, here: returned as a model, FastAPI would validate what the service
+        # just built from validated parts all over again (the schema stays response_model's).
+        return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
 
     @app.get("/healthz")
     async def healthz(response: Response) -> dict[str, str]:

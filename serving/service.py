@@ -130,6 +130,10 @@ class RailService(ServedModel):
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ranker")
         self._ranker_jobs = 0  # submitted to the pool and not finished (ranker_queue)
         self._ranker_jobs_lock = threading.Lock()
+        # admission: at most `compute_slots` rails computed at once (a Semaphore wakes its
+        # waiters first come, first served)
+        slots = self.budgets.compute_slots
+        self._compute_slots = threading.Semaphore(slots) if slots else None
         # Impression logging and shadow traffic (serving.shadow); set by serving.app.
         self.observer: ServedObserver | None = None
         # Thompson's click / impression counts per item: in memory, per process, for now
@@ -188,6 +192,9 @@ class RailService(ServedModel):
             cached = self._from_cache(rail, snapshot, request, query, loaded, trace)
             if cached is not None:
                 return _Answer("cache", cached[0], explored=cached[1])
+        if not self._admit(trace):
+            ruled = fallback(loaded.pipeline, rail, query, request.slots)
+            return _Answer("fallback", ruled.outcome.candidates, ruled=ruled)
         try:
             output, vector = self._compute(rail, request, query, snapshot, loaded, trace)
         except Exception as exc:  # noqa: BLE001 - the rail must still answer
@@ -196,6 +203,9 @@ class RailService(ServedModel):
             trace.reasons.append(f"computation failed ({type(exc).__name__}): popular items")
             ruled = fallback(loaded.pipeline, rail, query, request.slots)
             return _Answer("fallback", ruled.outcome.candidates, ruled=ruled)
+        finally:
+            if self._compute_slots is not None:
+                self._compute_slots.release()
         explored = self.explore(rail, request, snapshot, output.slots)
         items = explored.items if explored is not None else output.slots
         # A rail computed under the request's own exclusions is that request's alone: caching
@@ -203,6 +213,22 @@ class RailService(ServedModel):
         if rail == "homepage_hero" and snapshot is not None and not request.exclude:
             self._write_cache(request, loaded, snapshot, items, trace, explored)
         return _Answer("computed", items, output.before_rules, vector, explored, output)
+
+    def _admit(self, trace: Trace) -> bool:
+        """Wait up to `admission_ms` for a compute slot; False (counted, with the reason on
+        the trace) when none freed up: the process is over capacity."""
+        if self._compute_slots is None:
+            return True
+        since = time.perf_counter()
+        admitted = self._compute_slots.acquire(timeout=self.budgets.admission_ms / 1000)
+        trace.lap("admission", since)
+        if not admitted:
+            self.metrics.fallbacks.labels(reason="over_capacity").inc()
+            trace.reasons.append(
+                f"over capacity: no compute slot within {self.budgets.admission_ms:.0f} ms: "
+                "popular items"
+            )
+        return admitted
 
     def explore(
         self,
@@ -331,7 +357,7 @@ class RailService(ServedModel):
                 query_history(query),
                 query.context,
                 cached,
-                self.triton,
+                self.triton if self.settings.serving.request_encoder == "triton" else None,
                 loaded.towers.triton_version,
             )
             trace.reasons += result.degraded

@@ -111,7 +111,12 @@ def test_http_top12_equals_the_evaluator_on_real_sessions(
     settings, bundle = trained
     assert settings.ranking.exploration.slot is None  # a bandit slot would differ by design
     serving = settings.serving.model_copy(
-        update={"bundle": bundle, "redis_url": redis_url, "triton_url": triton[2]}
+        update={
+            "bundle": bundle,
+            "redis_url": redis_url,
+            "triton_url": triton[2],
+            "request_encoder": "triton",  # the Triton request path is what this proves
+        }
     )
     # load test: one client is many shoppers (every held-out case, one after another); the
     # per-client rate limit (on by default) is off

@@ -61,7 +61,13 @@ def _client(
 ) -> tuple[TestClient, RailService]:
     settings, bundle = trained
     serving = settings.serving.model_copy(
-        update={"bundle": bundle, "redis_url": redis_url, "triton_url": triton_url}
+        update={
+            "bundle": bundle,
+            "redis_url": redis_url,
+            "triton_url": triton_url,
+            # the Triton request path is what these tests prove (in_process is the default)
+            "request_encoder": "triton",
+        }
     )
     if ranker_ms is not None:
         budgets = serving.budgets.model_copy(update={"ranker_ms": ranker_ms})
