@@ -1,4 +1,5 @@
-"""The rails API under load: compute floor vs HTTP, cached vs computed, a 5x spike, Triton.
+"""The rails API under load: compute floor vs HTTP, cached vs computed, sustained load, a 5x
+spike, Triton, and the issue-21 goals each is held to.
 
 Usage:
     python benchmarks/rails_api.py --bundle artifacts/<run>-rees46-rails
@@ -10,26 +11,44 @@ the API under uvicorn as its own process):
 1. compute floor: each rail's stages in-process (index + ranker + MMR + rules), no HTTP,
    beside the physical floor of its parts (session encoder, one HNSW query, the ranker's
    predict on one request's candidates): what a rail cannot cost less than;
-2. HTTP p50/p95/p99 and throughput at increasing concurrency, computed path (pdp_fbt, never
-   cached) and cached path (homepage_hero for sessions already served once);
-3. a 5x spike: concurrency jumps from the base to five times it; the fallback rate (answers
+2. computed path over HTTP (pdp_fbt, never cached): p50/p95/p99 and throughput at
+   increasing concurrency, closed loop;
+3. sustained load: an open-loop client (Poisson arrivals, sent on schedule whatever the
+   replies, at most OPEN_LOOP_IN_FLIGHT in flight) at SUSTAINED_LOAD x the highest computed
+   req/s of step 2, for 2 x `--seconds`; latency counts from each request's scheduled time,
+   so queueing shows (a closed loop hides it by slowing down);
+4. cached path (homepage_hero): every session's rail is warmed first and confirmed (passes
+   over the sessions until each answers `served_by == "cache"`, bounded by
+   `--warm-seconds`), then closed-loop rows that count cache hits and misses apart, with the
+   hits' own percentiles; a row under MIN_CACHE_HITS hits is marked invalid (JSON `valid`
+   false and a reason, FAIL in the markdown, exit status 1);
+5. a 5x spike: concurrency jumps from the base to five times it; the fallback rate (answers
    with a degraded reason) and latency before and during;
-4. Triton user tower vs the in-process TorchScript encoder, batch 1 and 64.
+6. Triton user tower vs the in-process TorchScript encoder, batch 1 and 64.
 
-The load generator is an asyncio httpx client with a fixed number of concurrent workers
-(closed loop), each sending its next request when the last one answers. Writes
+The goals of issue 21 (GOALS_* constants) are evaluated from these measurements and put
+first in the markdown and under "goals" in the JSON, with the commit (short hash,
+"+dirty" when the tree has changes) and the command line. Writes
 `reports/benchmarks/rails_api.json` and `rails_api.md`.
+
+Closed-loop load is an asyncio httpx client with a fixed number of concurrent workers, each
+sending its next request when the last one answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +64,7 @@ from devstack.local_services import (
     redis_server,
     triton_server,
 )
-from railtower.settings import PROJECT_ROOT, load_settings
+from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from ranking.business_features import build_features
 from ranking.retriever import Query
 from serving.app import production_pointer
@@ -56,6 +75,19 @@ from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
+
+# Issue 21's goals (not to be tuned to the results).
+GOALS_FLOOR_P50_MS = 6.0  # compute floor p50, every rail
+GOALS_COMPUTED_RPS = 120.0  # computed over HTTP: most req/s at <= GOALS_MAX_DEGRADED
+GOALS_MAX_DEGRADED = 0.05
+GOALS_SUSTAINED_P99_X_FLOOR = 3.0  # at SUSTAINED_LOAD: p99 / pdp_fbt compute floor p50
+GOALS_SPIKE_P99_MS = 250.0  # during the 5x spike, with 0 errors, <= GOALS_MAX_DEGRADED
+GOALS_CACHED_C1_P50_MS = 3.0  # cached read, concurrency 1
+GOALS_CACHED_C16_P99_MS = 20.0  # cached read, concurrency 16
+MIN_CACHE_HITS = 0.99  # a "cached" row under this share of cache hits is invalid
+
+SUSTAINED_LOAD = 0.5  # of the highest computed req/s
+OPEN_LOOP_IN_FLIGHT = 64
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -137,50 +169,294 @@ def physical_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> 
     return {name: percentiles(t) for name, t in timings.items() if t}
 
 
+@dataclass
+class Tally:
+    """What a load generator saw: latencies (all, and per `served_by`), degraded, errors."""
+
+    latencies: list[float] = field(default_factory=list)
+    by_served: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    degraded: int = 0
+    errors: int = 0
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        n = len(self.latencies)
+        return {
+            "requests": n,
+            "throughput_rps": n / elapsed,
+            **percentiles(self.latencies or [0.0]),
+            "served_by": {k: len(v) for k, v in self.by_served.items()},
+            "served_by_ms": {k: percentiles(v) for k, v in self.by_served.items()},
+            "degraded_share": self.degraded / max(n, 1),
+            "errors": self.errors,
+        }
+
+
+async def send(
+    client: httpx.AsyncClient, rail: str, body: dict, tally: Tally, since: float | None = None
+) -> str | None:
+    """One request, counted in `tally` (latency from `since`, by default now); its
+    `served_by`, or None when it failed."""
+    started = time.perf_counter() if since is None else since
+    try:
+        reply = await client.post(f"/v1/rails/{rail}", json=body)
+    except httpx.HTTPError:
+        tally.errors += 1
+        return None
+    latency = time.perf_counter() - started
+    tally.latencies.append(latency)
+    if reply.status_code != 200:
+        tally.errors += 1
+        return None
+    data = reply.json()
+    tally.by_served[data["served_by"]].append(latency)
+    tally.degraded += bool(data["reasons"])
+    return str(data["served_by"])
+
+
+def _client(base: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base, timeout=10, limits=limits)
+
+
 async def closed_loop(
     base: str, bodies: list[tuple[str, dict]], concurrency: int, seconds: float
 ) -> dict[str, Any]:
     """`concurrency` workers sending requests back to back for `seconds`."""
-    latencies: list[float] = []
-    served: dict[str, int] = {}
-    degraded = errors = 0
+    tally = Tally()
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
+    async with _client(base, concurrency) as client:
 
         async def worker(offset: int) -> None:
-            nonlocal degraded, errors
             k = offset
             while time.perf_counter() < deadline:
                 rail, body = bodies[k % len(bodies)]
                 k += concurrency
-                started = time.perf_counter()
-                try:
-                    reply = await client.post(f"/v1/rails/{rail}", json=body)
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-                if reply.status_code != 200:
-                    errors += 1
-                    continue
-                data = reply.json()
-                served[data["served_by"]] = served.get(data["served_by"], 0) + 1
-                degraded += bool(data["reasons"])
+                await send(client, rail, body, tally)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    n = len(latencies)
+    return {"concurrency": concurrency} | tally.summary(elapsed)
+
+
+def arrivals(rate: float, seconds: float, seed: int = 0) -> np.ndarray:
+    """Poisson arrival times (s from the start) at `rate` per second over `seconds`, given
+    their count: round(rate x seconds) uniform times, sorted, so the offered rate is exact."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.uniform(0.0, seconds, size=max(round(rate * seconds), 1)))
+
+
+async def open_loop(
+    base: str,
+    bodies: list[tuple[str, dict]],
+    rate: float,
+    seconds: float,
+    max_in_flight: int = OPEN_LOOP_IN_FLIGHT,
+) -> dict[str, Any]:
+    """Requests sent on a Poisson schedule at `rate`/s whatever the replies; latency counts
+    from the scheduled time. An arrival finding `max_in_flight` requests unanswered is not
+    sent (`not_sent`): the client's bound, reported, not hidden."""
+    tally, lags, tasks = Tally(), [], []
+    in_flight = not_sent = 0
+    async with _client(base, max_in_flight) as client:
+
+        async def one(k: int, due: float) -> None:
+            nonlocal in_flight
+            try:
+                await send(client, *bodies[k % len(bodies)], tally, since=due)
+            finally:
+                in_flight -= 1
+
+        started = time.perf_counter()
+        for k, at in enumerate(arrivals(rate, seconds)):
+            due = started + float(at)
+            await asyncio.sleep(max(due - time.perf_counter(), 0.0))
+            lags.append(time.perf_counter() - due)
+            if in_flight >= max_in_flight:
+                not_sent += 1
+                continue
+            in_flight += 1
+            tasks.append(asyncio.create_task(one(k, due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    row = tally.summary(elapsed)
     return {
-        "concurrency": concurrency,
-        "requests": n,
-        "throughput_rps": n / elapsed,
-        **percentiles(latencies or [0.0]),
-        "served_by": served,
-        "degraded_share": degraded / max(n, 1),
-        "errors": errors,
+        "offered_rps": rate,
+        "seconds": seconds,
+        "max_in_flight": max_in_flight,
+        "sent": len(tasks),
+        "not_sent": not_sent,
+        "achieved_rps": row.pop("throughput_rps"),
+        "send_lag_p99_ms": percentiles(lags)["p99"],
+    } | row
+
+
+async def warm_cache(
+    base: str, bodies: list[tuple[str, dict]], seconds: float, concurrency: int = 4
+) -> dict[str, Any]:
+    """Passes over `bodies` (cacheable requests) until each has answered from the cache once
+    (`served_by == "cache"`) or `seconds` ran out: the first pass computes and stores the
+    rails, the next confirms them."""
+    pending, passes = list(range(len(bodies))), 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    gate = asyncio.Semaphore(concurrency)
+    async with _client(base, concurrency) as client:
+
+        async def one(k: int) -> str | None:
+            async with gate:
+                if time.perf_counter() > deadline:
+                    return None
+                return await send(client, *bodies[k], Tally())
+
+        while pending and time.perf_counter() < deadline:
+            passes += 1
+            served = await asyncio.gather(*(one(k) for k in pending))
+            pending = [k for k, s in zip(pending, served, strict=True) if s != "cache"]
+    return {
+        "sessions": len(bodies),
+        "confirmed": len(bodies) - len(pending),
+        "passes": passes,
+        "seconds": time.perf_counter() - started,
     }
+
+
+def cache_check(row: dict[str, Any], min_share: float = MIN_CACHE_HITS) -> dict[str, Any]:
+    """Cache hits and misses of a "cached" row (misses: any other `served_by`, and errors),
+    its hits' latency, and whether it measured the cache: >= `min_share` hits."""
+    served = row.get("served_by", {})
+    hits = served.get("cache", 0)
+    total = sum(served.values()) + row.get("errors", 0)
+    share = hits / total if total else 0.0
+    out = {
+        "cache_hits": hits,
+        "cache_misses": total - hits,
+        "cache_hit_share": share,
+        "cache_hit_ms": row.get("served_by_ms", {}).get("cache"),
+        "valid": total > 0 and share >= min_share,
+    }
+    if not out["valid"]:
+        out["reason"] = (
+            f"{share:.1%} cache hits ({hits} of {total}, misses {dict(served)}), "
+            f"under the {min_share:.0%} a cached row needs"
+        )
+    return out
+
+
+def _goal(
+    name: str, measured: float | None, unit: str, target: str, passed: bool | None, note: str = ""
+) -> dict[str, Any]:
+    out = {"goal": name, "measured": measured, "unit": unit, "target": target, "passed": passed}
+    return out | ({"note": note} if note else {})
+
+
+def _row_at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["concurrency"] == concurrency), None)
+
+
+def _cached_goal(
+    rows: list[dict[str, Any]], concurrency: int, stat: str, limit: float
+) -> dict[str, Any]:
+    """A cached-read goal: `stat` over all the row's requests, passing only in a valid row
+    (>= MIN_CACHE_HITS cache hits)."""
+    name = f"cached read (>= {MIN_CACHE_HITS:.0%} hits), concurrency {concurrency}, {stat}"
+    row = _row_at(rows, concurrency)
+    if row is None:
+        return _goal(name, None, "ms", f"<= {limit:g} ms", None, "not run")
+    valid = cache_check(row)["valid"]
+    note = "" if valid else "row invalid: " + cache_check(row)["reason"]
+    return _goal(name, row[stat], "ms", f"<= {limit:g} ms", valid and row[stat] <= limit, note)
+
+
+def spike_goals(spike: dict[str, Any]) -> list[dict[str, Any]]:
+    """The 5x spike: no errors, <= GOALS_MAX_DEGRADED degraded, p99 <= GOALS_SPIKE_P99_MS."""
+    during = spike["during"]
+    name = f"5x spike ({spike['before']['concurrency']} -> {during['concurrency']} clients)"
+    return [
+        _goal(f"{name}: errors", during["errors"], "count", "0", during["errors"] == 0),
+        _goal(
+            f"{name}: degraded",
+            during["degraded_share"],
+            "share",
+            f"<= {GOALS_MAX_DEGRADED:.0%}",
+            during["degraded_share"] <= GOALS_MAX_DEGRADED,
+        ),
+        _goal(
+            f"{name}: p99",
+            during["p99"],
+            "ms",
+            f"<= {GOALS_SPIKE_P99_MS:g} ms",
+            during["p99"] <= GOALS_SPIKE_P99_MS,
+        ),
+    ]
+
+
+def evaluate_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 21's goals against a run's result `r`: one entry per measurable condition,
+    `passed` None where the run did not measure it."""
+    goals = [
+        _goal(
+            f"compute floor p50, {rail}",
+            v["p50"],
+            "ms",
+            f"<= {GOALS_FLOOR_P50_MS:g} ms",
+            v["p50"] <= GOALS_FLOOR_P50_MS,
+        )
+        for rail, v in r["compute_floor_ms"].items()
+    ]
+    within = [
+        row["throughput_rps"]
+        for row in r["computed"]
+        if row["degraded_share"] <= GOALS_MAX_DEGRADED
+    ]
+    best = max(within, default=0.0)
+    goals.append(
+        _goal(
+            f"computed over HTTP: most req/s at <= {GOALS_MAX_DEGRADED:.0%} degraded",
+            best,
+            "req/s",
+            f">= {GOALS_COMPUTED_RPS:g} req/s",
+            best >= GOALS_COMPUTED_RPS,
+        )
+    )
+    if "sustained" in r:
+        ratio = r["sustained"]["p99"] / r["compute_floor_ms"]["pdp_fbt"]["p50"]
+        goals.append(
+            _goal(
+                f"{SUSTAINED_LOAD:.0%} load (open loop): p99 / compute floor p50, pdp_fbt",
+                ratio,
+                "x",
+                f"<= {GOALS_SUSTAINED_P99_X_FLOOR:g}x",
+                ratio <= GOALS_SUSTAINED_P99_X_FLOOR,
+            )
+        )
+    if "spike" in r:
+        goals += spike_goals(r["spike"])
+    cached = r.get("cached", [])
+    goals.append(_cached_goal(cached, 1, "p50", GOALS_CACHED_C1_P50_MS))
+    goals.append(_cached_goal(cached, 16, "p99", GOALS_CACHED_C16_P99_MS))
+    return goals
+
+
+def git_revision(root: Path = PROJECT_ROOT) -> str:
+    """The short commit of `root`, with "+dirty" when its tree has changes; "unknown"
+    outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def command_line() -> str:
+    return shlex.join(["python", *sys.argv])
 
 
 def triton_vs_in_process(loaded, triton: TritonUserTower, repeats: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -205,35 +481,40 @@ def triton_vs_in_process(loaded, triton: TritonUserTower, repeats: int) -> dict[
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--seconds", type=float, default=8.0, help="per load step")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--sessions", type=int, default=300)
-    args = parser.parse_args()
-    settings = load_settings(log_level="WARNING")
-    bundle = (args.bundle or production_pointer(settings)).resolve()
-    loaded = load_rails(bundle, settings)
-    if settings.serving.torch_threads:  # the compute floor runs as an API process would
-        torch.set_num_threads(settings.serving.torch_threads)
-    sessions = synthetic_sessions(loaded, args.sessions)
+    parser.add_argument(
+        "--warm-seconds", type=float, default=60.0, help="bound on warming the cached rail"
+    )
+    return parser.parse_args()
+
+
+def rail_ttl_s(settings: Settings, args: argparse.Namespace) -> int:
+    """The pre-warmed rails' TTL for the API: the configured one, unless it is shorter than
+    warming plus the cached rows (with a margin), which it would expire under."""
+    needed = int(2 * (args.warm_seconds + len(args.concurrency) * args.seconds)) + 60
+    return max(settings.serving.prewarm_ttl_s, needed)
+
+
+@contextlib.contextmanager
+def stack(
+    settings: Settings, bundle: Path, has_towers: bool, ttl_s: int
+) -> Iterator[tuple[str, str, TritonUserTower | None]]:
+    """Redis, Triton (when the bundle has towers) and the API, on loopback: yields the
+    API's base URL, the Redis URL and a Triton client; stops them all on exit."""
     work = settings.cache_dir / "bench-api"
     started: list[LocalServer] = []
-    result: dict[str, Any] = {
-        "bundle": loaded.version,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
-    }
     try:
         redis_port, grpc, api_port = free_port(), free_port(), free_port()
         started.append(redis_server(redis_port, work).start())
         env = {
             "RAILTOWER_SERVING__BUNDLE": str(bundle),
             "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "RAILTOWER_SERVING__PREWARM_TTL_S": str(ttl_s),
             "RAILTOWER_LOG_LEVEL": "WARNING",
             "RAILTOWER_SERVING__TRITON_URL": "",
             # load test: one client is many shoppers; the per-client rate limit
@@ -241,7 +522,7 @@ def main() -> None:
             "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
         }
         triton = None
-        if loaded.towers is not None:
+        if has_towers:
             started.append(
                 triton_server(settings.serving.triton_repository, grpc, free_port(), work).start()
             )
@@ -249,43 +530,88 @@ def main() -> None:
             while not triton.ready():
                 time.sleep(0.2)
             env["RAILTOWER_SERVING__TRITON_URL"] = f"127.0.0.1:{grpc}"
-        command = api_command(api_port)
-        started.append(LocalServer("api", command, api_port, work, env, 120).start())
+        started.append(LocalServer("api", api_command(api_port), api_port, work, env, 120).start())
         base = f"http://127.0.0.1:{api_port}"
         while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
             time.sleep(0.5)
-        store = SessionStore(env["RAILTOWER_SERVING__REDIS_URL"], 2.0, 50, 3600, 3600)
-        for n, history in enumerate(sessions):
-            store.append_events(f"b{n}", [(f"b{n}-{k}", e, None) for k, e in enumerate(history)])
-
-        result["compute_floor_ms"] = compute_floor(loaded, sessions, 200)
-        result["physical_floor_ms"] = physical_floor(loaded, sessions, 200)
-        pdp = [
-            ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
-            for n, h in enumerate(sessions)
-        ]
-        hero = [("homepage_hero", {"session_id": f"b{n}"}) for n in range(len(sessions))]
-        asyncio.run(closed_loop(base, hero, 4, 4.0))  # warm every session's hero rail in Redis
-        result["computed"] = [
-            asyncio.run(closed_loop(base, pdp, c, args.seconds)) for c in args.concurrency
-        ]
-        result["cached"] = [
-            asyncio.run(closed_loop(base, hero, c, args.seconds)) for c in args.concurrency
-        ]
-        low = args.concurrency[1]
-        result["spike"] = {
-            "before": asyncio.run(closed_loop(base, pdp, low, args.seconds)),
-            "during": asyncio.run(closed_loop(base, pdp, 5 * low, args.seconds)),
-        }
-        if triton is not None:
-            result["triton_ms"] = triton_vs_in_process(loaded, triton, 200)
+        yield base, env["RAILTOWER_SERVING__REDIS_URL"], triton
     finally:
         for server in reversed(started):
             server.stop()
+
+
+def cached_row(
+    base: str, bodies: list[tuple[str, dict]], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """A closed-loop row on the cached rail, with its cache hits and misses apart."""
+    row = asyncio.run(closed_loop(base, bodies, concurrency, seconds))
+    return row | cache_check(row)
+
+
+def measure_http(
+    base: str, sessions: list[list[HistoryEvent]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The HTTP rows: computed, sustained (open loop), cached (after warming), spike."""
+    pdp = [
+        ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
+        for n, h in enumerate(sessions)
+    ]
+    hero = [("homepage_hero", {"session_id": f"b{n}"}) for n in range(len(sessions))]
+    out: dict[str, Any] = {
+        "computed": [asyncio.run(closed_loop(base, pdp, c, args.seconds)) for c in args.concurrency]
+    }
+    rate = SUSTAINED_LOAD * max(row["throughput_rps"] for row in out["computed"])
+    out["sustained"] = asyncio.run(open_loop(base, pdp, rate, 2 * args.seconds))
+    # warmed right before the cached rows: nothing between appends events (which would
+    # move the session's marker) and the rails' TTL outlasts them (rail_ttl_s)
+    out["cache_warming"] = asyncio.run(warm_cache(base, hero, args.warm_seconds))
+    out["cached"] = [cached_row(base, hero, c, args.seconds) for c in args.concurrency]
+    low = args.concurrency[min(1, len(args.concurrency) - 1)]
+    out["spike"] = {
+        "before": asyncio.run(closed_loop(base, pdp, low, args.seconds)),
+        "during": asyncio.run(closed_loop(base, pdp, 5 * low, args.seconds)),
+    }
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    settings = load_settings(log_level="WARNING")
+    bundle = (args.bundle or production_pointer(settings)).resolve()
+    loaded = load_rails(bundle, settings)
+    if settings.serving.torch_threads:  # the compute floor runs as an API process would
+        torch.set_num_threads(settings.serving.torch_threads)
+    sessions = synthetic_sessions(loaded, args.sessions)
+    ttl_s = rail_ttl_s(settings, args)
+    result: dict[str, Any] = {
+        "bundle": loaded.version,
+        "commit": git_revision(),
+        "command": command_line(),
+        "rail_ttl_s": ttl_s,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+    }
+    with stack(settings, bundle, loaded.towers is not None, ttl_s) as (base, redis_url, triton):
+        store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
+        for n, history in enumerate(sessions):
+            store.append_events(f"b{n}", [(f"b{n}-{k}", e, None) for k, e in enumerate(history)])
+        result["compute_floor_ms"] = compute_floor(loaded, sessions, 200)
+        result["physical_floor_ms"] = physical_floor(loaded, sessions, 200)
+        result |= measure_http(base, sessions, args)
+        if triton is not None:
+            result["triton_ms"] = triton_vs_in_process(loaded, triton, 200)
+    result["goals"] = evaluate_goals(result)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "rails_api.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (OUT / "rails_api.md").write_text(markdown(result))
     print(markdown(result))
+    invalid = [row["concurrency"] for row in result["cached"] if not row["valid"]]
+    if invalid:
+        print(f"FAIL: cached rows at concurrency {invalid} are not >= {MIN_CACHE_HITS:.0%} hits")
+        sys.exit(1)
 
 
 def _row(cells: list[object]) -> str:
@@ -296,11 +622,34 @@ def _head(names: list[str]) -> list[str]:
     return [_row(names), "|" + "---|" * len(names)]
 
 
-def markdown(r: dict[str, Any]) -> str:
+def _measured(goal: dict[str, Any]) -> str:
+    value, unit = goal["measured"], goal["unit"]
+    if value is None:
+        return "n/a"
+    return {
+        "ms": f"{value:.2f} ms",
+        "req/s": f"{value:.0f} req/s",
+        "x": f"{value:.1f}x",
+        "share": f"{value:.1%}",
+    }.get(unit, str(value))
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "pass", False: "**FAIL**", None: "n/a"}[passed]
+
+
+def goals_markdown(goals: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Goals (issue 21)", ""] + _head(["goal", "measured", "target", "result"])
+    for g in goals:
+        note = f" ({g['note']})" if g.get("note") else ""
+        lines.append(_row([g["goal"], _measured(g) + note, g["target"], _verdict(g["passed"])]))
+    return lines
+
+
+def floor_markdown(r: dict[str, Any]) -> list[str]:
     floor = r["compute_floor_ms"]
-    lines = [f"# Rails API benchmark ({r['bundle']}, {r['machine']['cpus']} CPUs)", ""]
     stage_names = list(next(iter(floor.values())).get("stages_p50_ms", {}))
-    lines += _head(
+    lines = _head(
         ["rail", "compute floor p50 ms", "p95", "p99", *[f"{s} p50" for s in stage_names]]
     )
     lines += [
@@ -315,26 +664,20 @@ def markdown(r: dict[str, Any]) -> str:
         _row([k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"])
         for k, v in r.get("physical_floor_ms", {}).items()
     ]
-    pdp_floor = floor["pdp_fbt"]["p50"]
-    lines += [""] + _head(
-        [
-            "path",
-            "concurrency",
-            "req/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "p99 / floor p50",
-            "degraded",
-            "errors",
-        ]
-    )
+    return lines
+
+
+def load_markdown(r: dict[str, Any]) -> list[str]:
+    """Computed and cached closed-loop rows side by side (all requests)."""
+    pdp_floor = r["compute_floor_ms"]["pdp_fbt"]["p50"]
+    names = ["path", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms"]
+    lines = _head([*names, "p99 / floor p50", "degraded", "errors"])
     for path in ("computed", "cached"):
         for row in r[path]:
             lines.append(
                 _row(
                     [
-                        path,
+                        path if row.get("valid", True) else f"{path} **FAIL**",
                         row["concurrency"],
                         f"{row['throughput_rps']:.0f}",
                         f"{row['p50']:.1f}",
@@ -346,6 +689,70 @@ def markdown(r: dict[str, Any]) -> str:
                     ]
                 )
             )
+    return lines
+
+
+def sustained_markdown(r: dict[str, Any]) -> list[str]:
+    s = r["sustained"]
+    ratio = s["p99"] / r["compute_floor_ms"]["pdp_fbt"]["p50"]
+    lines = [
+        f"Sustained load, pdp_fbt, open loop (Poisson arrivals, at most {s['max_in_flight']} "
+        f"in flight, latency from the scheduled time), {s['seconds']:.0f} s at "
+        f"{SUSTAINED_LOAD:.0%} of the highest computed req/s:",
+        "",
+    ]
+    lines += _head(
+        ["offered req/s", "achieved req/s", "p50 ms", "p95 ms", "p99 ms", "p99 / floor p50"]
+        + ["degraded", "errors", "not sent", "send lag p99 ms"]
+    )
+    lines.append(
+        _row(
+            [
+                f"{s['offered_rps']:.1f}",
+                f"{s['achieved_rps']:.1f}",
+                f"{s['p50']:.1f}",
+                f"{s['p95']:.1f}",
+                f"{s['p99']:.1f}",
+                f"{ratio:.1f}x",
+                f"{s['degraded_share']:.1%}",
+                s["errors"],
+                s["not_sent"],
+                f"{s['send_lag_p99_ms']:.1f}",
+            ]
+        )
+    )
+    return lines
+
+
+def cached_markdown(r: dict[str, Any]) -> list[str]:
+    w = r["cache_warming"]
+    lines = [
+        f"Cached path, homepage_hero: warmed and confirmed {w['confirmed']} of {w['sessions']} "
+        f"sessions in {w['passes']} passes ({w['seconds']:.1f} s); a row needs "
+        f">= {MIN_CACHE_HITS:.0%} cache hits.",
+        "",
+    ]
+    lines += _head(
+        ["concurrency", "cache hits", "misses", "hit share", "hits p50 ms", "hits p99 ms"]
+        + ["all p50 ms", "all p99 ms", "valid"]
+    )
+    for row in r["cached"]:
+        hit = row["cache_hit_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        lines.append(
+            _row(
+                [
+                    row["concurrency"],
+                    row["cache_hits"],
+                    row["cache_misses"],
+                    f"{row['cache_hit_share']:.1%}",
+                    f"{hit['p50']:.2f}",
+                    f"{hit['p99']:.2f}",
+                    f"{row['p50']:.2f}",
+                    f"{row['p99']:.2f}",
+                    "yes" if row["valid"] else f"**FAIL**: {row['reason']}",
+                ]
+            )
+        )
     lines += [""] + _head(["concurrency", "cached p50 / computed p50", "cached / computed req/s"])
     for a, b in zip(r["computed"], r["cached"], strict=True):
         lines.append(
@@ -357,8 +764,12 @@ def markdown(r: dict[str, Any]) -> str:
                 ]
             )
         )
-    lines += [""] + _head(
-        ["spike (pdp_fbt)", "concurrency", "req/s", "p50 ms", "p99 ms", "degraded"]
+    return lines
+
+
+def spike_markdown(r: dict[str, Any]) -> list[str]:
+    lines = _head(
+        ["spike (pdp_fbt)", "concurrency", "req/s", "p50 ms", "p99 ms", "degraded", "errors"]
     )
     for name in ("before", "during"):
         row = r["spike"][name]
@@ -371,26 +782,38 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{row['p50']:.1f}",
                     f"{row['p99']:.1f}",
                     f"{row['degraded_share']:.1%}",
+                    row["errors"],
                 ]
             )
         )
-    if "triton_ms" in r:
-        lines += [""] + _head(
-            ["user tower", "batch", "Triton p50 ms", "in-process p50 ms", "ratio"]
+    return lines
+
+
+def triton_markdown(r: dict[str, Any]) -> list[str]:
+    lines = _head(["user tower", "batch", "Triton p50 ms", "in-process p50 ms", "ratio"])
+    for batch, row in r["triton_ms"].items():
+        t, i = row["triton"]["p50"], row["in_process"]["p50"]
+        lines.append(
+            _row(["session encoder", batch.split("_")[1], f"{t:.2f}", f"{i:.2f}", f"{t / i:.1f}x"])
         )
-        for batch, row in r["triton_ms"].items():
-            t, i = row["triton"]["p50"], row["in_process"]["p50"]
-            lines.append(
-                _row(
-                    [
-                        "session encoder",
-                        batch.split("_")[1],
-                        f"{t:.2f}",
-                        f"{i:.2f}",
-                        f"{t / i:.1f}x",
-                    ]
-                )
-            )
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# Rails API benchmark ({r['bundle']}, {r['machine']['cpus']} CPUs)",
+        "",
+        f"Commit `{r['commit']}`; command `{r['command']}`.",
+        "",
+    ]
+    lines += goals_markdown(r["goals"])
+    lines += ["", "## Measurements", ""] + floor_markdown(r)
+    lines += [""] + load_markdown(r)
+    lines += [""] + sustained_markdown(r)
+    lines += [""] + cached_markdown(r)
+    lines += [""] + spike_markdown(r)
+    if "triton_ms" in r:
+        lines += [""] + triton_markdown(r)
     return "\n".join(lines) + "\n"
 
 
