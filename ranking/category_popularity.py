@@ -8,7 +8,7 @@ only learned "same category" would tie with it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,16 @@ class CategoryPopularityRetriever:
             if category is not None:
                 members[category].append(int(row))
         self.by_category = {c: np.asarray(rows) for c, rows in members.items()}
+        # per category, (item, share of the category's top popularity), most popular first:
+        # Python values built once, so a request reads no numpy scalar one at a time
+        scores = self.popularity.scores
+        self._shelves: dict[str, list[tuple[str, float]]] = {}
+        for category, rows in self.by_category.items():
+            top = scores[rows[0]]
+            shares = scores[rows] / top if top > 0 else np.zeros(len(rows))
+            self._shelves[category] = list(
+                zip(catalogue.ids[rows].tolist(), shares.tolist(), strict=True)
+            )
         return self
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
@@ -63,20 +73,19 @@ class CategoryPopularityRetriever:
             if category is not None:
                 weight[category] += w
         picked: list[Candidate] = []
-        taken: set[str] = set()
+        taken: set[str] = set(query.exclude)
         ranked = sorted(weight, key=lambda c: (-weight[c], c))
-        groups = [(weight[c], self.by_category[c]) for c in ranked if c in self.by_category]
-        if fill:
-            groups.append((0.0, self.popularity.order))
-        scores = self.popularity.scores
-        for category_weight, rows in groups:
-            top = scores[rows[0]] if len(rows) else 0.0
-            for row in rows:
+        groups: list[tuple[float, Iterable[tuple[str, float]]]] = [
+            (weight[c], self._shelves[c]) for c in ranked if c in self._shelves
+        ]
+        if fill:  # then every item by popularity, each scored 0
+            everything = self.catalogue.ids[self.popularity.order].tolist()
+            groups.append((0.0, ((item, 0.0) for item in everything)))
+        for category_weight, shelf in groups:
+            for item, share in shelf:
                 if len(picked) >= k:
                     return picked
-                item = str(self.catalogue.ids[row])
-                if item not in query.exclude and item not in taken:
-                    share = scores[row] / top if top > 0 else 0.0
+                if item not in taken:
                     picked.append(Candidate(item, category_weight * share))
                     taken.add(item)
         return picked

@@ -26,6 +26,8 @@ class PopularityRetriever:
         self.settings, self.weights = settings, weights
         self.order: np.ndarray = np.empty(0, dtype=np.int64)
         self.scores: np.ndarray = np.empty(0)
+        self._ranked: list[Candidate] = []
+        self._complete = False  # _ranked holds every positively scored item
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> PopularityRetriever:
         self.catalogue = catalogue
@@ -46,7 +48,28 @@ class PopularityRetriever:
         self.catalogue, self.scores = catalogue, scores
         # Ties (and never-seen items) fall back to catalogue order, so results are stable.
         self.order = np.lexsort((np.arange(len(catalogue)), -self.scores))
+        self._ranked, self._complete = [], False
         return self
+
+    def top(self, n: int) -> list[Candidate]:
+        """The (at most) n most popular items with a positive score, as candidates.
+
+        Built once and grown on demand: per request, reading numpy scalars one by one cost
+        more than the rest of the source.
+        """
+        ranked = self._ranked
+        if len(ranked) < n and not self._complete:
+            head = self.order[: max(n, 2 * len(ranked), 256)]
+            rows = head[self.scores[head] > 0]  # sorted by score: the positive ones lead
+            self._complete = len(rows) < len(head) or len(head) == len(self.order)
+            ranked = [
+                Candidate(item, score)
+                for item, score in zip(
+                    self.catalogue.ids[rows].tolist(), self.scores[rows].tolist(), strict=True
+                )
+            ]
+            self._ranked = ranked  # one assignment: request threads may read it meanwhile
+        return ranked[:n]
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         empty = sp.csr_matrix((len(queries), len(self.catalogue)))
@@ -56,14 +79,10 @@ class PopularityRetriever:
         """The most popular items not excluded, scored by their decayed event weight."""
         out = []
         for query in queries:
-            picked: list[Candidate] = []
-            for idx in self.order:
-                if len(picked) >= k or self.scores[idx] <= 0:
-                    break
-                item = str(self.catalogue.ids[idx])
-                if item not in query.exclude:
-                    picked.append(Candidate(item, float(self.scores[idx])))
-            out.append(picked)
+            exclude = query.exclude
+            # at most len(exclude) of the head are excluded, so k + len(exclude) suffice
+            picked = [c for c in self.top(k + len(exclude)) if c.item_id not in exclude]
+            out.append(picked[:k])
         return out
 
 

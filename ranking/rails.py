@@ -289,7 +289,10 @@ class RailPipeline:
         wanted = min(length, self.slots if slots is None else slots)
         fill = self._popular_fill(query, {c.item_id for c in pool})
         filled: list[str] = []
-        while len(result.candidates) < wanted:
+        # also fill while a pin is shown above its slot: the popular items are eligible
+        # items too, and a pin sits at its slot whenever enough of them exist (bounded: a
+        # rule set that blocks most of the catalogue must not make a request scan all of it)
+        while len(result.candidates) < wanted or (result.pins_short and len(filled) < length):
             more = list(itertools.islice(fill, wanted))
             if not more:
                 break  # nothing eligible left in the catalogue

@@ -93,6 +93,8 @@ class RulesOutcome:
 
     candidates: list[Candidate]
     effects: dict[str, list[RuleEffect]]
+    # a pinned item is shown above its slot: too few other eligible items to reach it
+    pins_short: bool = False
 
     def excluded(self, item_id: str) -> bool:
         """Whether the item was removed (out of stock, blocked or below a margin floor)."""
@@ -213,17 +215,20 @@ def explain_rules(
     taken = {c.item_id for _, c in pinned.values()}
     rest = iter(c for c in ranked if c.item_id not in taken)
     result: list[Candidate] = []
+    short = False
     for slot in range(1, slots + 1):
         if slot in pinned:
             i, candidate = pinned[slot]
             detail = f"pinned at slot {slot}"
             if len(result) + 1 != slot:
+                short = True
                 detail += f", shown at {len(result) + 1}: too few eligible items to reach it"
             effects[candidate.item_id].append(RuleEffect(i, "pin", detail))
             result.append(candidate)
         elif (unpinned := next(rest, None)) is not None:
             result.append(unpinned)
-    return RulesOutcome(result, {item: notes for item, notes in effects.items() if notes})
+    kept = {item: notes for item, notes in effects.items() if notes}
+    return RulesOutcome(result, kept, short)
 
 
 def _judged_head(
