@@ -111,6 +111,7 @@ def _api_env(artifacts: Path, stack: Stack, dataset: str, bundle: Path | None) -
         "RAILTOWER_SERVING__BUDGETS__REDIS_MS": "2000",
         "RAILTOWER_SERVING__BUDGETS__USER_VECTOR_MS": "5000",
         "RAILTOWER_SERVING__BUDGETS__RANKER_MS": "5000",
+        "RAILTOWER_SERVING__BUDGETS__ADMISSION_MS": "5000",
         "RAILTOWER_SECURITY__ADMIN_API_KEY": stack.admin_key,
         # load test: one client is many shoppers (the swap-under-load clients and the fuzzer,
         # all from loopback); the per-client rate limit (on by default) is off

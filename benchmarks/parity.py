@@ -60,7 +60,7 @@ from training.parity import (
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 # Far above any stage on a busy machine: a degraded answer would not be the evaluator's.
-BUDGETS = {"redis_ms": 5000, "user_vector_ms": 10000, "ranker_ms": 10000}
+BUDGETS = {"redis_ms": 5000, "user_vector_ms": 10000, "ranker_ms": 10000, "admission_ms": 10000}
 
 
 def encoder_noise_share(loaded: LoadedRails, rail: str, queries, vectors, slots: int) -> float:  # type: ignore[no-untyped-def]

@@ -70,7 +70,12 @@ def trained_rees46(tmp_path_factory):
         ranking={"mmr_lambda_grid": [0.85, 1.0]},
         serving={
             "triton_repository": root / "triton_models",
-            "budgets": {"redis_ms": 2000, "user_vector_ms": 5000, "ranker_ms": 5000},
+            "budgets": {
+                "redis_ms": 2000,
+                "user_vector_ms": 5000,
+                "ranker_ms": 5000,
+                "admission_ms": 5000,
+            },
         },
         log_level="WARNING",
     )
