@@ -139,3 +139,23 @@ def test_git_revision_marks_a_dirty_tree(tmp_path):
     assert clean and "+" not in clean
     (tmp_path / "f").write_text("b")
     assert bench.git_revision(tmp_path) == clean + "+dirty"
+
+
+def test_frame_shares_counts_a_frame_once_per_stack_and_drops_line_numbers():
+    from benchmarks.profile_rails import frame_shares
+
+    collapsed = "\n".join(
+        [
+            "main (app.py:1);serve (service.py:10);rank (rails.py:5) 3",
+            "main (app.py:1);serve (service.py:12);serve (service.py:40) 1",
+            "main (app.py:1);idle (loop.py:3) 4",
+            "not a stack line",
+        ]
+    )
+    shares = frame_shares(collapsed)
+    inclusive = {row["frame"]: row["share"] for row in shares["inclusive"]}
+    own = {row["frame"]: row["share"] for row in shares["self"]}
+    assert shares["samples"] == 8
+    assert inclusive["main (app.py)"] == 1.0
+    assert inclusive["serve (service.py)"] == 0.5  # the recursive stack counts once
+    assert own == {"idle (loop.py)": 0.5, "rank (rails.py)": 0.375, "serve (service.py)": 0.125}
