@@ -306,8 +306,8 @@ class RefreshConsumer:
                     raise  # a part is down, not the message: the batch is retried
                 except Exception as exc:  # noqa: BLE001 - one message must not stop the group
                     # decoded but not appliable (an event's own case is read_session_event's):
-                    # never retried forever (the batch would never
-                    # commit and every member taking the partition would die on it in turn)
+                    # never retried forever (the batch would never commit and every member
+                    # taking the partition would die on it in turn)
                     reason = f"cannot be applied: {type(exc).__name__}: {exc}"
                     self._dead_letter(record, reason, report)
                     continue
