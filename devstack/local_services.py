@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from railtower.errors import RailtowerError
-from railtower.settings import ServingSettings
+from railtower.settings import HTTP_PARSER, ServingSettings
 
 
 class ServiceError(RailtowerError):
@@ -110,7 +110,7 @@ def api_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[st
         raise ServiceError(f"workers must be at least 1; got {workers}")
     return [
         *(sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app"),
-        *("--host", host, "--port", str(port), "--log-level", "warning"),
+        *("--host", host, "--port", str(port), "--log-level", "warning", "--http", HTTP_PARSER),
         *(("--workers", str(workers)) if workers > 1 else ()),
     ]
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from railtower.errors import RailtowerError
 from railtower.logs import configure_logging
-from railtower.settings import Settings, load_settings
+from railtower.settings import HTTP_PARSER, Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
@@ -331,13 +331,20 @@ def serve(config: Path | None = ConfigOption) -> None:
     settings = _settings(config)
     s = settings.serving
     if s.workers == 1:
-        uvicorn.run(create_app(settings), host=s.host, port=s.port)
+        uvicorn.run(create_app(settings), host=s.host, port=s.port, http=HTTP_PARSER)
         return
     # Several workers need an import string: each worker process builds its own app, and
     # reads the same settings from the same file and environment.
     if config is not None:
         os.environ["RAILTOWER_CONFIG"] = str(config.resolve())
-    uvicorn.run("serving.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers)
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=s.workers,
+        http=HTTP_PARSER,
+    )
 
 
 @app.command()
