@@ -53,8 +53,9 @@ from railtower.production import rollback as run_rollback
 from railtower.settings import PROJECT_ROOT, Settings
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.metrics import Metrics
+from serving.request_checks import BadRequest
 from serving.security import require_admin
-from serving.service import BadRequest, RailService
+from serving.service import RailService
 from state.session_store import Deletion, SessionStore
 
 log = get_logger(__name__)

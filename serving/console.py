@@ -43,8 +43,9 @@ from serving.admin import parse_rule_set, rule_errors
 from serving.api_models import RailRequest
 from serving.impressions import items_without_impressions
 from serving.rail_service import LoadedRails
+from serving.request_checks import BadRequest
 from serving.security import require_admin
-from serving.service import BadRequest, RailService
+from serving.service import RailService
 from serving.stages import Ranker, Trace, build_query, in_process_vector, run_stages
 from towers.session_features import HistoryEvent
 

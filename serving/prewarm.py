@@ -73,7 +73,7 @@ def prewarm(
     ):
         items = ruled.outcome.candidates
         # The exploration draw happens here, at warm time, seeded as the API would seed
-        # it for this state; the cached rail keeps its propensities (see _from_cache).
+        # it for this state; the cached rail keeps its propensities (serving.rail_cache).
         request = RailRequest(session_id=session_id, slots=slots)
         explored = service.explore("homepage_hero", request, snap, items)
         items = explored.items if explored is not None else items

@@ -36,9 +36,10 @@ from ranking.candidate_fusion import SOURCES, CandidateTable
 from ranking.candidates import Candidate
 from ranking.exploration import Explored
 from ranking.retriever import Query
-from ranking.rules import RuleEffect
+from ranking.rules import RuleEffect, explain_rules
 from serving.api_models import Provenance, RuleTouch, SlotReason, SourceRank, Tier
 from serving.rail_service import LoadedRails
+from serving.stages import Answer
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,43 @@ class Origin:
     before_rules: Sequence[Candidate] | None = None
     explored: Explored | None = None
     note: str | None = None
+
+
+def explain_answer(
+    rail: str, query: Query, loaded: LoadedRails, answer: Answer
+) -> list[Provenance]:
+    """Per-slot provenance of a served answer (computed, fallback or cache; explain=true)."""
+    output = answer.output
+    if output is not None and output.ruled is not None:
+        origin = Origin(
+            "candidates",
+            output.ruled.outcome.effects,
+            output.ruled.filled,
+            output.table,
+            output.ranked,
+            output.before_rules,
+            answer.explored,
+        )
+    elif answer.ruled is not None:
+        origin = Origin("fallback", answer.ruled.outcome.effects, answer.ruled.filled)
+    else:
+        origin = cache_origin(rail, query, loaded, answer)
+    return explain_slots(loaded, query, answer.items, origin)
+
+
+def cache_origin(rail: str, query: Query, loaded: LoadedRails, answer: Answer) -> Origin:
+    """What a cached rail can truthfully say: the effects of the rules in force now (the
+    marker names the rule set, so they are those it was warmed under), no stage ranks."""
+    pipeline = loaded.pipeline
+    rules = pipeline.rules
+    now = pipeline.request_time(query)
+    n = len(answer.items)
+    outcome = explain_rules(answer.items, rules, pipeline.attributes, rail, n, now)
+    note = (
+        "served from the pre-warmed rail computed for this session state; "
+        "its candidate, re-ranker and MMR ranks were not stored"
+    )
+    return Origin("cache", outcome.effects, explored=answer.explored, note=note)
 
 
 def explain_slots(

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from railtower.logs import get_logger
 from railtower.settings import SecuritySettings
 from serving.metrics import Metrics
-from serving.service import BadRequest
+from serving.request_checks import BadRequest
 
 log = get_logger(__name__)
 

@@ -43,8 +43,8 @@ from ranking.exploration import Explored
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
+from serving.observer import ServedRequest
 from serving.rail_service import LoadedRails, load_rails
-from serving.service import ServedRequest
 from serving.stages import Trace, in_process_vector, run_stages
 from state.redis_client import connect
 

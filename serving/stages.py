@@ -19,19 +19,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from railtower.settings import ExclusionSettings, ExplorationSettings
+from railtower.logs import get_logger
+from railtower.settings import ExclusionSettings, ExplorationSettings, Settings
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
-from ranking.engine import compute
+from ranking.engine import compute, fallback
 from ranking.exploration import ArmStats, Explored, explore
 from ranking.rail_inputs import rail_query
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
-from serving.api_models import RailRequest
+from serving.api_models import RailRequest, ServedBy
 from serving.rail_service import LoadedRails
 from serving.user_vectors import VectorTowerSource, session_vector
 from state.session_store import SessionSnapshot
 from towers.session_features import HistoryEvent, history_of
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -57,6 +60,21 @@ class StageOutput:
     table: CandidateTable | None = None  # the fused candidates, fused order
     ranked: list[Candidate] | None = None  # the re-ranker's order
     ruled: RuledSlots | None = None  # the rules' effects and popular fill
+
+
+@dataclass
+class Answer:
+    """What the request path answers one request with, and what explain=true, impression
+    logging and the shadow arms read of it."""
+
+    served_by: ServedBy
+    items: list[Candidate]
+    before_rules: list[Candidate] | None = None
+    vector: np.ndarray | None = None
+    explored: Explored | None = None
+    # what explain=true reads: the stages' output (computed) or the rules' (fallback)
+    output: StageOutput | None = None
+    ruled: RuledSlots | None = None
 
 
 Ranker = Callable[[CandidateTable], np.ndarray]
@@ -176,6 +194,36 @@ def run_stages(
     )
 
 
+def fallback_answer(loaded: LoadedRails, rail: str, query: Query, slots: int) -> Answer:
+    """Popular items under the rules for `query` (no vector, no re-ranker): the answer when
+    the process is over capacity or the computation failed."""
+    ruled = fallback(loaded.pipeline, rail, query, slots)
+    return Answer("fallback", ruled.outcome.candidates, ruled=ruled)
+
+
+def last_resort(
+    loaded: LoadedRails,
+    rail: str,
+    request: RailRequest,
+    parts: tuple[str | None, tuple[str, ...]],
+) -> list[Candidate]:
+    """Popular items under the rules, built from the request alone (no session state): what
+    a valid request gets when its own path failed. It still never returns the product on
+    the page, the cart or the request's exclusions."""
+    anchor, cart = parts
+    # stricter than a computed rail: with no session to go on, the cart is excluded too
+    query = rail_query(anchor, cart, also_exclude=[*request.exclude, *cart])
+    exclude = query.exclude
+    try:
+        return fallback(loaded.pipeline, rail, query, request.slots).outcome.candidates
+    except Exception:  # noqa: BLE001 - the rules themselves failed: plain popularity
+        log.exception("rules failed on the last-resort rail; plain popular items", rail=rail)
+        stats = loaded.pipeline.stats
+        order = stats.item_ids[np.argsort(-stats.popularity, kind="stable")].tolist()
+        items = [i for i in order if i not in exclude][: request.slots]
+        return [Candidate(item, -float(k)) for k, item in enumerate(items)]
+
+
 # ------------------------------------------------------------------ the exploration slot
 
 
@@ -214,3 +262,22 @@ def explore_slot(
     if settings.slot is None:
         return None
     return explore(ruled, slots, settings, rng, stats)
+
+
+def explore_request(
+    settings: Settings,
+    rail: str,
+    request: RailRequest,
+    snapshot: SessionSnapshot | None,
+    ruled: Sequence[Candidate],
+    stats: ArmStats | None = None,
+) -> Explored | None:
+    """The exploration slot of one request (or pre-warmed session) over the rules' output,
+    drawn with the generator its rail, session state and page or cart seed; None when
+    `ranking.exploration` is off."""
+    exploration = settings.ranking.exploration
+    if exploration.slot is None:
+        return None
+    marker = snapshot.marker if snapshot is not None else None
+    rng = exploration_rng(settings.seed, rail, request, marker)
+    return explore_slot(exploration, ruled, request.slots, rng, stats)
