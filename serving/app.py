@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from railtower.logs import configure_logging, get_logger
 from railtower.production import pointer_path
 from railtower.settings import Settings, get_settings
-from serving.admin import PublishedRules, admin_router
+from serving.admin import admin_router
 from serving.api_models import RailRequest, RailResponse
 from serving.console import console_router
 from serving.metrics import Metrics
+from serving.published_rules import PublishedRules
 from serving.security import (
     BodyLimitMiddleware,
     ClientIdentity,

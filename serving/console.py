@@ -39,9 +39,9 @@ from ranking.item_attributes import ItemInfo
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts
 from ranking.retriever import Query as RailQuery
 from ranking.rules import RuleSet
-from serving.admin import parse_rule_set, rule_errors
 from serving.api_models import RailRequest
 from serving.impressions import items_without_impressions
+from serving.published_rules import parse_rule_set, rule_errors
 from serving.rail_service import LoadedRails
 from serving.request_checks import BadRequest
 from serving.security import require_admin
