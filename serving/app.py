@@ -3,7 +3,9 @@
     uvicorn --factory serving.app:create_app --port 8090      (or `railtower serve`)
 
 The route parses the request and hands it to `serving.service.RailService`, which holds the
-served model and runs the stages. A background thread follows the production pointer and
+served model and runs the stages. Routes are module-level functions on an APIRouter; each
+gets the service (and /readyz the background loops) from `app.state` through a FastAPI
+dependency, set by `create_app`. A background thread follows the production pointer and
 hot-swaps a promoted bundle; a bundle that fails to load leaves the current one serving.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -34,6 +36,7 @@ from serving.api_models import RailRequest, RailResponse
 from serving.console import console_router
 from serving.metrics import Metrics
 from serving.published_rules import PublishedRules
+from serving.request_checks import BadRequest
 from serving.security import (
     BodyLimitMiddleware,
     ClientIdentity,
@@ -42,7 +45,7 @@ from serving.security import (
     require_admin,
     require_explain_key,
 )
-from serving.service import BadRequest, RailService
+from serving.service import RailService
 from serving.shadow import ShadowRunner, build_shadow
 from serving.shadow_routes import shadow_router
 from serving.user_vectors import TritonUserTower
@@ -111,8 +114,8 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
             service.observer.close()  # flushes the impressions still buffered
 
     app = FastAPI(title="Railtower rails API", lifespan=lifespan)
-    app.state.service = service
-    app.state.settings = settings
+    # what the routes' dependencies read (get_service, get_app_settings, get_watchers)
+    app.state.service, app.state.settings, app.state.watchers = service, settings, watchers
     # admin routes, all behind the X-API-Key check (serving/admin.py, serving/security.py)
     app.include_router(admin_router(service, rules))
     guard = settings.security
@@ -133,85 +136,11 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
         app.include_router(shadow_router(service.observer), dependencies=[Depends(require_admin)])
     # the merchandising console: /console and /v1/console/... (serving/console.py)
     app.include_router(console_router(service))
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-        service.metrics.errors.labels(kind=f"http_{exc.status}").inc()
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        service.metrics.errors.labels(kind="http_422").inc()
-        problems = [_problem(e) for e in exc.errors()]
-        return JSONResponse(
-            {"error": "invalid request: " + "; ".join(problems), "problems": problems},
-            status_code=422,
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # FastAPI answers a body it cannot decode (not UTF-8) with a bare {"detail"} 400 that
-        # names nothing; say which input is wrong, in this API's {"error"} shape.
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            service.metrics.errors.labels(kind="http_400").inc()
-            why = "body: cannot be parsed; send UTF-8 JSON"
-            return JSONResponse({"error": why, "problems": [why]}, status_code=400)
-        return await http_exception_handler(request, exc)
-
-    # Unset fields are left out, so a slot carries `provenance` only when explain=true.
-    @app.post("/v1/rails/{rail}", response_model=RailResponse, response_model_exclude_unset=True)
-    async def rails(
-        rail: str,
-        body: RailRequest,
-        request: Request,
-        explain: bool = False,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> Response:
-        if explain:  # ?explain=true, the same as "explain": true in the body
-            body = body.model_copy(update={"explain": True})
-        if body.explain:
-            require_explain_key(request, x_api_key)
-        # The stages are CPU work (numpy, LightGBM, torch): off the event loop.
-        answer = await run_in_threadpool(service.serve, rail, body)
-        # Serialised once, here: returned as a model, FastAPI would validate what the service
-        # just built from validated parts all over again (the schema stays response_model's).
-        return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
-
-    @app.get("/healthz")
-    async def healthz(response: Response) -> dict[str, str]:
-        # the worker's PID: with several uvicorn workers on one port, says which one answered
-        response.headers["X-Railtower-Pid"] = str(os.getpid())
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        loaded = service.loaded
-        if loaded is None:
-            return JSONResponse({"ready": False, "why": "no model loaded"}, status_code=503)
-        stale = watchers.stale(settings.serving.watch_stale_s)
-        if stale:
-            why = "; ".join(
-                f"{name} has not completed a pass for {age:.0f} s: promotions, rules and "
-                "stock changes are not followed (see the log)"
-                for name, age in stale.items()
-            )
-            return JSONResponse({"ready": False, "why": why}, status_code=503)
-        return JSONResponse(
-            {
-                "ready": True,
-                "model_version": loaded.version,
-                "index": loaded.towers is not None,
-                "rankers": sorted(loaded.pipeline.rankers),
-                "rules": None
-                if loaded.pipeline.rule_set is None
-                else loaded.pipeline.rule_set.name,
-            }
-        )
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    # error mapping: every 4xx in this API's {"error"} shape, counted
+    app.add_exception_handler(BadRequest, bad_request)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.include_router(routes)  # /v1/rails/{rail}, /healthz, /readyz, /metrics
     return app
 
 
@@ -249,6 +178,115 @@ class Watchers:
             for name, at in self.passed.items()
             if now - at > max(limit_s, 3 * self.intervals[name])
         }
+
+
+# ------------------------------------------------------------------ the routes
+# Module-level, the service and the watchers reached through FastAPI dependencies on
+# app.state (set by create_app); an async dependency runs on the event loop, no thread hop.
+
+
+async def get_service(request: Request) -> RailService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+async def get_watchers(request: Request) -> Watchers:
+    return request.app.state.watchers  # type: ignore[no-any-return]
+
+
+async def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+Service = Annotated[RailService, Depends(get_service)]
+routes = APIRouter()
+
+
+# Unset fields are left out, so a slot carries `provenance` only when explain=true.
+@routes.post("/v1/rails/{rail}", response_model=RailResponse, response_model_exclude_unset=True)
+async def rails(
+    rail: str,
+    body: RailRequest,
+    request: Request,
+    service: Service,
+    explain: bool = False,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Response:
+    if explain:  # ?explain=true, the same as "explain": true in the body
+        body = body.model_copy(update={"explain": True})
+    if body.explain:
+        require_explain_key(request, x_api_key)
+    # The stages are CPU work (numpy, LightGBM, torch): off the event loop.
+    answer = await run_in_threadpool(service.serve, rail, body)
+    # Serialised once, here: returned as a model, FastAPI would validate what the service
+    # just built from validated parts all over again (the schema stays response_model's).
+    return Response(answer.model_dump_json(exclude_unset=True), media_type="application/json")
+
+
+@routes.get("/healthz")
+async def healthz(response: Response) -> dict[str, str]:
+    # the worker's PID: with several uvicorn workers on one port, says which one answered
+    response.headers["X-Railtower-Pid"] = str(os.getpid())
+    return {"status": "ok"}
+
+
+@routes.get("/readyz")
+async def readyz(
+    service: Service,
+    watchers: Annotated[Watchers, Depends(get_watchers)],
+    settings: Annotated[Settings, Depends(get_app_settings)],
+) -> JSONResponse:
+    loaded = service.loaded
+    if loaded is None:
+        return JSONResponse({"ready": False, "why": "no model loaded"}, status_code=503)
+    stale = watchers.stale(settings.serving.watch_stale_s)
+    if stale:
+        why = "; ".join(
+            f"{name} has not completed a pass for {age:.0f} s: promotions, rules and "
+            "stock changes are not followed (see the log)"
+            for name, age in stale.items()
+        )
+        return JSONResponse({"ready": False, "why": why}, status_code=503)
+    return JSONResponse(
+        {
+            "ready": True,
+            "model_version": loaded.version,
+            "index": loaded.towers is not None,
+            "rankers": sorted(loaded.pipeline.rankers),
+            "rules": None if loaded.pipeline.rule_set is None else loaded.pipeline.rule_set.name,
+        }
+    )
+
+
+@routes.get("/metrics")
+async def metrics(service: Service) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ------------------------------------------------------------------ error mapping
+
+
+async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    request.app.state.service.metrics.errors.labels(kind=f"http_{exc.status}").inc()
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    request.app.state.service.metrics.errors.labels(kind="http_422").inc()
+    problems = [_problem(e) for e in exc.errors()]
+    return JSONResponse(
+        {"error": "invalid request: " + "; ".join(problems), "problems": problems},
+        status_code=422,
+    )
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # FastAPI answers a body it cannot decode (not UTF-8) with a bare {"detail"} 400 that
+    # names nothing; say which input is wrong, in this API's {"error"} shape.
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        request.app.state.service.metrics.errors.labels(kind="http_400").inc()
+        why = "body: cannot be parsed; send UTF-8 JSON"
+        return JSONResponse({"error": why, "problems": [why]}, status_code=400)
+    return await http_exception_handler(request, exc)
 
 
 def _problem(error: dict[str, Any]) -> str:
