@@ -33,6 +33,9 @@ first in the markdown and under "goals" in the JSON, with the commit (short hash
 
 Closed-loop load is an asyncio httpx client with a fixed number of concurrent workers, each
 sending its next request when the last one answers.
+
+One module on purpose: one benchmark run whose steps share the servers it starts, the
+sessions it warms and the report they fill.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Used by the main job (`railtower services`), the tests' fixtures and the benchmarks. In
 production these are the shop's own Redis and Triton; nothing else in the code knows how
 they were started. A server that cannot start raises ServiceError naming the fix.
+
+One module on purpose: dev tooling only (never imported by the product); each server's
+start and stop sit together with the PID and port handling they share.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The `railtower` command: thin commands over library functions."""
+"""The `railtower` command: thin commands over library functions.
+
+One module on purpose: every command is a thin function over a library call, one per
+subcommand and independent of the others; the file is long because the commands are
+many, not because any one mixes concerns.
+"""
 
 from __future__ import annotations
 

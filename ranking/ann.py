@@ -8,6 +8,9 @@ small-catalogue choice) and :class:`HnswIndex` (hnswlib graph, for large catalog
 
 Saved folders (format and checks in :mod:`ranking.ann_files`) load with :func:`load_index`,
 which raises :class:`~railtower.errors.ArtifactMismatch` on any missing or inconsistent file.
+
+One module on purpose: two implementations of one protocol plus the `ef` tuning that
+compares them; the file format and its checks already live in ranking.ann_files.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ column order of :data:`FEATURES`. Training calls it on past requests, serving on
 The price-history features (:mod:`ranking.price_history`) join them: the item's own recent
 price level, its discount against it and the deal-spike flag, from prices known strictly
 before each request.
+
+One module on purpose: this is the one feature definition training and serving share;
+`ItemStats` (what is fitted and saved) and `build_features` (what reads it) kept side by
+side are what keeps the column order and the two sides from skewing.
 """
 
 from __future__ import annotations

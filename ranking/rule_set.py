@@ -5,6 +5,10 @@ discriminated union of rule kinds on `kind` (pin, boost, bury, block, margin_flo
 :func:`load_rule_set` reports every problem with its line in the file, the field and why,
 so a merchandiser can fix the file without reading code. Applying a rule set lives in
 :mod:`ranking.rules`.
+
+One module on purpose: the rule schema and the loader that words its errors are one
+contract (each problem names the line and field of the schema defined above it), and
+ranking.rules, the console and the admin routes read both.
 """
 
 from __future__ import annotations

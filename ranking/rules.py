@@ -13,6 +13,10 @@ provenance, :func:`ineligible` judges a list without re-ordering it (a pre-warme
 filtered by the rules in force now), and :func:`dry_run` compares two rule sets on sampled
 requests before one is published. The schema and the loader are re-exported here, so
 callers import from one place.
+
+One module on purpose: applying, explaining, judging (`ineligible`) and the dry run all
+share the one eligibility judgement (`_judge`, `_active`), which must not drift between
+the served rules stage, provenance, the cache filter and the comparison.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ object. The per-unit rate is taken at the smallest measured count (one process, 
 core); sizing assumes units scale out linearly across machines and runs each at `--headroom`
 of its measured rate. Partitions are a rule, not a measurement: twice the consumers (room to
 grow the group without repartitioning), at least six.
+
+One module on purpose: one script, read top to bottom: tolerant readers of the benchmark
+files, the sizing arithmetic and the table they fill.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ console read) simply go to the nodes that own each day's slot.
 Only shown impressions (the production arm) count. The key has no model version on
 purpose: exposure belongs to the catalogue item, whichever model chose it, so a promotion
 halfway through a window must not reset the counts.
+
+One module on purpose: the buffered sinks (memory, Kafka) and the per-day counts they
+write are one pipeline behind `make_sink`; the console reads the counts back through
+`items_without_impressions`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ the same shoppers are shadowed on every replica and request. Arms:
 
 The worker thread lowers its own scheduling priority (Linux gives each thread its own nice
 value) and yields between arms, so on a small machine request threads win the CPU.
+
+One module on purpose: `ShadowRunner` is one worker with its queue, arms and counters;
+the admin routes live in serving.shadow_routes, the sinks in serving.impressions, and
+the stages it runs are serving.stages'.
 """
 
 from __future__ import annotations

@@ -20,17 +20,20 @@ Every key has a TTL: session state, vectors, the user's session set and the cata
 Vectors and rails carry the model version in their key, so a promotion never serves a
 vector or rail computed by another model, and the marker (the event count they were
 computed from), so a session that moved on never gets a stale one. Once a published rule
-set is in force (`rules_epoch`, set by serving.admin.PublishedRules), the marker also names
-it ("<count>@<epoch>"): a rail warmed under other rules is not served, while vectors, which
-no rule changes, keep the count alone. Appending is one Lua script: an event is marked seen
-and appended atomically, so a crash between the two can neither lose it nor apply it twice.
-Every call has a socket timeout (the stage budget): a slow or absent Redis raises quickly
-and the caller degrades.
+set is in force (`rules_epoch`, set by serving.published_rules.PublishedRules), the marker
+also names it ("<count>@<epoch>"): a rail warmed under other rules is not served, while
+vectors, which no rule changes, keep the count alone. Appending is one Lua script: an event
+is marked seen and appended atomically, so a crash between the two can neither lose it nor
+apply it twice. Every call has a socket timeout (the stage budget): a slow or absent Redis
+raises quickly and the caller degrades.
 
 The same code runs on one Redis or on Redis Cluster (`serving.redis_mode`; the client comes
 from state/redis_client.py, which says what holds on a cluster). Only one thing differs:
 a cluster pipeline cannot carry a script, so there `append_events` writes the user's set
 and runs the script in two round trips instead of one.
+
+One module on purpose: the key layout above and the reads and writes over it are one
+contract with the consumer and every API process; prices live in state.price_store.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ commit is read again by the new owner; step 3 absorbs it. Each member has a name
 holds what), logs every assignment and revocation, and can keep a ledger: one JSON line per
 batch with the offsets it applied and, separately, that it committed them, so an operator
 (or a test) can tell exactly what a killed member left uncommitted.
+
+One module on purpose: the order of a step (decode, append, publish, pre-warm, commit) is
+the at-least-once guarantee, so it is read in one place with the batch and ledger types it
+passes along; Redis state lives in state/, the pre-warm in the API's RailRefresher.
 """
 
 from __future__ import annotations

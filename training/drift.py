@@ -14,6 +14,10 @@ Two families of checks, each against thresholds in `drift.*`:
   Items the bundle has no vector for are encoded by its item tower from the catalogue.
 
 A flag means "retrain": exit code 4, and `--retrain` runs the nightly job instead.
+
+One module on purpose: it is one command (`railtower drift`); the statistics are small
+pure functions, and the windows, thresholds and report they feed are only meaningful
+together. The statistics would move out first if another command needed them.
 """
 
 from __future__ import annotations

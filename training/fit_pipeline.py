@@ -18,6 +18,10 @@ nightly job does); the towers are not (one training per data set), so they are a
 staler than the baselines beside them. Every cut knows only the items known by then
 (training.point_in_time). With `evaluation.refit` the judged configuration is then fitted
 again with every window moved forward by one split: the bundle that serves.
+
+One module on purpose: the window cuts, the out-of-fold ranker data, the refit and the
+staged scoring must agree on the same cuts; the ranker itself (training.ranker) and the
+bundle format (ranking.rails_bundle) already live apart.
 """
 
 from __future__ import annotations

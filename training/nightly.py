@@ -12,6 +12,9 @@ The default run name is derived from the data windows and the settings, so runni
 job twice on the same data is the same run and does nothing the second time; a run with
 another name on an already processed window reuses that run's outcome instead of
 training again.
+
+One module on purpose: the resumable job is its steps, its state file and its lock;
+splitting them would scatter the resume rules a crash must obey across modules.
 """
 
 from __future__ import annotations

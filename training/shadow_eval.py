@@ -18,6 +18,10 @@ per item). Per rail and arm the report gives:
 Intervals resample sessions (impressions of one session are correlated). A shadow list was
 never shown, so its hits are counterfactual: the shopper reacted to the production list,
 which biases the comparison towards production.
+
+One module on purpose: reading impressions, joining them with what followed and
+summarising the arms are the steps of one report (`railtower shadow-report`); each step is
+a separate function, and nothing else imports the intermediate ones.
 """
 
 from __future__ import annotations
