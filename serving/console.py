@@ -13,41 +13,35 @@ The page previews rails through the public `POST /v1/rails/{rail}`, validates an
 through the admin routes (`serving/admin.py`) and reads the shadow report
 (`serving/shadow.py`) where those exist. The comparison runs each sampled session through
 the served stages once, up to MMR, then applies both rule sets to the same ranked list, so
-the only difference it shows is the rules'.
+the only difference it shows is the rules' (serving/rules_compare.py); the session list is
+serving/console_sessions.py. This module keeps the routes and the catalogue views.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from railtower.errors import RuleSetError
 from railtower.schemas import CATEGORY_SEPARATOR
-from ranking.engine import rerule
 from ranking.item_attributes import ItemInfo
-from ranking.rail_inputs import RAIL_INPUTS, rail_parts
-from ranking.retriever import Query as RailQuery
 from ranking.rules import RuleSet
-from serving.api_models import RailRequest
+from serving.console_sessions import SessionView, loaded_model, recent_sessions
 from serving.impressions import items_without_impressions
 from serving.published_rules import parse_rule_set, rule_errors
 from serving.rail_service import LoadedRails
 from serving.request_checks import BadRequest
+from serving.rules_compare import CompareRequest, CompareResponse, compare_rules, rule_set_label
 from serving.security import require_admin
 from serving.service import RailService
-from serving.stages import Ranker, Trace, build_query, in_process_vector, run_stages
-from towers.session_features import HistoryEvent
 
 PAGE = Path(__file__).parent / "console" / "index.html"
 # Only files that are pictures leave the server, whatever a catalogue row says.
@@ -64,8 +58,6 @@ OPTIONAL_ROUTES = {
     "shadow_report": ("GET", "/v1/admin/shadow/report"),
     "shadow_rules": ("POST", "/v1/admin/shadow/rules"),
 }
-# The rails a session's own events define (its page: last item; its cart: carted items).
-PREVIEW_RAILS = ("homepage_hero", "pdp_fbt", "cart_upsell")
 _NUMERIC_CATEGORY = re.compile(r"^(category-)?\d+$")
 
 
@@ -91,74 +83,6 @@ class ItemsResponse(BaseModel):
     unknown: list[str]
 
 
-class SessionView(BaseModel):
-    session_id: str
-    events: int
-    last_event_at: datetime | None
-    # what the pdp_fbt and cart_upsell previews and the comparison use for this session
-    last_item: str | None
-    cart: list[str]
-
-
-class CompareRequest(BaseModel):
-    """A candidate rule set as typed (so error lines match the editor) and the sessions."""
-
-    rules_text: str = Field(min_length=1, max_length=65_536)
-    session_ids: list[str] = Field(default_factory=list, max_length=200)
-    # recent sessions added after the named ones, up to this many sessions in all
-    sample: int = Field(20, ge=1, le=200)
-    slots: int | None = Field(None, ge=1, le=100)
-
-
-class Moved(BaseModel):
-    item_id: str
-    current_slot: int
-    proposed_slot: int
-
-
-class SessionDiff(BaseModel):
-    session_id: str
-    rail: str
-    current: list[str]
-    proposed: list[str]
-    added: list[str]
-    removed: list[str]
-    moved: list[Moved]
-
-
-class ItemCount(BaseModel):
-    item_id: str
-    sessions: int
-
-
-class RailSummary(BaseModel):
-    rail: str
-    sessions: int
-    sessions_changed: int
-    slots: int
-    slots_changed: int
-    # slots_changed / slots: how much of what shoppers see on this rail would differ
-    changed_share: float
-    added: list[ItemCount]
-    removed: list[ItemCount]
-
-
-class Skipped(BaseModel):
-    session_id: str
-    why: str
-
-
-class CompareResponse(BaseModel):
-    current: str
-    proposed: str
-    model_version: str
-    sessions: list[str]
-    skipped: list[Skipped]
-    rails: list[RailSummary]
-    # only the (session, rail) pairs whose slots differ
-    changes: list[SessionDiff]
-
-
 # ------------------------------------------------------------------------------ the routes
 
 
@@ -182,7 +106,7 @@ def console_router(service: RailService) -> APIRouter:
 
     @router.get("/v1/console/items", response_model=ItemsResponse)
     async def items(ids: str = Query(min_length=1, max_length=20_000)) -> ItemsResponse:
-        loaded = _loaded(service)
+        loaded = loaded_model(service)
         wanted = list(dict.fromkeys(i.strip() for i in ids.split(",") if i.strip()))
         if len(wanted) > 200:
             raise BadRequest(422, f"at most 200 ids per request, got {len(wanted)}")
@@ -194,7 +118,7 @@ def console_router(service: RailService) -> APIRouter:
 
     @router.get("/v1/console/items/{item_id}/image", include_in_schema=False)
     async def image(item_id: str) -> FileResponse:
-        loaded = _loaded(service)
+        loaded = loaded_model(service)
         if item_id not in loaded.catalogue.index:
             raise BadRequest(404, f"item {item_id!r} is not in the catalogue")
         path = image_file(loaded, item_id)
@@ -208,8 +132,8 @@ def console_router(service: RailService) -> APIRouter:
 
     @router.get("/v1/console/rules/current", dependencies=admin)
     async def current_rules() -> dict[str, str]:
-        rule_set = _loaded(service).pipeline.rules
-        return {"label": _label(rule_set), "text": rule_set_text(rule_set)}
+        rule_set = loaded_model(service).pipeline.rules
+        return {"label": rule_set_label(rule_set), "text": rule_set_text(rule_set)}
 
     @router.post("/v1/console/rules/compare", response_model=CompareResponse, dependencies=admin)
     async def compare(body: CompareRequest) -> CompareResponse | JSONResponse:
@@ -224,7 +148,7 @@ def console_router(service: RailService) -> APIRouter:
     async def zero_impressions(
         days: int = Query(7, ge=1, le=90), limit: int = Query(200, ge=1, le=5000)
     ) -> dict[str, object]:
-        loaded, store = _loaded(service), service.store
+        loaded, store = loaded_model(service), service.store
         if store is None:
             raise BadRequest(503, "no Redis configured: impressions are counted there")
         ids = [str(i) for i in loaded.catalogue.ids]
@@ -242,13 +166,6 @@ def console_router(service: RailService) -> APIRouter:
         }
 
     return router
-
-
-def _loaded(service: RailService) -> LoadedRails:
-    loaded = service.loaded
-    if loaded is None:
-        raise BadRequest(503, "no model loaded yet; see /readyz")
-    return loaded
 
 
 # ------------------------------------------------------------------------------ items
@@ -317,52 +234,6 @@ def image_file(loaded: LoadedRails, item_id: str) -> Path | None:
     return path if path.suffix.lower() in IMAGE_TYPES and path.is_file() else None
 
 
-# ------------------------------------------------------------------------------ sessions
-
-
-def session_targets(
-    events: Sequence[HistoryEvent], index: dict[str, int]
-) -> tuple[str | None, list[str]]:
-    """The product page and cart a session stands for: its last item, its carted items.
-
-    A session without a cart event previews cart_upsell with its last item in the cart.
-    """
-    known = [e for e in events if e.item_id in index]
-    last = known[-1].item_id if known else None
-    cart = list(dict.fromkeys(e.item_id for e in known if e.event_type == "cart"))
-    return last, cart or ([last] if last else [])
-
-
-def recent_sessions(service: RailService, limit: int) -> list[SessionView]:
-    """Sessions with state in Redis, the most recent last event first.
-
-    Reads at most 20 x `limit` session keys (a SCAN, never KEYS), so a large store stays
-    responsive; the newest of those are returned.
-    """
-    loaded, store = _loaded(service), service.store
-    if store is None:
-        raise BadRequest(503, "no Redis configured: sessions live there")
-    try:
-        sessions = store.scan_sessions(20 * limit)
-    except redis.RedisError as exc:
-        raise BadRequest(503, f"Redis is not answering ({type(exc).__name__})") from None
-    views = []
-    for session_id, history in sessions:
-        last, cart = session_targets(history, loaded.catalogue.index)
-        newest = max(e.time_s for e in history)
-        views.append(
-            SessionView(
-                session_id=session_id,
-                events=len(history),
-                last_event_at=datetime.fromtimestamp(newest, UTC) if newest > 0 else None,
-                last_item=last,
-                cart=cart,
-            )
-        )
-    views.sort(key=lambda v: v.last_event_at or datetime.min.replace(tzinfo=UTC), reverse=True)
-    return views[:limit]
-
-
 # ------------------------------------------------------------------------------ rules
 
 
@@ -374,127 +245,3 @@ def rule_set_text(rule_set: RuleSet) -> str:
         for rule in data["rules"]
     ]
     return json.dumps(data, indent=2, ensure_ascii=False)
-
-
-def _label(rule_set: RuleSet) -> str:
-    return f"{rule_set.name}@{rule_set.version}"
-
-
-def compare_rules(service: RailService, proposed: RuleSet, body: CompareRequest) -> CompareResponse:
-    """Each rail of each sampled session under the served rules and under `proposed`.
-
-    Sessions are the named ones, then the most recent others, up to `body.sample`. Each
-    (session, rail) is ranked once through the served stages (towers, fusion, re-ranker,
-    MMR); both rule sets then go through the served rules stage over that same list, with
-    the request's exclusions and the popular fill, so a difference is the rules' alone.
-    """
-    loaded = _loaded(service)  # one model for the whole comparison
-    store = service.store
-    if store is None:
-        raise BadRequest(503, "no Redis configured: the sessions to compare on live there")
-    slots = body.slots or service.settings.evaluation.slots
-    named = list(dict.fromkeys(body.session_ids))
-    wanted = named + [
-        v.session_id for v in recent_sessions(service, body.sample) if v.session_id not in named
-    ]
-    wanted = wanted[: max(body.sample, len(named))]
-    current = loaded.pipeline.rules
-    # Served rules explicitly: a publish during the comparison does not change its baseline.
-    served_model = replace(loaded, pipeline=loaded.pipeline.with_rules(current))
-    proposed_pipeline = loaded.pipeline.with_rules(proposed)
-
-    summaries, changes, skipped = [], [], []
-    diffs: dict[str, list[SessionDiff]] = {rail: [] for rail in PREVIEW_RAILS}
-    for session_id in wanted:
-        try:
-            snapshot = store.snapshot(session_id, loaded.version, None)
-        except redis.RedisError as exc:
-            raise BadRequest(503, f"Redis is not answering ({type(exc).__name__})") from None
-        last, cart = session_targets(snapshot.events, loaded.catalogue.index)
-        if last is None:
-            skipped.append(Skipped(session_id=session_id, why="no events of catalogue items"))
-            continue
-        for rail in PREVIEW_RAILS:
-            # the page product and cart only where the rail reads them (ranking.rail_inputs)
-            parts = rail_parts(rail, last, cart if RAIL_INPUTS[rail].cart else ())
-            request = RailRequest(
-                session_id=session_id,
-                user_id=None,
-                item_id=parts[0],
-                cart=list(parts[1]),
-                slots=slots,
-                context=None,
-            )
-            # The served stages (serving/stages.py), under the served rules; the proposed
-            # rules then judge the very list the served rules stage read.
-            query = build_query(request, snapshot, parts, rail, service.settings.serving.exclusions)
-            served = run_stages(
-                served_model,
-                rail,
-                query,
-                slots,
-                in_process_vector(loaded, query),
-                _ranker(loaded, rail, query),
-                Trace(),
-            )
-            after = rerule(proposed_pipeline, rail, served.before_rules, query, slots)
-            old, new = [c.item_id for c in served.slots], [c.item_id for c in after]
-            diffs[rail].append(_diff(session_id, rail, old, new))
-    for rail, rail_diffs in diffs.items():
-        summaries.append(_summary(rail, rail_diffs))
-        changes += [d for d in rail_diffs if d.current != d.proposed]
-    return CompareResponse(
-        current=_label(current),
-        proposed=_label(proposed),
-        model_version=loaded.version,
-        sessions=[s for s in wanted if s not in {k.session_id for k in skipped}],
-        skipped=skipped,
-        rails=summaries,
-        changes=changes,
-    )
-
-
-def _ranker(loaded: LoadedRails, rail: str, query: RailQuery) -> Ranker:
-    """The re-ranker without the served path's time budget: a comparison waits for it, so a
-    slow moment cannot show a difference that is the budget's and not the rules'."""
-    return lambda table: loaded.pipeline.ranker_scores(rail, table, [query])
-
-
-def _diff(session_id: str, rail: str, old: list[str], new: list[str]) -> SessionDiff:
-    return SessionDiff(
-        session_id=session_id,
-        rail=rail,
-        current=old,
-        proposed=new,
-        added=[i for i in new if i not in old],
-        removed=[i for i in old if i not in new],
-        moved=[
-            Moved(item_id=i, current_slot=old.index(i) + 1, proposed_slot=new.index(i) + 1)
-            for i in new
-            if i in old and old.index(i) != new.index(i)
-        ],
-    )
-
-
-def _summary(rail: str, diffs: Sequence[SessionDiff]) -> RailSummary:
-    slots = sum(max(len(d.current), len(d.proposed)) for d in diffs)
-    changed = sum(
-        sum(
-            1
-            for k in range(max(len(d.current), len(d.proposed)))
-            if k >= len(d.current) or k >= len(d.proposed) or d.current[k] != d.proposed[k]
-        )
-        for d in diffs
-    )
-    added = Counter(i for d in diffs for i in d.added)
-    removed = Counter(i for d in diffs for i in d.removed)
-    return RailSummary(
-        rail=rail,
-        sessions=len(diffs),
-        sessions_changed=sum(d.current != d.proposed for d in diffs),
-        slots=slots,
-        slots_changed=changed,
-        changed_share=changed / slots if slots else 0.0,
-        added=[ItemCount(item_id=i, sessions=n) for i, n in added.most_common()],
-        removed=[ItemCount(item_id=i, sessions=n) for i, n in removed.most_common()],
-    )
