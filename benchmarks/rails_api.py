@@ -506,9 +506,10 @@ def rail_ttl_s(settings: Settings, args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def stack(
     settings: Settings, bundle: Path, has_towers: bool, ttl_s: int
-) -> Iterator[tuple[str, str, TritonUserTower | None]]:
+) -> Iterator[tuple[str, str, str, TritonUserTower | None]]:
     """Redis, Triton (when the bundle has towers) and the API, on loopback: yields the
-    API's base URL, the Redis URL and a Triton client; stops them all on exit."""
+    API's base URL, the same API's on the h11 parser, the Redis URL and a Triton client;
+    stops them all on exit."""
     work = settings.cache_dir / "bench-api"
     started: list[LocalServer] = []
     try:
@@ -534,10 +535,15 @@ def stack(
                 time.sleep(0.2)
             env["RAILTOWER_SERVING__TRITON_URL"] = f"127.0.0.1:{grpc}"
         started.append(LocalServer("api", api_command(api_port), api_port, work, env, 120).start())
-        base = f"http://127.0.0.1:{api_port}"
-        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
-            time.sleep(0.5)
-        yield base, env["RAILTOWER_SERVING__REDIS_URL"], triton
+        # the same app on uvicorn's h11 parser beside it, for the parser comparison
+        h11_port = free_port()
+        h11 = api_command(h11_port, http="h11")
+        started.append(LocalServer("api-h11", h11, h11_port, work, env, 120).start())
+        bases = [f"http://127.0.0.1:{port}" for port in (api_port, h11_port)]
+        for base in bases:
+            while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
+                time.sleep(0.5)
+        yield bases[0], bases[1], env["RAILTOWER_SERVING__REDIS_URL"], triton
     finally:
         for server in reversed(started):
             server.stop()
@@ -577,6 +583,37 @@ def measure_http(
     return out
 
 
+def compare_parsers(
+    httptools_base: str, h11_base: str, sessions: list[list[HistoryEvent]], seconds: float
+) -> list[dict[str, Any]]:
+    """Computed pdp_fbt rails on the same app behind each HTTP parser, interleaved (A B A B)
+    so that drift of a shared machine falls on both: per parser and concurrency, the mean
+    of the two rounds' throughput and the rounds' median p50 and p99."""
+    pdp = [
+        ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
+        for n, h in enumerate(sessions)
+    ]
+    rows = []
+    for concurrency in (1, 16):
+        rounds: dict[str, list[dict[str, Any]]] = {"httptools": [], "h11": []}
+        for _ in range(2):
+            for parser, base in (("httptools", httptools_base), ("h11", h11_base)):
+                row = asyncio.run(closed_loop(base, pdp, concurrency, seconds))
+                rounds[parser].append(row)
+        for parser, measured in rounds.items():
+            rows.append(
+                {
+                    "parser": parser,
+                    "concurrency": concurrency,
+                    "throughput_rps": float(np.mean([r["throughput_rps"] for r in measured])),
+                    "p50_ms": float(np.median([r["p50"] for r in measured])),
+                    "p99_ms": float(np.median([r["p99"] for r in measured])),
+                    "degraded": float(np.mean([r["degraded_share"] for r in measured])),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     settings = load_settings(log_level="WARNING")
@@ -597,13 +634,15 @@ def main() -> None:
             "platform": platform.platform(),
         },
     }
-    with stack(settings, bundle, loaded.towers is not None, ttl_s) as (base, redis_url, triton):
+    towers = loaded.towers is not None
+    with stack(settings, bundle, towers, ttl_s) as (base, h11_base, redis_url, triton):
         store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
         for n, history in enumerate(sessions):
             store.append_events(f"b{n}", [(f"b{n}-{k}", e, None) for k, e in enumerate(history)])
         result["compute_floor_ms"] = compute_floor(loaded, sessions, 200)
         result["physical_floor_ms"] = physical_floor(loaded, sessions, 200)
         result |= measure_http(base, sessions, args)
+        result["parsers"] = compare_parsers(base, h11_base, sessions, args.seconds)
         if triton is not None:
             result["triton_ms"] = triton_vs_in_process(loaded, triton, 200)
     result["goals"] = evaluate_goals(result)
@@ -770,6 +809,26 @@ def cached_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def parsers_markdown(r: dict[str, Any]) -> list[str]:
+    lines = _head(
+        ["HTTP parser, same app, A B A B", "concurrency", "req/s", "p50 ms", "p99 ms", "degraded"]
+    )
+    for row in r["parsers"]:
+        lines.append(
+            _row(
+                [
+                    row["parser"],
+                    row["concurrency"],
+                    f"{row['throughput_rps']:.0f}",
+                    f"{row['p50_ms']:.1f}",
+                    f"{row['p99_ms']:.1f}",
+                    f"{row['degraded']:.1%}",
+                ]
+            )
+        )
+    return lines
+
+
 def spike_markdown(r: dict[str, Any]) -> list[str]:
     lines = _head(
         ["spike (pdp_fbt)", "concurrency", "req/s", "p50 ms", "p99 ms", "degraded", "errors"]
@@ -815,6 +874,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [""] + sustained_markdown(r)
     lines += [""] + cached_markdown(r)
     lines += [""] + spike_markdown(r)
+    lines += [""] + parsers_markdown(r)
     if "triton_ms" in r:
         lines += [""] + triton_markdown(r)
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from railtower.errors import RailtowerError
-from railtower.settings import HTTP_PARSER, ServingSettings
+from railtower.settings import ServingSettings
 
 
 class ServiceError(RailtowerError):
@@ -103,17 +103,20 @@ class LocalServer:
         return self.process is not None and self.process.poll() is None
 
 
-def api_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+def api_command(
+    port: int, host: str = "127.0.0.1", workers: int = 1, http: str = "httptools"
+) -> list[str]:
     """The rails API under uvicorn in a child process (settings come from its environment).
 
     With `workers` > 1 uvicorn forks that many worker processes sharing the port; each
-    builds its own app (model, Redis and Triton clients) from the same settings.
+    builds its own app (model, Redis and Triton clients) from the same settings. `http`
+    "h11" swaps the HTTP parser, for benchmarks that compare the two.
     """
     if workers < 1:
         raise ServiceError(f"workers must be at least 1; got {workers}")
     return [
-        *(sys.executable, "-m", "uvicorn", "--factory", "serving.app:create_app"),
-        *("--host", host, "--port", str(port), "--log-level", "warning", "--http", HTTP_PARSER),
+        *(sys.executable, "-m", "serving.http_server", "--host", host, "--port", str(port)),
+        *("--log-level", "warning", "--http", http),
         *(("--workers", str(workers)) if workers > 1 else ()),
     ]
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from railtower.errors import RailtowerError
 from railtower.logs import configure_logging
-from railtower.settings import HTTP_PARSER, Settings, load_settings
+from railtower.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
@@ -325,31 +325,17 @@ def rules_dry_run(
 
 @app.command()
 def serve(config: Path | None = ConfigOption) -> None:
-    """Run the rails API (uvicorn) on serving.host:serving.port with the configured model,
-    in serving.workers worker processes."""
+    """Run the rails API (uvicorn, serving.http_server) on serving.host:serving.port with the
+    configured model, in serving.workers worker processes."""
     import os
 
-    import uvicorn
+    from serving.http_server import run
 
-    from serving.app import create_app
-
-    settings = _settings(config)
-    s = settings.serving
-    if s.workers == 1:
-        uvicorn.run(create_app(settings), host=s.host, port=s.port, http=HTTP_PARSER)
-        return
-    # Several workers need an import string: each worker process builds its own app, and
-    # reads the same settings from the same file and environment.
+    s = _settings(config).serving
+    # every worker builds its own app from the same settings file and environment
     if config is not None:
         os.environ["RAILTOWER_CONFIG"] = str(config.resolve())
-    uvicorn.run(
-        "serving.app:create_app",
-        factory=True,
-        host=s.host,
-        port=s.port,
-        workers=s.workers,
-        http=HTTP_PARSER,
-    )
+    run(s.host, s.port, s.workers)
 
 
 @app.command()

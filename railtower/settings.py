@@ -505,13 +505,6 @@ class TritonModelSettings(_Section):
         return sorted(set(sizes))
 
 
-# uvicorn's HTTP parser for the API (railtower serve, devstack.local_services). httptools
-# parsed requests about 1 ms faster, but answers a URL over ~80 KB with a bare "Invalid HTTP
-# request received." 400 that names no input (tests/serving/test_api_fuzz.py found it); h11
-# hands such a request to the app, which says what is wrong.
-HTTP_PARSER = "h11"
-
-
 class ServingSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=1, le=65535)

@@ -79,6 +79,11 @@ def result(cached: list[dict]) -> dict:
             "before": row(4, {"computed": 900}),
             "during": row(20, {"computed": 900}, errors=1, p99=300.0),
         },
+        "parsers": [
+            {"parser": p, "concurrency": 1, "throughput_rps": rps, "p50_ms": 9.0}
+            | {"p99_ms": 12.0, "degraded": 0.0}
+            for p, rps in (("httptools", 110.0), ("h11", 80.0))
+        ],
     }
 
 
@@ -116,6 +121,8 @@ def test_the_report_shows_goals_commit_and_a_failed_cached_row():
     assert text.index("## Goals") < text.index("compute floor p50 ms")
     assert "| cached **FAIL** | 1 |" in text and "**FAIL**: 50.0% cache hits" in text
     assert "| n/a |" in text  # the concurrency-16 goal was not run
+    assert "| httptools | 1 | 110 | 9.0 | 12.0 | 0.0% |" in text  # the parsers side by side
+    assert "| h11 | 1 | 80 |" in text
 
 
 def test_open_loop_arrivals_follow_the_rate_within_the_window():
