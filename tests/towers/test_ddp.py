@@ -47,6 +47,7 @@ def start(name: str, root: Path) -> subprocess.Popen[str]:
         **RUNS[name],
         "RAILTOWER_ARTIFACTS_DIR": str(root / name / "artifacts"),
         "RAILTOWER_REPORTS_DIR": str(root / name / "reports"),
+        "RAILTOWER_SERVING__TRITON_REPOSITORY": str(root / name / "triton_models"),
     }
     command = [sys.executable, "-m", "training.towers_eval", "-d", "rees46"]
     command += ["--version", name, "--out", str(root / f"{name}.json")]

@@ -62,6 +62,8 @@ def retriever(tmp_path_factory):
         },
         index={"ef_grid": [16, 32, 64]},
         evaluation={"candidates": 3, "mrr_depth": 3, "slots": 2},
+        # the export writes a Triton version: into this test's folder, never the repository's
+        serving={"triton_repository": root / "triton_models"},
     )
     events = toy_events(SESSIONS)
     model = TowerRetriever(settings, SPEC, ITEMS, version="toy-v1")
