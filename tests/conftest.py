@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+
 import pandas as pd
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from railtower.settings import Settings, load_settings
 
 
-@pytest.fixture(autouse=True)
-def _private_model_repository(tmp_path_factory, monkeypatch):
-    """Tower exports from tests write Triton versions to a temporary repository, never to
-    the project's triton_models/."""
-    repo = tmp_path_factory.getbasetemp() / "triton_models"
-    monkeypatch.setenv("RAILTOWER_SERVING__TRITON_REPOSITORY", str(repo))
+# Where a test that names no folder of its own writes: this run's pytest folder, never the
+# project's artifacts/, reports/, .cache/ or triton_models/. Set for the whole session before
+# any fixture runs (session- and module-scoped fixtures included, and the subprocesses tests
+# start inherit it). The one cache all tests share
+# (MiniLM text embeddings, content-hashed) is built once per run there, as a fresh CI checkout
+# builds it anyway.
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis writes its database and constants while tests are collected, before any
+    # fixture: a folder of this run's own, not ./.hypothesis in the checkout.
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="railtower-hypothesis-"))
+
+
+HERMETIC_FOLDERS = {
+    "RAILTOWER_ARTIFACTS_DIR": "artifacts",
+    "RAILTOWER_REPORTS_DIR": "reports",
+    "RAILTOWER_CACHE_DIR": "cache",
+    "RAILTOWER_SERVING__TRITON_REPOSITORY": "triton_models",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_folders(tmp_path_factory) -> Iterator[None]:
+    base = tmp_path_factory.getbasetemp()
+    before = {name: os.environ.get(name) for name in HERMETIC_FOLDERS}
+    os.environ.update({name: str(base / folder) for name, folder in HERMETIC_FOLDERS.items()})
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from railtower.settings import (
     load_dataset_spec,
     load_settings,
 )
+from tests.conftest import HERMETIC_FOLDERS
 
 DATASET_DIR = PROJECT_ROOT / "configs" / "datasets"
 DATASET_YAMLS = sorted(DATASET_DIR.glob("*.yaml"))
@@ -46,7 +47,8 @@ def settings() -> Settings:
 # ------------------------------------------------------------------ the shipped YAML files
 
 
-def test_default_yaml_loads_into_settings_with_its_values() -> None:
+def test_default_yaml_loads_into_settings_with_its_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_test_folders(monkeypatch)
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     s = load_settings(DEFAULT_CONFIG)
 
@@ -422,6 +424,13 @@ def test_dataset_name_resolves_against_dataset_configs(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ paths
 
 
+def _without_test_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite points every output folder into its pytest folder (tests/conftest.py);
+    tests of the file's own paths read them without that."""
+    for name in HERMETIC_FOLDERS:
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_relative_paths_resolve_against_project_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -430,6 +439,7 @@ def test_relative_paths_resolve_against_project_root(
         {"reports_dir": "rel/out", "artifacts_dir": "../elsewhere", "cache_dir": str(tmp_path)},
     )
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    _without_test_folders(monkeypatch)
     s = load_settings(cfg)
     assert s.reports_dir == PROJECT_ROOT / "rel" / "out"
     assert s.artifacts_dir == PROJECT_ROOT.parent / "elsewhere"

@@ -17,7 +17,7 @@ Destructive routes are neutralised, not skipped: the API serves a fixed bundle
 (`serving.bundle`), so a promote or rollback the fuzzer makes moves a pointer in a private
 artifacts folder that no process follows; published rule sets and deleted sessions land in
 that folder and in this test's own Redis. After the run the app must still be ready on the
-same model and answer a rail. The summary goes to reports/benchmarks/api_fuzz.json.
+same model and answer a rail. The summary goes to api_fuzz.json in the run's pytest folder.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,7 +39,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from benchmarks.live_stack import Stack, private_artifacts, start_stack
-from railtower.settings import PROJECT_ROOT, RAILS
+from railtower.settings import RAILS
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,6 @@ pytestmark = pytest.mark.integration
 EXAMPLES = 100
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 FIELD_STATUSES = {400, 404, 422}
-REPORT = PROJECT_ROOT / "reports" / "benchmarks" / "api_fuzz.json"
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +194,9 @@ class FuzzRun:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(live_app) -> FuzzRun:
-    """Every operation fuzzed once for the module; the summary is written either way."""
+def fuzzed(live_app, tmp_path_factory) -> FuzzRun:
+    """Every operation fuzzed once for the module; the summary is written either way, into
+    this run's pytest folder (tests never write into the repository)."""
     stack = live_app
     spec = httpx.get(f"{stack.base}/openapi.json", timeout=30).json()
     ready_before = httpx.get(f"{stack.base}/readyz", timeout=30).json()
@@ -215,7 +216,7 @@ def fuzzed(live_app) -> FuzzRun:
     rail_after = httpx.post(
         f"{stack.base}/v1/rails/homepage_hero", json={"session_id": "after-fuzz"}, timeout=60
     )
-    _write_summary(tally, len(operations), seconds)
+    _write_summary(tally, len(operations), seconds, tmp_path_factory.mktemp("fuzz"))
     return FuzzRun(tally, len(operations), ready_before, ready_after, rail_after)
 
 
@@ -238,7 +239,7 @@ def test_the_fuzzer_neither_broke_the_app_nor_changed_its_model(fuzzed):
     assert len(fuzzed.rail_after.json()["items"]) == 12
 
 
-def _write_summary(tally: Tally, operations: int, seconds: float) -> None:
+def _write_summary(tally: Tally, operations: int, seconds: float, folder: Path) -> None:
     statuses: Counter[int] = Counter()
     for counts in tally.statuses.values():
         statuses.update(counts)
@@ -264,5 +265,4 @@ def _write_summary(tally: Tally, operations: int, seconds: float) -> None:
         "nothing_to_generate": tally.no_cases,
         "failure_examples": (tally.server_errors + tally.unnamed)[:20],
     }
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    (folder / "api_fuzz.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

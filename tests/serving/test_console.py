@@ -33,6 +33,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from devstack.local_services import LocalServer, free_port, redis_server
+from railtower.settings import load_settings
 from serving import console
 from serving.app import create_app
 from serving.impressions import day_key, items_without_impressions
@@ -44,7 +45,6 @@ pytestmark = pytest.mark.integration
 ADMIN_KEY = "console-test-key-0123456789"
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "reports" / "screenshots"
 # Real REES46 sessions' items (phones, earbuds): the first one is the one the page previews.
 SESSIONS = {
     "console-1": [("1005115", "view"), ("1004767", "view"), ("1005105", "cart")],
@@ -125,9 +125,15 @@ def browser() -> Iterator[WebDriver]:
         )
     except WebDriverException as exc:
         pytest.fail(f"headless chromium did not start: {exc.msg}")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    screenshots().mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
+
+
+def screenshots() -> Path:
+    """Where the page screenshots go: the run's reports folder, inside this run's pytest
+    folder (tests/conftest.py), e.g. /tmp/pytest-of-<user>/pytest-<n>/reports/screenshots."""
+    return load_settings().reports_dir / "screenshots"
 
 
 def _wait(driver: WebDriver) -> WebDriverWait:
@@ -210,7 +216,7 @@ def test_console_shows_the_three_rails_with_titles(api, browser):
     with httpx.Client(base_url=server.url) as client:
         hero = client.post("/v1/rails/homepage_hero", json={"session_id": "console-1", "slots": 8})
     assert [i["item_id"] for i in hero.json()["items"]] == _rail_ids(browser, "homepage_hero")
-    browser.save_screenshot(str(SCREENSHOTS / "console-rails.png"))
+    browser.save_screenshot(str(screenshots() / "console-rails.png"))
 
 
 BROKEN = """{
@@ -237,7 +243,7 @@ def test_an_invalid_rule_set_is_marked_on_its_line(api, browser):
     assert [m.get_attribute("data-line") for m in marked] == ["6"]
     assert [g.text for g in browser.find_elements(By.CSS_SELECTOR, "#gutter div.bad")] == ["6"]
     assert "1 problem" in browser.find_element(By.ID, "rules-status").text
-    browser.save_screenshot(str(SCREENSHOTS / "console-rules-error.png"))
+    browser.save_screenshot(str(screenshots() / "console-rules-error.png"))
     # the comparison checks the rule set too, and marks the same line
     browser.execute_script("document.getElementById('rules-errors').replaceChildren()")
     browser.find_element(By.ID, "compare-rules").click()
@@ -268,7 +274,7 @@ def test_a_blocked_item_is_compared_then_published_and_leaves_the_preview(api, b
     hero = browser.find_element(By.CSS_SELECTOR, 'tr[data-rail="homepage_hero"]')
     assert not re.search(r"(?<![\d.])0\.0%", hero.text)  # some slots change ("50.0%" does)
     assert "console-test@2" in browser.find_element(By.ID, "compare-result").text
-    browser.save_screenshot(str(SCREENSHOTS / "console-compare.png"))
+    browser.save_screenshot(str(screenshots() / "console-compare.png"))
 
     try:
         browser.find_element(By.ID, "publish-rules").click()
@@ -284,7 +290,7 @@ def test_a_blocked_item_is_compared_then_published_and_leaves_the_preview(api, b
         )
         assert len(_rail_ids(browser, "homepage_hero")) == 8
         assert service.loaded.pipeline.rule_set.name == "console-test"
-        browser.save_screenshot(str(SCREENSHOTS / "console-published.png"))
+        browser.save_screenshot(str(screenshots() / "console-published.png"))
     finally:  # the other tests see the rule set the model was served with
         with _admin(server.url) as client:
             restored = client.post(
@@ -321,7 +327,7 @@ def test_zero_impressions_panel_lists_items_nobody_saw(api, browser):
     first = browser.find_element(By.CSS_SELECTOR, "#zero-list li")
     assert first.text.splitlines()[0] == console.item_view(service.loaded, listed[0]).name
     browser.execute_script("document.getElementById('zero').scrollIntoView()")
-    browser.save_screenshot(str(SCREENSHOTS / "console-zero.png"))
+    browser.save_screenshot(str(screenshots() / "console-zero.png"))
 
 
 # ------------------------------------------------------------------------------ the routes
