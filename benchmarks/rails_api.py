@@ -557,14 +557,19 @@ def cached_row(
     return row | cache_check(row)
 
 
+def pdp_bodies(sessions: list[list[HistoryEvent]]) -> list[tuple[str, dict]]:
+    """A pdp_fbt request per seeded session ("b<n>"), its newest item as the page."""
+    return [
+        ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
+        for n, h in enumerate(sessions)
+    ]
+
+
 def measure_http(
     base: str, sessions: list[list[HistoryEvent]], args: argparse.Namespace
 ) -> dict[str, Any]:
     """The HTTP rows: computed, sustained (open loop), cached (after warming), spike."""
-    pdp = [
-        ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
-        for n, h in enumerate(sessions)
-    ]
+    pdp = pdp_bodies(sessions)
     hero = [("homepage_hero", {"session_id": f"b{n}"}) for n in range(len(sessions))]
     out: dict[str, Any] = {
         "computed": [asyncio.run(closed_loop(base, pdp, c, args.seconds)) for c in args.concurrency]
@@ -589,10 +594,7 @@ def compare_parsers(
     """Computed pdp_fbt rails on the same app behind each HTTP parser, interleaved (A B A B)
     so that drift of a shared machine falls on both: per parser and concurrency, the mean
     of the two rounds' throughput and the rounds' median p50 and p99."""
-    pdp = [
-        ("pdp_fbt", {"session_id": f"b{n}", "item_id": h[-1].item_id})
-        for n, h in enumerate(sessions)
-    ]
+    pdp = pdp_bodies(sessions)
     rows = []
     for concurrency in (1, 16):
         rounds: dict[str, list[dict[str, Any]]] = {"httptools": [], "h11": []}
