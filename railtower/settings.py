@@ -454,6 +454,41 @@ class MonitorSettings(_Section):
     max_relative_drop: float = Field(0.03, gt=0.0, lt=1.0)
 
 
+class CanarySettings(_Section):
+    """Live challenger routing (railtower/canary.py, serving/canary_route.py): a share of
+    sessions is served by the challenger bundle, ramped step by step by rule."""
+
+    # Shares of sessions the challenger serves, one per step, rising; the last is 1.0, and
+    # reaching it moves the production pointer to the challenger (a promotion).
+    steps: list[float] = [0.05, 0.25, 0.5, 1.0]
+    # Before a step may advance: matured served impressions per arm since the step began,
+    # and minutes the step has run (both; a step is never judged on a few minutes).
+    min_impressions: int = Field(500, ge=1)
+    min_minutes: float = Field(60.0, ge=0.0)
+    # Abort (back to 0%) when the challenger's hit rate@slots is more than this share below
+    # production's over the same window, on the point estimates, with enough samples: the
+    # customer's CTR guard (0.03 = 3% relative).
+    max_relative_drop: float = Field(0.03, gt=0.0, lt=1.0)
+    # Salt of the session hash that picks the challenger's sessions: another family than the
+    # shadow sample's, so the canary's sessions are not the shadowed ones. A session in at
+    # 5% stays in at 25% (the hash is compared with the share), so no shopper flips back.
+    salt: str = Field("canary", min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_to_one(cls, steps: list[float]) -> list[float]:
+        if not steps or steps[-1] != 1.0:
+            raise ValueError(f"canary.steps must end at 1.0 (the promotion), got {steps}")
+        if any(not 0.0 < s <= 1.0 for s in steps) or any(
+            a >= b for a, b in zip(steps, steps[1:], strict=False)
+        ):
+            raise ValueError(
+                f"canary.steps must rise strictly inside (0, 1], e.g. [0.05, 0.25, 0.5, 1.0]; "
+                f"got {steps}"
+            )
+        return steps
+
+
 class StageBudgets(_Section):
     # Milliseconds each stage may take before the rail falls back (never blocks on it).
     redis_ms: float = Field(25.0, gt=0)
@@ -733,6 +768,7 @@ class Settings(BaseSettings):
     nightly: NightlySettings = NightlySettings()
     drift: DriftSettings = DriftSettings()
     monitor: MonitorSettings = MonitorSettings()
+    canary: CanarySettings = CanarySettings()
     serving: ServingSettings = ServingSettings()
     streaming: StreamingSettings = StreamingSettings()
     shadow: ShadowSettings = ShadowSettings()
