@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +126,12 @@ def read_canary(pointer: Path) -> CanaryState | None:
     return CanaryState.model_validate_json(raw)
 
 
+def _iso(at: datetime | None) -> str:
+    """The time a move is stamped with: now, or a replay's clock (training.canary_replay
+    walks days of logged sessions in minutes, and the steps' windows are in their time)."""
+    return now_iso() if at is None else at.astimezone(UTC).isoformat(timespec="seconds")
+
+
 def _write(pointer: Path, state: CanaryState) -> None:
     path = canary_path(pointer)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -164,6 +170,7 @@ def start_canary(
     dataset: str,
     bundle: Path,
     reason: str = "started",
+    at: datetime | None = None,
 ) -> CanaryState:
     """Send the first step's share of `dataset`'s sessions to `bundle`.
 
@@ -197,7 +204,7 @@ def start_canary(
             raise CanaryRefused(
                 f"{bundle} cannot be a challenger ({exc}); evaluate a verified bundle first"
             ) from None
-        now = now_iso()
+        now = _iso(at)
         state = CanaryState(
             dataset=dataset,
             challenger=version,
@@ -225,6 +232,7 @@ def advance_canary(
     dataset: str,
     reason: str,
     figures: Mapping[str, Any] | None = None,
+    at: datetime | None = None,
 ) -> CanaryState:
     """Move a running canary to its next step; the last step (1.0) promotes the challenger.
 
@@ -244,7 +252,7 @@ def advance_canary(
                 f"{production.name if production else 'nothing'}): abort this canary and "
                 "start a new one against the current production"
             )
-        now = now_iso()
+        now = _iso(at)
         step = state.step + 1
         if state.steps[step] < 1.0:
             moved = state.model_copy(
@@ -305,9 +313,10 @@ def abort_canary(
     dataset: str,
     reason: str,
     figures: Mapping[str, Any] | None = None,
+    at: datetime | None = None,
 ) -> CanaryState:
     """Send every session back to production (share 0); production never moved."""
-    return _set_status(artifacts_dir, promotion, dataset, "aborted", "abort", reason, figures)
+    return _set_status(artifacts_dir, promotion, dataset, "aborted", "abort", reason, figures, at)
 
 
 def _set_status(
@@ -318,6 +327,7 @@ def _set_status(
     event: str,
     reason: str,
     figures: Mapping[str, Any] | None,
+    at: datetime | None = None,
 ) -> CanaryState:
     if not reason.strip():
         raise ValueError(f"reason is empty; say why the canary is told to {event}")
@@ -326,7 +336,7 @@ def _set_status(
         state = _live(pointer, dataset, event)
         if event == "resume" and state.status != "held":
             raise CanaryRefused(f"the canary of {dataset} is {state.status}, not held")
-        now = now_iso()
+        now = _iso(at)
         moved = state.model_copy(update={"status": status, "updated_at": now, "reason": reason})
         _write(pointer, moved)
         _record(pointer, moved, event, reason, figures)

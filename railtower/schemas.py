@@ -162,7 +162,8 @@ class Impression(BaseModel):
     session_id: str = Field(min_length=1)
     user_id: str | None = None
     rail: str = Field(min_length=1)
-    # "production" for the served answer; "challenger:<version>" or "rules:<name>" for a shadow
+    # who served it (shown): "production", or "canary" (the live canary's challenger, whose
+    # version is model_version); "challenger:<version>" or "rules:<name>" for a shadow
     arm: str = Field(min_length=1)
     shown: bool
     model_version: str

@@ -73,6 +73,8 @@ def build_service(settings: Settings) -> RailService:
     )
     service = RailService(settings, None, store, triton, Metrics())
     service.load(s.bundle or production_pointer(settings))
+    if s.bundle is None:  # a live canary's challenger takes its sessions from the first request
+        service.follow_canary(production_pointer(settings))
     # the merchandisers' published rule set, if any, before the first request (API, consumer)
     PublishedRules.for_settings(settings, service.metrics).sync(service)
     # every served impression is logged; sampled sessions also get the shadow arms
@@ -97,8 +99,11 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     def follow_catalogue() -> None:
         # Price and stock changes published by the consumer reach this process within a
         # second: an item out of stock leaves every rail, cached ones included. So does a
-        # rule set published through any API process (serving/admin.py).
+        # rule set published through any API process (serving/admin.py), and a canary's
+        # start, step or end (railtower/canary.py), whoever moved it.
         service.sync_catalogue()
+        if settings.serving.bundle is None:  # a pinned bundle has no pointer, no canary
+            service.follow_canary(pointer)
         rules.sync(service)
 
     watchers = Watchers(stop, service.metrics)

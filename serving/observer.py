@@ -42,6 +42,8 @@ class ServedRequest:
     vector: np.ndarray | None
     # the exploration slot's draw (ranking.exploration) when it filled a slot of this rail
     explored: Explored | None = None
+    # who served it: "production", or "canary" (the live canary's challenger, `loaded`)
+    arm: str = "production"
 
 
 class ServedObserver(CatalogueWatcher, Protocol):
@@ -62,6 +64,7 @@ def hand_off(
     snapshot: SessionSnapshot | None,
     loaded: LoadedRails,
     answer: Answer,
+    arm: str,
 ) -> None:
     """Give the observer the served request; its failure is logged and counted, not raised."""
     served = ServedRequest(
@@ -75,6 +78,7 @@ def hand_off(
         before_rules=answer.before_rules,
         vector=answer.vector,
         explored=answer.explored,
+        arm=arm,
     )
     try:
         observer.observe(served)

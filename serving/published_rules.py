@@ -107,7 +107,8 @@ class PublishedRules:
         self._lock = threading.Lock()
         self._signature: tuple[int, int, int] | None = None
         self._publication: Publication | None = None
-        self._applied: tuple[int, str | None] | None = None  # (id of the model, version)
+        # (id of the model, id of the canary's challenger, published version) last applied
+        self._applied: tuple[int, int | None, str | None] | None = None
 
     @classmethod
     def for_settings(cls, settings: Settings, metrics: Metrics) -> PublishedRules:
@@ -147,29 +148,35 @@ class PublishedRules:
             loaded = service.loaded
             if loaded is None:
                 return False
+            # a live canary's challenger serves under the same published rules
+            canary = None if service.canary is None else service.canary.loaded
             self._read_if_changed()
             publication = self._publication
             version = None if publication is None else publication.version
-            if self._applied == (id(loaded), version):
+            applied = (id(loaded), None if canary is None else id(canary), version)
+            if self._applied == applied:
                 return False
             # One attribute assignment: a request reads the rule set once (the engine's rules
             # stage), so it uses the old rules or the new ones, never a mix.
-            loaded.pipeline.rule_set = (
-                loaded.rails.rule_set if publication is None else publication.rule_set
-            )
+            for model in (loaded, canary):
+                if model is not None:
+                    model.pipeline.rule_set = (
+                        model.rails.rule_set if publication is None else publication.rule_set
+                    )
             if service.store is not None:
                 # Rules first, then the marker: a rail whose snapshot carries the new epoch
                 # was ranked under the new rules. The model version is part of the epoch,
                 # so rails a newly loaded bundle warmed under its own rules expire too.
                 epoch = None if version is None else f"{version}/{loaded.version}"
                 service.store.rules_epoch = epoch
-            self._applied = (id(loaded), version)
+            self._applied = applied
             rule_set = loaded.pipeline.rule_set
             log.info(
                 "serving rule set",
                 published_version=version,
                 name=None if rule_set is None else rule_set.name,
                 model_version=loaded.version,
+                canary_version=None if canary is None else canary.version,
             )
             return True
 

@@ -1,5 +1,6 @@
 """The model an API process serves, and what keeps it current: loading and hot swaps, the
-catalogue changes (stock, price) and the price stream other processes publish to Redis.
+live canary's challenger (serving.canary_route), the catalogue changes (stock, price) and
+the price stream other processes publish to Redis.
 
 The request path (serving.service.RailService) builds on it; the refresh consumer drives it
 through the same object (streaming.consumer.RailRefresher), so the consumer's process sees
@@ -15,11 +16,13 @@ from typing import Protocol
 
 import redis
 
+from railtower.canary import CANARY_ARM, read_canary
 from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.settings import RAILS, Settings
 from ranking.engine import compute
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
+from serving.canary_route import CanaryRoute
 from serving.metrics import Metrics
 from serving.price_follower import PriceFollower
 from serving.rail_service import LoadedRails, load_rails
@@ -29,6 +32,8 @@ from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 log = get_logger(__name__)
+
+PRODUCTION_ARM = "production"
 
 
 class CatalogueWatcher(Protocol):
@@ -70,6 +75,9 @@ class ServedModel:
             )
         )
         self.observer: CatalogueWatcher | None = None
+        # The live canary's challenger and its share of sessions (None: production only);
+        # replaced whole by follow_canary, read once per request by `route`.
+        self.canary: CanaryRoute | None = None
 
     @property
     def ready(self) -> bool:
@@ -96,7 +104,7 @@ class ServedModel:
             _warm_up(fresh, self.triton)
             # the stock and prices this process has applied hold for the new model too: an
             # item out of stock must not come back because the bundle changed
-            self._carry_catalogue(fresh)
+            self._catalogue_version = self._replay_catalogue(fresh)
             self.loaded, self.source = fresh, folder.resolve()
             self.metrics.model_info.info({"version": fresh.version})
             log.info("serving model", version=fresh.version, folder=str(folder))
@@ -108,19 +116,71 @@ class ServedModel:
             return False
         return self.load(pointer)
 
-    def _carry_catalogue(self, fresh: LoadedRails) -> None:
-        """Apply every published price/stock change to a model about to be swapped in; if
-        Redis cannot say, the next catalogue sync replays them all (version reset)."""
+    def route(self, session_id: str) -> tuple[LoadedRails | None, str]:
+        """The model that serves `session_id` and its arm: the canary's challenger for the
+        sessions its share takes, production for the rest."""
+        canary = self.canary
+        if canary is not None and canary.takes(session_id):
+            return canary.loaded, CANARY_ARM
+        return self.loaded, PRODUCTION_ARM
+
+    def follow_canary(self, pointer: Path) -> bool:
+        """Apply the canary state beside `pointer` (railtower.canary): load the challenger
+        when a canary starts, follow its share, drop it when it ends. A challenger that
+        fails to load leaves production serving every session. Returns True on a change.
+        """
+        try:
+            state = read_canary(pointer)
+        except (OSError, ValueError) as exc:
+            self.metrics.errors.labels(kind="canary_state").inc()
+            log.error("canary state unreadable; keeping the current routing", error=str(exc))
+            return False
+        route = self.canary
+        if state is not None and state.status == "promoted":
+            # The pointer names the challenger now: serve it as production before the
+            # route goes, so its sessions never flip back to the old model in between.
+            self.reload_if_moved(pointer)
+        if state is None or not state.live:
+            self.canary = None
+            if route is not None:
+                log.info("canary over", version=route.version, status=state and state.status)
+            return route is not None
+        source = Path(state.challenger_path).resolve()
+        if route is not None and route.source == source:
+            if route.state == state:
+                return False
+            self.canary = CanaryRoute(
+                route.version, state.share, state.salt, route.loaded, source, state
+            )
+            log.info("canary share", version=route.version, share=state.share)
+            return True
+        with self._swap_lock:
+            try:
+                fresh = load_rails(source, self.settings)
+            except (ArtifactMismatch, OSError, ValueError) as exc:
+                self.metrics.errors.labels(kind="canary_load").inc()
+                log.error("challenger not loaded; production serves every session", error=str(exc))
+                self.canary = None
+                return route is not None
+            _warm_up(fresh, self.triton)
+            self._replay_catalogue(fresh)  # the same stock and prices as production
+        self.canary = CanaryRoute(fresh.version, state.share, state.salt, fresh, source, state)
+        log.info("canary serving", version=fresh.version, share=state.share)
+        return True
+
+    def _replay_catalogue(self, fresh: LoadedRails) -> int:
+        """Apply every published price/stock change to a model about to be served; returns
+        the catalogue version it reached (-1 if Redis cannot say: the next catalogue sync
+        then replays them all)."""
         if self.store is None:
-            return
+            return self._catalogue_version
         try:
             version, changes = self.store.catalogue_changes(-1)
         except redis.RedisError:
-            self._catalogue_version = -1
-            return
+            return -1
         for item_id, change in changes.items():
             _apply_change(fresh, item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
-        self._catalogue_version = version
+        return version
 
     def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
         """Apply a price/stock change to the served model's item attributes.
@@ -129,6 +189,9 @@ class ServedModel:
         """
         if self.observer is not None:  # a shadowed challenger must see the same stock
             self.observer.catalogue_changed(item_id, price, stock)
+        canary = self.canary  # so must the canary's: an item out of stock leaves both arms
+        if canary is not None:
+            _apply_change(canary.loaded, item_id, price, stock)
         loaded = self.loaded
         return loaded is not None and _apply_change(loaded, item_id, price, stock)
 

@@ -1,6 +1,7 @@
 """One rail request, from the parsed body to the slots: the request path, top to bottom.
 
-    check -> session state (Redis) -> pre-warmed rail? -> compute slot? -> session vector
+    route (production or the canary's challenger, by session) -> check -> session state
+    (Redis) -> pre-warmed rail? -> compute slot? -> session vector
     (Redis, Triton, in-process) -> the rail engine (candidates, re-ranker within budget,
     MMR, rules) -> exploration slot -> observer (impressions, shadow) -> explain? -> body
 
@@ -82,7 +83,9 @@ class RailService(ServedModel):
         return prewarm(self, session_ids, users)
 
     def serve(self, rail: str, request: RailRequest) -> RailResponse:
-        loaded = self.loaded  # one model for the whole request, even across a hot swap
+        # one model for the whole request, even across a hot swap: production, or the live
+        # canary's challenger for the sessions its share takes (serving.canary_route)
+        loaded, arm = self.route(request.session_id)
         if loaded is None:
             raise BadRequest(503, "no model loaded yet; see /readyz")
         max_slots = self.settings.serving.max_slots
@@ -94,7 +97,7 @@ class RailService(ServedModel):
             answer = self._answer(rail, request, query, snapshot, loaded, trace)
             if self.observer is not None:
                 hand_off(
-                    self.observer, self.metrics, rail, request, query, snapshot, loaded, answer
+                    self.observer, self.metrics, rail, request, query, snapshot, loaded, answer, arm
                 )
             provenance = None
             if request.explain:

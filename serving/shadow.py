@@ -224,7 +224,7 @@ class ShadowRunner:
                 request_id,
                 served_at,
                 served,
-                PRODUCTION,
+                served.arm,
                 served.loaded.version,
                 rule_set_label(served.loaded.pipeline.rule_set),
                 served.items,
@@ -233,7 +233,9 @@ class ShadowRunner:
             )
         )
         arms = tuple(a for a in (self._challenger_arm, self._rules_arm) if a is not None)
-        if not arms or not in_shadow(served.request.session_id, self.share):
+        # shadow arms are compared with production: a canary's session has none
+        shadowed = arms and served.arm == PRODUCTION
+        if not shadowed or not in_shadow(served.request.session_id, self.share):
             return
         job = _Job(request_id, served_at, served, arms)
         with self._lock:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from railtower.canary import CANARY_ARM
 from railtower.logs import get_logger
 from railtower.schemas import Impression, MalformedMessage, decode_event, decode_impression
 from railtower.settings import Settings
@@ -50,6 +51,8 @@ from training.shadow_report import (
 log = get_logger(__name__)
 
 PRODUCTION_ARM = "production"
+# arms shown to shoppers: production and a live canary's challenger (railtower.canary)
+SERVED_ARMS = (PRODUCTION_ARM, CANARY_ARM)
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -366,7 +369,7 @@ def summarise(
         )
     pairs = []
     for (rail, arm), rows in sorted(groups.items()):
-        if arm == PRODUCTION_ARM:
+        if arm in SERVED_ARMS:  # shown to shoppers: no shadow pairs, its own row above
             continue
         production = {r.impression.request_id: r for r in groups.get((rail, PRODUCTION_ARM), [])}
         matched = [

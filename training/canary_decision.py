@@ -1,0 +1,310 @@
+"""`railtower canary step`: judge the live canary's step on what shoppers did, then advance,
+promote, abort or wait.
+
+Both arms are served over the same hours, so unlike the online monitor (a model after its
+promotion against the previous one before it) traffic that changes moves both alike. The
+step's served impressions (`shown=True`, since the step began) are split by arm:
+production (`arm="production"`, the version the canary started against) and the
+challenger (`arm="canary"`, its version). Each impression is joined with the events of its
+session that followed it (training.shadow_eval, the same join as the shadow report) and
+counts once its horizon is over in the events. Per arm: hit rate@slots with a session
+bootstrap interval; and the difference challenger - production with an interval from
+resampling each arm's sessions (an arm's sessions are its own: the hash splits them).
+
+The rule (`canary.*` settings):
+
+1. fewer than `min_impressions` matured impressions in either arm: wait;
+2. the challenger's hit rate more than `max_relative_drop` below production's (point
+   estimates, the customer's CTR guard, as the online monitor does): abort, every
+   session back to production (also while held: the guard never sleeps);
+3. held by an operator: no advance;
+4. the step has run less than `min_minutes`: wait;
+5. worse than production beyond the interval (the difference's upper bound below 0): wait
+   for more sessions, neither advanced nor aborted;
+6. otherwise advance to the next share; the last step (1.0) promotes the challenger through
+   the promotion path (`railtower.canary.advance_canary`).
+
+Every advance, promotion and abort is appended to the history with these figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from railtower.canary import (
+    CANARY_ARM,
+    CanaryRefused,
+    CanaryState,
+    abort_canary,
+    advance_canary,
+    read_canary,
+)
+from railtower.logs import get_logger
+from railtower.production import pointer_path
+from railtower.schemas import Impression
+from railtower.settings import Settings
+from training.evaluate import Interval
+from training.shadow_eval import (
+    PRODUCTION_ARM,
+    ScoredImpression,
+    SessionTimelines,
+    epoch_s,
+    score_impressions,
+    session_ci,
+)
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ArmFigures:
+    """One arm's matured served impressions in the step's window, and its hit rate."""
+
+    arm: str
+    version: str
+    impressions: int
+    sessions: int
+    hit_rate: Interval
+
+
+@dataclass
+class CanaryDecision:
+    dataset: str
+    # "advance", "promote", "abort", "wait", "held", "no canary"; "would ..." on a dry run
+    action: str
+    reason: str
+    challenger: str | None = None
+    production: str | None = None
+    share: float | None = None  # the step's share when judged
+    next_share: float | None = None
+    minutes: float | None = None  # how long the step had run
+    arms: list[ArmFigures] = field(default_factory=list)
+    difference: Interval | None = None  # challenger - production hit rate
+    relative_drop: float | None = None
+    immature: int = 0
+    state: CanaryState | None = None  # the canary after the decision
+
+    def figures(self) -> dict[str, Any]:
+        """What the history records beside the move."""
+        return {
+            "share": self.share,
+            "minutes": self.minutes,
+            "relative_drop": self.relative_drop,
+            "difference": None if self.difference is None else asdict(self.difference),
+            "arms": [asdict(a) for a in self.arms],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = None if self.state is None else self.state.model_dump()
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [f"## Canary ({self.dataset}): {self.action.upper()}", "", f"- {self.reason}"]
+        if self.challenger:
+            lines.append(
+                f"- challenger {self.challenger} vs production {self.production}; share "
+                f"{_pct(self.share)} -> {_pct(self.next_share)}; step ran "
+                f"{self.minutes or 0:.0f} min"
+            )
+        if self.relative_drop is not None:
+            lines.append(f"- relative drop of the challenger's hit rate: {self.relative_drop:+.2%}")
+        if self.difference is not None:
+            d = self.difference
+            lines.append(
+                f"- challenger - production: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+            )
+        if self.immature:
+            lines.append(f"- {self.immature:,} served impressions left out: horizon not over yet")
+        if self.arms:
+            lines += [
+                "",
+                "| arm | version | impressions | sessions | hit rate [95% CI] |",
+                "|---|---|---|---|---|",
+            ]
+            for a in self.arms:
+                iv = a.hit_rate
+                lines.append(
+                    f"| {a.arm} | {a.version} | {a.impressions:,} | {a.sessions:,} | "
+                    f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}] |"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def step_windows(
+    state: CanaryState,
+    impressions: Sequence[Impression],
+    timelines: SessionTimelines,
+    settings: Settings,
+) -> tuple[dict[str, list[ScoredImpression]], int]:
+    """The step's matured served impressions per arm, and how many were left out as not
+    yet matured. Production's are those of the version the canary started against."""
+    since = epoch_s(state.step_started())
+    versions = {PRODUCTION_ARM: state.production, CANARY_ARM: state.challenger}
+    mine = [
+        i
+        for i in impressions
+        if i.shown and versions.get(i.arm) == i.model_version and epoch_s(i.served_at) >= since
+    ]
+    horizon_s = settings.monitor.horizon_minutes * 60
+    scored = score_impressions(mine, timelines, settings.evaluation.slots, horizon_s)
+    arms: dict[str, list[ScoredImpression]] = {PRODUCTION_ARM: [], CANARY_ARM: []}
+    immature = 0
+    for row in scored:
+        if epoch_s(row.impression.served_at) + horizon_s > timelines.last_time_s:
+            immature += 1
+        else:
+            arms[row.impression.arm].append(row)
+    return arms, immature
+
+
+def difference_interval(
+    challenger: Sequence[ScoredImpression],
+    production: Sequence[ScoredImpression],
+    settings: Settings,
+) -> Interval:
+    """Challenger minus production hit rate, resampling each arm's sessions on its own."""
+    rng = np.random.default_rng(settings.seed)
+    samples = settings.evaluation.bootstrap_samples
+    draws = [_session_resamples(rows, samples, rng) for rows in (challenger, production)]
+    diff = draws[0] - draws[1]
+    alpha = (1 - settings.evaluation.ci_level) / 2
+    mean = _hit_rate(challenger) - _hit_rate(production)
+    low, high = np.quantile(diff, [alpha, 1 - alpha])
+    return Interval(float(mean), float(low), float(high))
+
+
+def _hit_rate(rows: Sequence[ScoredImpression]) -> float:
+    return float(np.mean([r.hit for r in rows]))
+
+
+def _session_resamples(
+    rows: Sequence[ScoredImpression], samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The arm's hit rate over `samples` resamples of its sessions (with replacement)."""
+    sessions = np.array([r.impression.session_id for r in rows])
+    _, index = np.unique(sessions, return_inverse=True)
+    hits = np.bincount(index, weights=[r.hit for r in rows])
+    counts = np.bincount(index).astype(float)
+    picks = rng.integers(0, len(hits), size=(samples, len(hits)))
+    return hits[picks].sum(axis=1) / counts[picks].sum(axis=1)  # type: ignore[no-any-return]
+
+
+def step_canary(
+    settings: Settings,
+    dataset: str,
+    impressions: Sequence[Impression],
+    timelines: SessionTimelines,
+    dry_run: bool = False,
+    now: datetime | None = None,
+) -> CanaryDecision:
+    """Judge the live canary's step and move it (see the module docstring for the rule).
+
+    Args:
+        now: the clock the step's minutes are counted on (a replay's); default the newest
+            event in `timelines`, the latest time the impressions can be judged at.
+    """
+    cfg = settings.canary
+    pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
+    state = read_canary(pointer)
+    decision = CanaryDecision(dataset, "no canary", "", state=state)
+    if state is None or not state.live:
+        said = "none was started" if state is None else f"the last one was {state.status}"
+        decision.reason = f"no live canary of {dataset} ({said})"
+        return decision
+    decision.challenger, decision.production = state.challenger, state.production
+    decision.share, decision.next_share = state.share, state.next_share
+    clock = now.timestamp() if now is not None else timelines.last_time_s
+    decision.minutes = max(0.0, (clock - epoch_s(state.step_started())) / 60)
+    arms, decision.immature = step_windows(state, impressions, timelines, settings)
+    production, challenger = arms[PRODUCTION_ARM], arms[CANARY_ARM]
+    for arm, rows, version in (
+        (PRODUCTION_ARM, production, state.production),
+        (CANARY_ARM, challenger, state.challenger),
+    ):
+        sessions = [r.impression.session_id for r in rows]
+        decision.arms.append(
+            ArmFigures(arm, version, len(rows), len(set(sessions)), _arm_ci(rows, settings))
+        )
+    if min(len(production), len(challenger)) < cfg.min_impressions:
+        decision.action = "wait"
+        decision.reason = (
+            f"too few matured impressions this step (production {len(production):,}, "
+            f"challenger {len(challenger):,}; canary.min_impressions = {cfg.min_impressions:,})"
+        )
+        return decision
+    decision.difference = difference_interval(challenger, production, settings)
+    base = _hit_rate(production)
+    if base <= 0:
+        decision.action, decision.reason = "wait", "production's hit rate is 0: nothing to compare"
+        return decision
+    drop = (base - _hit_rate(challenger)) / base
+    decision.relative_drop = drop
+    summary = (
+        f"hit rate@{settings.evaluation.slots} {_hit_rate(challenger):.4f} vs {base:.4f} "
+        f"({drop:+.2%} relative drop; abort beyond {cfg.max_relative_drop:.0%})"
+    )
+    if drop > cfg.max_relative_drop:
+        return _move(
+            settings, decision, "abort", f"challenger below production: {summary}", dry_run, now
+        )
+    if state.status == "held":
+        decision.action, decision.reason = "held", f"held by an operator: {summary}"
+        return decision
+    if decision.minutes < cfg.min_minutes:
+        decision.action = "wait"
+        decision.reason = (
+            f"the step has run {decision.minutes:.0f} of canary.min_minutes = "
+            f"{cfg.min_minutes:.0f}: {summary}"
+        )
+        return decision
+    if decision.difference.high < 0:
+        decision.action = "wait"
+        decision.reason = f"worse than production beyond the interval, inside the guard: {summary}"
+        return decision
+    action = "promote" if state.next_share == 1.0 else "advance"
+    return _move(settings, decision, action, f"not worse than production: {summary}", dry_run, now)
+
+
+def _arm_ci(rows: Sequence[ScoredImpression], settings: Settings) -> Interval:
+    if not rows:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    return session_ci([r.hit for r in rows], [r.impression.session_id for r in rows], settings)
+
+
+def _move(
+    settings: Settings,
+    decision: CanaryDecision,
+    action: str,
+    reason: str,
+    dry_run: bool,
+    now: datetime | None,
+) -> CanaryDecision:
+    decision.reason = reason
+    if dry_run:
+        decision.action = f"would {action} (dry run)"
+        return decision
+    args = (settings.artifacts_dir, settings.promotion, decision.dataset, reason)
+    try:
+        if action == "abort":
+            decision.state = abort_canary(*args, decision.figures(), now)
+        else:
+            decision.state = advance_canary(*args, decision.figures(), now)
+    except CanaryRefused as exc:
+        decision.action, decision.reason = f"{action} refused", f"{reason}; refused: {exc}"
+        log.error("canary move refused", dataset=decision.dataset, why=str(exc))
+        return decision
+    decision.action = action
+    log.warning(
+        "canary " + action, dataset=decision.dataset, challenger=decision.challenger, why=reason
+    )
+    return decision
