@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from railtower.canary import (
@@ -79,6 +79,10 @@ class FollowsCanary(Protocol):
 # ------------------------------------------------------------------------------ bodies
 
 
+# at least 3 characters besides the blanks around them
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=1000)]
+
+
 class StartBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,15 +91,13 @@ class StartBody(BaseModel):
         max_length=500,
         description="challenger rails bundle, relative to artifacts_dir",
     )
-    reason: str = Field(
-        "started by an operator", min_length=3, max_length=1000, description="for the history"
-    )
+    reason: Reason = Field("started by an operator", description="why, for the history")
 
 
 class MoveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=3, max_length=1000, description="why, for the history")
+    reason: Reason = Field(description="why, for the history")
 
 
 # ------------------------------------------------------------------------------ routes
