@@ -3,9 +3,10 @@
 The routes are enumerated from the app itself (`app.routes`, cross-checked against the
 OpenAPI schema), with every router included: admin (serving/admin.py), the canary
 (serving/canary_routes.py), shadow (serving/shadow_routes.py, mounted when shadow traffic
-is on) and the console (serving/console.py). A route added later is audited without touching this file: if it
-mutates (POST/PUT/PATCH/DELETE) or lives under /v1/admin it must refuse a request without
-the admin key, and any other route must be in PUBLIC with its reason, or the test fails.
+is on) and the console (serving/console.py). A route added later is audited without
+touching this file: if it mutates (POST/PUT/PATCH/DELETE) or lives under /v1/admin it must
+refuse a request without the admin key, and any other route must be in PUBLIC with its
+reason, or the test fails.
 
 For each guarded route: no key and a wrong key answer 401/403, no configured key answers
 503 (admin off, never open), and the right key gets past the guard. Empty or short keys
