@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 from railtower.errors import RailtowerError
 from railtower.logs import configure_logging
 from railtower.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from railtower.canary import CanaryState
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
@@ -558,6 +561,174 @@ def monitor(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------ canary
+
+canary_app = typer.Typer(
+    no_args_is_help=True,
+    help="The live canary: a challenger bundle serves a rising share of sessions "
+    "(railtower/canary.py); `step` advances or aborts it by rule, the others by hand.",
+)
+app.add_typer(canary_app, name="canary")
+
+CanaryDatasetOption = typer.Option(..., "--dataset", "-d", help="data set whose canary moves")
+CanaryReasonOption = typer.Option(..., help="why (recorded in history.jsonl and the log)")
+
+
+def _canary_failed(exc: Exception) -> NoReturn:
+    console.print(f"[red]{exc}[/red]", markup=False)
+    raise typer.Exit(1) from None
+
+
+def _print_canary(state: CanaryState) -> None:
+    console.print(
+        f"canary of {state.dataset}: {state.challenger} {state.status} at {state.share:.0%} "
+        f"(step {state.step + 1} of {len(state.steps)}: {state.steps}) against production "
+        f"{state.production}; reason: {state.reason}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@canary_app.command("start")
+def canary_start(
+    dataset: str = CanaryDatasetOption,
+    bundle: Path = typer.Option(..., help="the challenger rails bundle (relative: artifacts_dir)"),
+    reason: str = typer.Option("started by an operator", help="why (for the history)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Send the first step's share of the data set's sessions to a verified, evaluated bundle."""
+    from railtower.canary import start_canary
+
+    settings = _settings(config)
+    try:
+        state = start_canary(
+            settings.artifacts_dir, settings.promotion, settings.canary, dataset, bundle, reason
+        )
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        _canary_failed(exc)
+    _print_canary(state)
+
+
+@canary_app.command("status")
+def canary_status(
+    dataset: str = CanaryDatasetOption,
+    last: int = typer.Option(20, min=1, help="how many of the latest moves to list"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """The canary's state and its latest moves."""
+    from railtower.canary import canary_history, read_canary
+    from railtower.production import pointer_path
+
+    settings = _settings(config)
+    try:
+        pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
+        state = read_canary(pointer)
+        history = canary_history(pointer, last)
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        _canary_failed(exc)
+    if state is None:
+        console.print(f"no canary of {dataset} was ever started", markup=False)
+        return
+    _print_canary(state)
+    table = Table("at", "event", "challenger", "step", "share", "status", "reason")
+    for entry in history:
+        table.add_row(
+            str(entry.get("at")),
+            str(entry.get("event")),
+            str(entry.get("challenger")),
+            str(entry.get("step")),
+            f"{float(entry.get('share') or 0.0):.0%}",
+            str(entry.get("status")),
+            str(entry.get("reason")),
+        )
+    console.print(table)
+
+
+@canary_app.command("step")
+def canary_step(
+    dataset: str = CanaryDatasetOption,
+    impressions: str = ImpressionsOption,
+    events: str | None = typer.Option(
+        None, "--events", help="a data set name or an events file (default: --dataset)"
+    ),
+    dry_run: bool = typer.Option(False, help="report the decision, never move the canary"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Judge the running step on served impressions: advance, abort, or wait (the rule)."""
+    from training.canary_decision import step_canary
+    from training.shadow_eval import SessionTimelines, read_events, read_impressions
+
+    settings = _settings(config)
+    try:
+        logged = read_impressions(impressions, settings)
+        frame, _ = read_events(events or dataset, settings)
+        timelines = SessionTimelines(frame, settings.ranking.ranker.label_grades)
+        decision = step_canary(settings, dataset, logged, timelines, dry_run)
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        _canary_failed(exc)
+    console.print(decision.to_markdown(), markup=False, soft_wrap=True)
+
+
+def _canary_move(move: str, dataset: str, reason: str, config: Path | None) -> None:
+    from railtower import canary
+
+    moves = {
+        "hold": canary.hold_canary,
+        "resume": canary.resume_canary,
+        "advance": canary.advance_canary,
+        "abort": canary.abort_canary,
+    }
+    settings = _settings(config)
+    try:
+        state = moves[move](settings.artifacts_dir, settings.promotion, dataset, reason)
+    except (RailtowerError, ValueError, FileNotFoundError) as exc:
+        _canary_failed(exc)
+    _print_canary(state)
+
+
+@canary_app.command("hold")
+def canary_hold(
+    dataset: str = CanaryDatasetOption,
+    reason: str = CanaryReasonOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Keep the current share; no advance (by rule or by hand) until resumed."""
+    _canary_move("hold", dataset, reason, config)
+
+
+@canary_app.command("resume")
+def canary_resume(
+    dataset: str = CanaryDatasetOption,
+    reason: str = CanaryReasonOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Let a held canary advance again."""
+    _canary_move("resume", dataset, reason, config)
+
+
+@canary_app.command("advance")
+def canary_advance(
+    dataset: str = CanaryDatasetOption,
+    reason: str = CanaryReasonOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Move to the next share on the operator's word; the last step promotes.
+
+    No figures are checked (`railtower canary step` checks them); from the last share below
+    100% this moves the production pointer to the challenger."""
+    _canary_move("advance", dataset, reason, config)
+
+
+@canary_app.command("abort")
+def canary_abort(
+    dataset: str = CanaryDatasetOption,
+    reason: str = CanaryReasonOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Send every session back to production (share 0); production never moved."""
+    _canary_move("abort", dataset, reason, config)
 
 
 @app.command("shadow-replay")

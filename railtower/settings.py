@@ -455,7 +455,7 @@ class MonitorSettings(_Section):
 
 
 class CanarySettings(_Section):
-    """Live challenger routing (railtower/canary.py, serving/canary_route.py): a share of
+    """Live challenger routing (railtower/canary.py, serving/canary_routes.py): a share of
     sessions is served by the challenger bundle, ramped step by step by rule."""
 
     # Shares of sessions the challenger serves, one per step, rising; the last is 1.0, and

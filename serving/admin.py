@@ -11,6 +11,9 @@ Every route needs the admin key (`serving.security.require_admin`, header `X-API
     DELETE /v1/admin/users/{user_id}   every session of the user, then the user's link set
     DELETE /v1/admin/sessions/{session_id}
 
+The live canary's routes, under /v1/admin/canary (state, start, hold, resume, advance,
+abort), are serving/canary_routes.py, behind the same key.
+
 Publishing and serving the rule set (one rename on disk, picked up by every API process
 within a second) is serving/published_rules.py; these routes call it.
 

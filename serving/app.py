@@ -33,6 +33,7 @@ from railtower.production import pointer_path
 from railtower.settings import Settings, get_settings
 from serving.admin import admin_router
 from serving.api_models import RailRequest, RailResponse
+from serving.canary_routes import canary_router
 from serving.console import console_router
 from serving.metrics import Metrics
 from serving.published_rules import PublishedRules
@@ -123,6 +124,8 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     app.state.service, app.state.settings, app.state.watchers = service, settings, watchers
     # admin routes, all behind the X-API-Key check (serving/admin.py, serving/security.py)
     app.include_router(admin_router(service, rules))
+    # the live canary of serving.dataset: start, hold, resume, advance, abort (same guard)
+    app.include_router(canary_router(service, settings))
     guard = settings.security
     if guard.rate_limit_per_s > 0 and guard.rate_limit_burst > 0:
         buckets = TokenBuckets(

@@ -1,11 +1,12 @@
 """Route audit: every route of the real app is either public for a stated reason or guarded.
 
 The routes are enumerated from the app itself (`app.routes`, cross-checked against the
-OpenAPI schema), with every router included: admin (serving/admin.py), shadow
-(serving/shadow_routes.py, mounted when shadow traffic is on) and the console
-(serving/console.py). A route added later is audited without touching this file: if it
-mutates (POST/PUT/PATCH/DELETE) or lives under /v1/admin it must refuse a request without
-the admin key, and any other route must be in PUBLIC with its reason, or the test fails.
+OpenAPI schema), with every router included: admin (serving/admin.py), the canary
+(serving/canary_routes.py), shadow (serving/shadow_routes.py, mounted when shadow traffic
+is on) and the console (serving/console.py). A route added later is audited without
+touching this file: if it mutates (POST/PUT/PATCH/DELETE) or lives under /v1/admin it must
+refuse a request without the admin key, and any other route must be in PUBLIC with its
+reason, or the test fails.
 
 For each guarded route: no key and a wrong key answer 401/403, no configured key answers
 503 (admin off, never open), and the right key gets past the guard. Empty or short keys
@@ -135,8 +136,8 @@ def test_every_route_is_classified_and_only_the_rail_request_is_public_and_mutat
     # the allow-lists name routes that exist: a renamed route cannot leave a stale hole
     stale = [r for r in [*PUBLIC, *GUARDED_READS] if r not in app_routes]
     assert not stale, f"allow-listed routes the app no longer has: {stale}"
-    # every router was mounted: admin, shadow and console routes are all audited
-    for prefix in ("/v1/admin/rules", "/v1/admin/shadow/", "/v1/console/"):
+    # every router was mounted: admin, canary, shadow and console routes are all audited
+    for prefix in ("/v1/admin/rules", "/v1/admin/canary", "/v1/admin/shadow/", "/v1/console/"):
         assert any(path.startswith(prefix) for _, path in app_routes), prefix
 
 
