@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from devstack.local_services import (
     LocalServer,
@@ -27,7 +26,7 @@ from devstack.local_services import (
     redis_server,
     triton_server,
 )
-from ranking.rails_bundle import PIPELINE
+from ranking.rails_bundle import link_tower_bundle
 from serving.user_vectors import TritonUserTower
 
 
@@ -36,9 +35,7 @@ def private_artifacts(bundle: Path, source_artifacts: Path, root: Path) -> tuple
     bundle it names (read only, so a link is enough); returns (artifacts, the copy)."""
     artifacts = root / "artifacts"
     artifacts.mkdir(parents=True)
-    tower_bundle = orjson.loads((bundle / PIPELINE).read_bytes()).get("tower_bundle")
-    if tower_bundle is not None:
-        (artifacts / tower_bundle).symlink_to((source_artifacts / tower_bundle).resolve())
+    link_tower_bundle(bundle, source_artifacts, artifacts)
     copy = artifacts / bundle.name
     shutil.copytree(bundle, copy)
     return artifacts, copy

@@ -69,10 +69,20 @@ class SwapBundles:
     pin_item: str
 
 
+def derive_bundle(source: Path, target: Path, version: str, rule_set: RuleSet | None) -> Path:
+    """A copy of rails bundle `source` under its own manifest version (every file re-hashed),
+    with `rule_set` replacing its rules (None: the same rules, so the same answers)."""
+    shutil.copytree(source, target)
+    if rule_set is not None:
+        (target / RULES).write_text(rule_set.model_dump_json(indent=2))
+    manifest = Manifest.load(source, verify=True)
+    manifest.model_copy(update={"version": version, "created_at": now_iso()}).write(target)
+    return target
+
+
 def derive_pinned_bundle(source: Path, target: Path, version: str, pin_item: str) -> Path:
     """A copy of rails bundle `source` whose rule set pins `pin_item` in slot 1 of every
-    swap rail, under its own manifest version (every file re-hashed)."""
-    shutil.copytree(source, target)
+    swap rail, under its own manifest version."""
     rule_set = RuleSet.model_validate(
         {
             "name": "swap-check",
@@ -83,10 +93,7 @@ def derive_pinned_bundle(source: Path, target: Path, version: str, pin_item: str
             ],
         }
     )
-    (target / RULES).write_text(rule_set.model_dump_json(indent=2))
-    manifest = Manifest.load(source, verify=True)
-    manifest.model_copy(update={"version": version, "created_at": now_iso()}).write(target)
-    return target
+    return derive_bundle(source, target, version, rule_set)
 
 
 def prepare_bundles(

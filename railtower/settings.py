@@ -466,8 +466,9 @@ class CanarySettings(_Section):
     min_impressions: int = Field(500, ge=1)
     min_minutes: float = Field(60.0, ge=0.0)
     # Abort (back to 0%) when the challenger's hit rate@slots is more than this share below
-    # production's over the same window, on the point estimates, with enough samples: the
-    # customer's CTR guard (0.03 = 3% relative).
+    # production's over the same window and below it beyond the interval (session
+    # bootstrap): the customer's CTR guard (0.03 = 3% relative). A step advances when the
+    # challenger is not worse beyond the interval (training/canary_decision.py).
     max_relative_drop: float = Field(0.03, gt=0.0, lt=1.0)
     # Salt of the session hash that picks the challenger's sessions: another family than the
     # shadow sample's, so the canary's sessions are not the shadowed ones. A session in at

@@ -87,6 +87,16 @@ class RailsBundle:
         )
 
 
+def link_tower_bundle(bundle: Path, source_artifacts: Path, artifacts: Path) -> None:
+    """Make the tower bundle rails bundle `bundle` names (if any) visible in another
+    artifacts folder, as a link: it is read only (a private copy of production for a
+    benchmark or a replay needs it beside the rails bundle)."""
+    tower_bundle = orjson.loads((bundle / PIPELINE).read_bytes()).get("tower_bundle")
+    if tower_bundle is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / tower_bundle).symlink_to((source_artifacts / tower_bundle).resolve())
+
+
 def write_rails_bundle(
     folder: Path,
     version: str,

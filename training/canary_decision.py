@@ -11,18 +11,25 @@ counts once its horizon is over in the events. Per arm: hit rate@slots with a se
 bootstrap interval; and the difference challenger - production with an interval from
 resampling each arm's sessions (an arm's sessions are its own: the hash splits them).
 
-The rule (`canary.*` settings):
+The rule (`canary.*` settings), on the same step's window for both arms:
 
 1. fewer than `min_impressions` matured impressions in either arm: wait;
-2. the challenger's hit rate more than `max_relative_drop` below production's (point
-   estimates, the customer's CTR guard, as the online monitor does): abort, every
-   session back to production (also while held: the guard never sleeps);
+2. the challenger's hit rate more than `max_relative_drop` below production's (the
+   customer's CTR guard) and worse beyond the interval (the difference's upper bound below
+   0): abort, every session back to production; also while held, the guard never sleeps;
 3. held by an operator: no advance;
 4. the step has run less than `min_minutes`: wait;
-5. worse than production beyond the interval (the difference's upper bound below 0): wait
-   for more sessions, neither advanced nor aborted;
-6. otherwise advance to the next share; the last step (1.0) promotes the challenger through
-   the promotion path (`railtower.canary.advance_canary`).
+5. worse than production beyond the interval but inside the guard: wait for the operator
+   or more sessions, neither advanced nor aborted;
+6. otherwise (not worse beyond the interval) advance to the next share; the last step
+   (1.0) promotes the challenger through the promotion path
+   (`railtower.canary.advance_canary`).
+
+The arms are different sessions, so a small step's point estimates move by chance: an
+equal challenger 20% "below" production on a hundred sessions is noise, and aborting on
+it would stop every good challenger at 5%. A drop the interval cannot resolve advances,
+and the next step, with more of the challenger's sessions, judges it with more power;
+the sample floor (`min_impressions`) bounds how little evidence a step may pass on.
 
 Every advance, promotion and abort is appended to the history with these figures.
 """
@@ -116,9 +123,7 @@ class CanaryDecision:
             lines.append(f"- relative drop of the challenger's hit rate: {self.relative_drop:+.2%}")
         if self.difference is not None:
             d = self.difference
-            lines.append(
-                f"- challenger - production: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-            )
+            lines.append(f"- challenger - production: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
         if self.immature:
             lines.append(f"- {self.immature:,} served impressions left out: horizon not over yet")
         if self.arms:
@@ -253,7 +258,8 @@ def step_canary(
         f"hit rate@{settings.evaluation.slots} {_hit_rate(challenger):.4f} vs {base:.4f} "
         f"({drop:+.2%} relative drop; abort beyond {cfg.max_relative_drop:.0%})"
     )
-    if drop > cfg.max_relative_drop:
+    beyond_interval = decision.difference.high < 0
+    if drop > cfg.max_relative_drop and beyond_interval:
         return _move(
             settings, decision, "abort", f"challenger below production: {summary}", dry_run, now
         )
@@ -267,7 +273,7 @@ def step_canary(
             f"{cfg.min_minutes:.0f}: {summary}"
         )
         return decision
-    if decision.difference.high < 0:
+    if beyond_interval:
         decision.action = "wait"
         decision.reason = f"worse than production beyond the interval, inside the guard: {summary}"
         return decision

@@ -24,8 +24,9 @@ over its budget would serve the fused order and make the result depend on the lo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -119,9 +120,15 @@ def replay_events(
     metrics: Metrics,
     cache_name: str,
     rails: Sequence[str] = REPLAY_RAILS,
+    prepare: Callable[[RailService], None] | None = None,
+    after_event: Callable[[datetime, list[Impression]], bool] | None = None,
 ) -> WalkedEvents:
     """Walk `events` in order through a real Redis and `RailService.serve` (steps 1-3 of the
     module docstring) with `runner` as the observer; closes the runner and its sink.
+
+    `prepare` sees the service before the first event (training.canary_replay routes it);
+    `after_event` gets each event's time and the impressions logged so far, and stops the
+    walk by returning False.
 
     Raises:
         ServiceError: Redis could not start.
@@ -137,6 +144,8 @@ def replay_events(
         )
         service = RailService(settings, None, store, None, metrics)
         service.loaded = served  # loaded and verified by the caller
+        if prepare is not None:
+            prepare(service)
         service.observer = runner.start()
         started = time.monotonic()
         for n, (_, event) in enumerate(events.iterrows(), 1):
@@ -163,6 +172,8 @@ def replay_events(
             fresh = sink.impressions()[len(logged) :]
             at = event["event_time"].to_pydatetime()
             logged += [i.model_copy(update={"served_at": at}) for i in fresh]
+            if after_event is not None and not after_event(at, logged):
+                break
             if n % 200 == 0:
                 log.info(
                     "replaying",
