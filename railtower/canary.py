@@ -140,7 +140,12 @@ def _write(pointer: Path, state: CanaryState) -> None:
 
 
 def _record(
-    pointer: Path, state: CanaryState, event: str, reason: str, figures: Mapping[str, Any] | None
+    pointer: Path,
+    state: CanaryState,
+    event: str,
+    reason: str,
+    figures: Mapping[str, Any] | None,
+    verdict: str | None = None,
 ) -> None:
     append_history(
         pointer,
@@ -156,6 +161,7 @@ def _record(
             "status": state.status,
             "reason": reason,
             "figures": dict(figures) if figures else None,
+            **({"verdict": verdict} if verdict else {}),
         },
     )
 
@@ -342,6 +348,24 @@ def _set_status(
         _record(pointer, moved, event, reason, figures)
     log.warning("canary " + event, dataset=dataset, challenger=state.challenger, reason=reason)
     return moved
+
+
+def record_judgement(
+    artifacts_dir: Path,
+    promotion: PromotionSettings,
+    dataset: str,
+    verdict: str,
+    reason: str,
+    figures: Mapping[str, Any] | None,
+    at: datetime | None = None,
+) -> None:
+    """Append a judgement that moved nothing (wait, held) to the history with its figures,
+    so the console shows how the step stands between moves."""
+    pointer = pointer_path(artifacts_dir, promotion, dataset)
+    with pointer_lock(pointer):
+        state = _live(pointer, dataset, "judge")
+        entry = state.model_copy(update={"updated_at": _iso(at)})
+        _record(pointer, entry, "judged", reason, figures, verdict)
 
 
 def _live(pointer: Path, dataset: str, event: str) -> CanaryState:

@@ -10,8 +10,9 @@
     GET  /v1/console/zero-impressions?days=7  catalogue items nobody was shown        (admin)
 
 The page previews rails through the public `POST /v1/rails/{rail}`, validates and publishes
-through the admin routes (`serving/admin.py`) and reads the shadow report
-(`serving/shadow.py`) where those exist. The comparison runs each sampled session through
+through the admin routes (`serving/admin.py`), reads the shadow report
+(`serving/shadow.py`) and shows the live canary with its history, hold and abort
+(`serving/canary_routes.py`) where those exist. The comparison runs each sampled session through
 the served stages once, up to MMR, then applies both rule sets to the same ranked list, so
 the only difference it shows is the rules' (serving/rules_compare.py); the session list is
 serving/console_sessions.py. This module keeps the routes and the catalogue views.
@@ -57,6 +58,7 @@ OPTIONAL_ROUTES = {
     "publish": ("POST", "/v1/admin/rules"),
     "shadow_report": ("GET", "/v1/admin/shadow/report"),
     "shadow_rules": ("POST", "/v1/admin/shadow/rules"),
+    "canary": ("GET", "/v1/admin/canary"),
 }
 _NUMERIC_CATEGORY = re.compile(r"^(category-)?\d+$")
 

@@ -50,6 +50,7 @@ from railtower.canary import (
     abort_canary,
     advance_canary,
     read_canary,
+    record_judgement,
 )
 from railtower.logs import get_logger
 from railtower.production import pointer_path
@@ -212,12 +213,36 @@ def step_canary(
     dry_run: bool = False,
     now: datetime | None = None,
 ) -> CanaryDecision:
-    """Judge the live canary's step and move it (see the module docstring for the rule).
+    """Judge the live canary's step and move it (see the module docstring for the rule);
+    a judgement that moves nothing (wait, held) is recorded in the history too, with its
+    figures, unless `dry_run`.
 
     Args:
         now: the clock the step's minutes are counted on (a replay's); default the newest
             event in `timelines`, the latest time the impressions can be judged at.
     """
+    decision = _judge(settings, dataset, impressions, timelines, dry_run, now)
+    if not dry_run and decision.action in ("wait", "held"):
+        record_judgement(
+            settings.artifacts_dir,
+            settings.promotion,
+            dataset,
+            decision.action,
+            decision.reason,
+            decision.figures(),
+            now,
+        )
+    return decision
+
+
+def _judge(
+    settings: Settings,
+    dataset: str,
+    impressions: Sequence[Impression],
+    timelines: SessionTimelines,
+    dry_run: bool,
+    now: datetime | None,
+) -> CanaryDecision:
     cfg = settings.canary
     pointer = pointer_path(settings.artifacts_dir, settings.promotion, dataset)
     state = read_canary(pointer)

@@ -38,14 +38,18 @@ def _values(level: float) -> dict[str, np.ndarray]:
     return {rail: np.clip(rng.uniform(0.0, 0.4, size=300) + level, 0, 1) for rail in RAILS}
 
 
+def make_shop(root):  # type: ignore[no-untyped-def]
+    """v1 promoted to production/shop; v2, a verified and evaluated challenger, beside it."""
+    pointer = root / "production" / "shop"
+    v1 = _bundle(root / "v1", record(_values(0.0)))
+    assert promote(v1, pointer, PROMOTION, 1).promote
+    v2 = _bundle(root / "v2", record(_values(0.1)))
+    return root, pointer, v1, v2
+
+
 @pytest.fixture
 def shop(tmp_path):
-    """v1 promoted to production/shop; v2, a verified and evaluated challenger, beside it."""
-    pointer = tmp_path / "production" / "shop"
-    v1 = _bundle(tmp_path / "v1", record(_values(0.0)))
-    assert promote(v1, pointer, PROMOTION, 1).promote
-    v2 = _bundle(tmp_path / "v2", record(_values(0.1)))
-    return tmp_path, pointer, v1, v2
+    return make_shop(tmp_path)
 
 
 def _history(pointer) -> list[dict]:

@@ -1,0 +1,163 @@
+"""The canary's rule (training/canary_decision.py) on made-up impressions whose outcomes are
+known: each session's served impression is followed by its target item (a hit) or by
+another item, at a chosen rate per arm."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from railtower.canary import (
+    CANARY_ARM,
+    canary_history,
+    hold_canary,
+    in_canary,
+    read_canary,
+    start_canary,
+)
+from railtower.manifest import Manifest
+from railtower.schemas import Impression
+from railtower.settings import load_settings
+from tests.railtower.test_canary import make_shop
+from training.canary_decision import step_canary
+from training.shadow_eval import SessionTimelines
+
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def shop(tmp_path):
+    return make_shop(tmp_path)
+
+
+@pytest.fixture
+def settings(shop):
+    root = shop[0]
+    return load_settings(
+        artifacts_dir=root,
+        canary={"min_impressions": 200, "min_minutes": 30.0},
+        evaluation={"bootstrap_samples": 300},
+        log_level="WARNING",
+    )
+
+
+def _started(settings, shop_):  # type: ignore[no-untyped-def]
+    root, pointer, _, v2 = shop_
+    return start_canary(
+        root, settings.promotion, settings.canary, "shop", v2, "test", at=T0
+    ), pointer
+
+
+def _traffic(state, production_rate: float, challenger_rate: float, sessions: int = 4000):  # type: ignore[no-untyped-def]
+    """One served impression per session an hour into the step, and what followed it."""
+    rng = np.random.default_rng(0)
+    impressions, events = [], []
+    served_at = T0 + timedelta(hours=1)
+    for n in range(sessions):
+        session = f"s{n}"
+        canary = in_canary(session, state.share, state.salt)
+        arm, version = (
+            (CANARY_ARM, state.challenger) if canary else ("production", state.production)
+        )
+        impressions.append(
+            Impression(
+                impression_id=f"i{n}",
+                request_id=f"r{n}",
+                served_at=served_at,
+                session_id=session,
+                rail="homepage_hero",
+                arm=arm,
+                shown=True,
+                model_version=version,
+                items=["target"],
+            )
+        )
+        hit = rng.random() < (challenger_rate if canary else production_rate)
+        item = "target" if hit else "other"
+        events.append((session, item, "view", served_at + timedelta(minutes=5)))
+    # the events run on for hours: every impression's horizon is over
+    events.append(("late", "x", "view", served_at + timedelta(hours=3)))
+    frame = pd.DataFrame(events, columns=["session_id", "item_id", "event_type", "event_time"])
+    grades = {"view": 1, "cart": 2, "purchase": 3}
+    return impressions, SessionTimelines(frame, grades)
+
+
+def test_a_challenger_worse_beyond_the_guard_and_the_interval_is_aborted(settings, shop):
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.15, sessions=8000)
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "abort", decision.reason
+    assert decision.relative_drop > 0.4 and decision.difference.high < 0
+    assert read_canary(pointer).status == "aborted" and read_canary(pointer).share == 0.0
+    (abort,) = [e for e in canary_history(pointer) if e["event"] == "abort"]
+    arms = {a["arm"]: a for a in abort["figures"]["arms"]}
+    assert arms[CANARY_ARM]["impressions"] >= 200 and arms["production"]["impressions"] > 4000
+
+
+def test_an_equal_challenger_advances_to_the_next_share(settings, shop):
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.30, sessions=8000)
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "advance", decision.reason
+    assert read_canary(pointer).share == settings.canary.steps[1]
+    assert decision.difference.low < 0 < decision.difference.high
+
+
+def test_too_few_impressions_wait_and_the_judgement_is_recorded(settings, shop):
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.0, sessions=1000)  # ~50 canary sessions
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "wait" and "too few" in decision.reason
+    assert read_canary(pointer).step == 0 and read_canary(pointer).status == "running"
+    assert canary_history(pointer)[-1]["verdict"] == "wait"
+
+
+def test_a_step_younger_than_min_minutes_waits(settings, shop):
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.30, sessions=8000)
+    decision = step_canary(settings, "shop", impressions, timelines, now=T0 + timedelta(minutes=10))
+    assert decision.action == "wait" and "min_minutes" in decision.reason
+    assert read_canary(pointer).step == 0
+
+
+def test_impressions_before_the_step_or_of_other_versions_do_not_count(settings, shop):
+    state, _ = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.30, sessions=8000)
+    early = [i.model_copy(update={"served_at": T0 - timedelta(minutes=1)}) for i in impressions]
+    other = [i.model_copy(update={"model_version": "someone-else"}) for i in impressions]
+    decision = step_canary(settings, "shop", early + other, timelines, dry_run=True)
+    assert decision.action == "wait"
+    assert [a.impressions for a in decision.arms] == [0, 0]
+
+
+def test_a_held_canary_never_advances_but_still_aborts(settings, shop):
+    state, pointer = _started(settings, shop)
+    hold_canary(settings.artifacts_dir, settings.promotion, "shop", "looking at it")
+    equal = _traffic(state, 0.30, 0.30, sessions=8000)
+    assert step_canary(settings, "shop", *equal).action == "held"
+    assert read_canary(pointer).status == "held" and read_canary(pointer).step == 0
+    worse = _traffic(state, 0.30, 0.10, sessions=8000)
+    assert step_canary(settings, "shop", *worse).action == "abort"
+
+
+def test_a_dry_run_moves_nothing(settings, shop):
+    state, pointer = _started(settings, shop)
+    before = canary_history(pointer)
+    decision = step_canary(settings, "shop", *_traffic(state, 0.3, 0.1, 8000), dry_run=True)
+    assert decision.action == "would abort (dry run)"
+    assert read_canary(pointer) == state and canary_history(pointer) == before
+
+
+def test_the_last_step_promotes(settings, shop):
+    root, pointer, _, v2 = shop
+    settings = settings.model_copy(
+        update={"canary": settings.canary.model_copy(update={"steps": [0.5, 1.0]})}
+    )
+    state, _ = _started(settings, shop)
+    decision = step_canary(settings, "shop", *_traffic(state, 0.3, 0.3, 4000))
+    assert decision.action == "promote", decision.reason
+    assert pointer.resolve() == v2.resolve()
+    assert Manifest.load(pointer, verify=False).version == state.challenger
