@@ -177,8 +177,13 @@ def start_canary(
     bundle: Path,
     reason: str = "started",
     at: datetime | None = None,
+    salt: str | None = None,
 ) -> CanaryState:
     """Send the first step's share of `dataset`'s sessions to `bundle`.
+
+    `salt` picks the sessions (default `canary.salt`); `railtower canary start --impressions`
+    chooses one whose sessions production serves as well as the rest (an A/A check,
+    training.canary_balance).
 
     Raises:
         CanaryRefused: a canary is already live, there is no production to compare with,
@@ -220,7 +225,7 @@ def start_canary(
             steps=list(canary.steps),
             step=0,
             status="running",
-            salt=canary.salt,
+            salt=salt or canary.salt,
             started_at=now,
             step_started_at=now,
             updated_at=now,

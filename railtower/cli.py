@@ -596,6 +596,15 @@ def canary_start(
     dataset: str = CanaryDatasetOption,
     bundle: Path = typer.Option(..., help="the challenger rails bundle (relative: artifacts_dir)"),
     reason: str = typer.Option("started by an operator", help="why (for the history)"),
+    impressions: str | None = typer.Option(
+        None,
+        "--impressions",
+        help="production's recent impressions (JSONL or 'kafka'): choose the hash salt by an "
+        "A/A check (training.canary_balance); default: canary.salt unchecked",
+    ),
+    events: str | None = typer.Option(
+        None, "--events", help="with --impressions: a data set name or events file (default -d)"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Send the first step's share of the data set's sessions to a verified, evaluated bundle."""
@@ -603,8 +612,25 @@ def canary_start(
 
     settings = _settings(config)
     try:
+        salt = None
+        if impressions is not None:
+            from training.canary_balance import balanced_salt
+            from training.shadow_eval import SessionTimelines, read_events, read_impressions
+
+            logged = read_impressions(impressions, settings)
+            frame, _ = read_events(events or dataset, settings)
+            timelines = SessionTimelines(frame, settings.ranking.ranker.label_grades)
+            choice = balanced_salt(settings, logged, timelines)
+            console.print(choice.to_markdown(), markup=False, soft_wrap=True)
+            salt = choice.salt
         state = start_canary(
-            settings.artifacts_dir, settings.promotion, settings.canary, dataset, bundle, reason
+            settings.artifacts_dir,
+            settings.promotion,
+            settings.canary,
+            dataset,
+            bundle,
+            reason,
+            salt=salt,
         )
     except (RailtowerError, ValueError, FileNotFoundError) as exc:
         _canary_failed(exc)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from railtower.canary import (
     CANARY_ARM,
@@ -18,10 +19,12 @@ from railtower.canary import (
     read_canary,
     start_canary,
 )
+from railtower.cli import app
 from railtower.manifest import Manifest
-from railtower.schemas import Impression
+from railtower.schemas import Impression, encode
 from railtower.settings import load_settings
 from tests.railtower.test_canary import make_shop
+from training.canary_balance import balanced_salt
 from training.canary_decision import step_canary
 from training.shadow_eval import SessionTimelines
 
@@ -161,3 +164,76 @@ def test_the_last_step_promotes(settings, shop):
     assert decision.action == "promote", decision.reason
     assert pointer.resolve() == v2.resolve()
     assert Manifest.load(pointer, verify=False).version == state.challenger
+
+
+# ------------------------------------------------------------------------------ A/A check
+
+
+def _production_only(settings, sessions: int):  # type: ignore[no-untyped-def]
+    """Production's impressions and events, where the sessions the configured salt would
+    send to the canary at the first step already do worse (0.10 vs 0.30) under production."""
+    rng = np.random.default_rng(1)
+    impressions, events = [], []
+    served_at = T0 - timedelta(hours=2)
+    share, salt = settings.canary.steps[0], settings.canary.salt
+    for n in range(sessions):
+        session = f"a{n}"
+        rate = 0.10 if in_canary(session, share, salt) else 0.30
+        impressions.append(
+            Impression(
+                impression_id=f"i{n}",
+                request_id=f"r{n}",
+                served_at=served_at,
+                session_id=session,
+                rail="homepage_hero",
+                arm="production",
+                shown=True,
+                model_version="v1",
+                items=["target"],
+            )
+        )
+        item = "target" if rng.random() < rate else "other"
+        events.append((session, item, "view", served_at + timedelta(minutes=5)))
+    events.append(("late", "x", "view", served_at + timedelta(hours=3)))
+    frame = pd.DataFrame(events, columns=["session_id", "item_id", "event_type", "event_time"])
+    return impressions, frame
+
+
+def _timelines(frame: pd.DataFrame) -> SessionTimelines:
+    return SessionTimelines(frame, {"view": 1, "cart": 2, "purchase": 3})
+
+
+def test_the_aa_check_moves_off_a_salt_whose_sample_is_already_unlike_the_rest(settings):
+    impressions, frame = _production_only(settings, 12_000)
+    choice = balanced_salt(settings, impressions, _timelines(frame))
+    first = choice.trials[0]
+    assert first.salt == settings.canary.salt and first.difference.high < 0  # skewed
+    assert choice.salt != settings.canary.salt and choice.balanced
+    kept = next(t for t in choice.trials if t.salt == choice.salt)
+    assert kept.difference.low <= 0 <= kept.difference.high
+    assert abs(kept.difference.mean) < abs(first.difference.mean)
+
+
+def test_the_aa_check_keeps_the_configured_salt_without_enough_impressions(settings):
+    impressions, frame = _production_only(settings, 500)
+    choice = balanced_salt(settings, impressions, _timelines(frame))
+    assert choice.salt == settings.canary.salt and not choice.balanced
+    assert "too few" in choice.reason and choice.trials == []
+
+
+def test_canary_start_with_impressions_starts_on_the_balanced_salt(settings, shop, tmp_path):
+    _, pointer, _, v2 = shop
+    impressions, frame = _production_only(settings, 12_000)
+    logged, events = tmp_path / "impressions.jsonl", tmp_path / "events.csv"
+    logged.write_bytes(b"".join(encode(i) + b"\n" for i in impressions))
+    frame.to_csv(events, index=False)
+    args = ["canary", "start", "-d", "shop", "--bundle", str(v2)]
+    args += ["--impressions", str(logged), "--events", str(events)]
+    env = {
+        "RAILTOWER_ARTIFACTS_DIR": str(settings.artifacts_dir),
+        "RAILTOWER_CANARY__MIN_IMPRESSIONS": "200",
+    }
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "A/A check" in result.output
+    assert read_canary(pointer).salt != settings.canary.salt

@@ -18,10 +18,9 @@ pytestmark = pytest.mark.integration
 # A short ramp judged often: the held-out window is the last ~35 minutes of REES46's three
 # hours (about 1,000 sessions), enough for one step, and what followed an impression is
 # counted over 5 minutes, not the default 30. The worse challenger starts at 10%; the equal
-# one at 50%, because on this little data the 10% sample is itself unlike the rest: the
-# production model's own hit rate is 0.12 on those sessions and 0.18 on the others (an
-# A/A difference), so an equal challenger would be judged worse there. At 50% the halves
-# are alike (0.179 and 0.179).
+# one at 50%, because on this little data the default salt's 10% sample is itself unlike
+# the rest under the production model (an A/A difference: training.canary_balance), so an
+# equal challenger would be judged worse there; the halves at 50% are alike.
 WORSE = {"steps": [0.1, 1.0], "min_impressions": 100, "min_minutes": 4.0}
 EQUAL = {"steps": [0.5, 1.0], "min_impressions": 100, "min_minutes": 4.0}
 HORIZON_MINUTES = 5.0
