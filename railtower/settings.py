@@ -415,6 +415,11 @@ class NightlySettings(_Section):
     datasets: list[str] | None = None
     # Folder under artifacts_dir holding each run's state.json and the run lock.
     state_dir: str = "nightly"
+    # What a candidate that passes the gate becomes: "promote" moves the production pointer
+    # at once; "canary" starts a live canary of it (railtower/canary.py: canary.steps, moved
+    # on by `railtower canary step`). Either way a live canary is never overtaken: the run
+    # is refused until that canary is aborted or finished.
+    release: Literal["promote", "canary"] = "promote"
 
 
 class DriftSettings(_Section):

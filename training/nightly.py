@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import pandas as pd
 
+from railtower.canary import read_canary, start_canary
 from railtower.datasets import Dataset, load_dataset
 from railtower.errors import ArtifactMismatch, RailtowerError
 from railtower.logs import get_logger
@@ -66,7 +67,8 @@ class NightlyResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every trained data set is (now) production, 3 when any was refused."""
+        """0 when every trained data set is (now) production or a live canary, 3 when any
+        was refused."""
         outcomes = [d.get("outcome") for d in self.state["datasets"].values()]
         return EXIT_REFUSED if "refused" in outcomes else EXIT_PROMOTED
 
@@ -427,7 +429,9 @@ def _run_dataset(
     candidate = Path(trained["rails_bundle"])
     step("gate", lambda: _gate(candidate, pointer, settings), lambda _: True)
     final = step("promote", lambda: _promote(candidate, pointer, settings), lambda _: True)
-    record["outcome"] = "promoted" if final["promote"] else "refused"
+    record["outcome"] = (
+        "promoted" if final["promote"] else "canary" if final.get("canary") else "refused"
+    )
     write_state(path, state)
 
 
@@ -471,7 +475,55 @@ def _promote(candidate: Path, pointer: Path, settings: Settings) -> dict[str, An
     if _production(pointer) == candidate.resolve():
         # A crash after the switch but before the state was written: already done.
         return {"promote": True, "already_production": True, "production": candidate.name}
+    live = read_canary(pointer)
+    if live is not None and live.live:
+        if live.challenger_path == str(candidate.resolve()):
+            # A crash after the canary started but before the state was written.
+            return {"promote": False, "canary": live.challenger, "production": live.production}
+        current = _production(pointer)
+        return {
+            "promote": False,
+            "candidate": candidate.name,
+            "production": None if current is None else current.name,
+            "reasons": [
+                f"a canary of {live.challenger} is {live.status} at {live.share:.0%}: the "
+                "pointer is the canary's to move; let it finish (`railtower canary step`) "
+                "or abort it (`railtower canary abort`), then rerun"
+            ],
+            "verdicts": [],
+        }
+    if settings.nightly.release == "canary":
+        return _start_canary(candidate, pointer, settings)
     return asdict(promote(candidate, pointer, settings.promotion, settings.seed, rescore=settings))
+
+
+def _start_canary(candidate: Path, pointer: Path, settings: Settings) -> dict[str, Any]:
+    """The gate against production as it is now; passed, a live canary of the candidate."""
+    decision = asdict(
+        gated(
+            load_evaluation(candidate),
+            _production(pointer),
+            settings.promotion,
+            settings.seed,
+            candidate.name,
+            rescore=settings,
+        )
+    )
+    if not decision["promote"]:
+        return decision
+    if _production(pointer) is None:  # no production to compare with: promote outright
+        return asdict(
+            promote(candidate, pointer, settings.promotion, settings.seed, rescore=settings)
+        )
+    state = start_canary(
+        settings.artifacts_dir,
+        settings.promotion,
+        settings.canary,
+        pointer.name,
+        candidate,
+        "nightly: passed the gate",
+    )
+    return {**decision, "promote": False, "canary": state.challenger}
 
 
 # ------------------------------------------------------------------ report
@@ -480,13 +532,22 @@ def _promote(candidate: Path, pointer: Path, settings: Settings) -> dict[str, An
 def decision_markdown(outputs: dict[str, Any]) -> str:
     if outputs.get("already_production"):
         return f"Already production: {outputs['production']} (nothing switched again).\n"
+    head = ""
+    if outputs.get("canary"):
+        if "verdicts" not in outputs:
+            return f"Canary of {outputs['canary']} already live against {outputs['production']}.\n"
+        head = (
+            f"Passed the gate: a live canary of {outputs['canary']} started "
+            "(`railtower canary step` moves it on).\n\n"
+        )
+        outputs = {**outputs, "promote": True}
     # JSON has no NaN: the state stores "no production value" as null; the table wants NaN.
     verdicts = [
         RailVerdict(**{k: float("nan") if x is None else x for k, x in v.items()})  # type: ignore[arg-type]
         for v in outputs.get("verdicts", [])
     ]
     fields = {k: outputs[k] for k in ("promote", "candidate", "production", "reasons")}
-    return GateDecision(**fields, verdicts=verdicts).to_markdown()
+    return head + GateDecision(**fields, verdicts=verdicts).to_markdown()
 
 
 def _write_report(settings: Settings, run: str, state: dict[str, Any]) -> NightlyResult:

@@ -23,7 +23,9 @@ from railtower.cli import app
 from railtower.manifest import Manifest
 from railtower.schemas import Impression, encode
 from railtower.settings import load_settings
-from tests.railtower.test_canary import make_shop
+from tests.railtower.test_canary import _values, make_shop
+from tests.training.test_promotion import _bundle, record
+from training import nightly
 from training.canary_balance import balanced_salt
 from training.canary_decision import step_canary
 from training.shadow_eval import SessionTimelines
@@ -237,3 +239,23 @@ def test_canary_start_with_impressions_starts_on_the_balanced_salt(settings, sho
     assert result.exit_code == 0, result.output
     assert "A/A check" in result.output
     assert read_canary(pointer).salt != settings.canary.salt
+
+
+# ------------------------------------------------------------------------------ nightly
+
+
+def test_the_nightly_release_canary_starts_one_instead_of_promoting(settings, shop):
+    _, pointer, v1, v2 = shop
+    canary_release = settings.model_copy(
+        update={"nightly": settings.nightly.model_copy(update={"release": "canary"})}
+    )
+    outputs = nightly._promote(v2, pointer, canary_release)
+    assert outputs["canary"] == Manifest.load(v2, verify=False).version
+    assert pointer.resolve() == v1.resolve()  # production untouched
+    assert read_canary(pointer).status == "running"
+    assert "live canary" in nightly.decision_markdown(outputs)
+    # the next run, whatever its release, never moves the pointer under the live canary
+    v3 = _bundle(v2.parent / "v3", record(_values(0.2)))
+    refused = nightly._promote(v3, pointer, settings)
+    assert refused["promote"] is False and "canary" in refused["reasons"][0]
+    assert nightly._promote(v2, pointer, canary_release)["canary"] == outputs["canary"]
