@@ -74,12 +74,22 @@ return added
 # KEYS: catalogue hash, version. ARGV: item id, payload, ttl. The version is a millisecond
 # clock that only moves forward: both keys expire, and a counter restarting at 1 after
 # expiry could equal the version an API process last saw and hide a change from it.
+# The payload is merged into the item's record: a field it leaves null keeps its last value,
+# so a price-only message after "stock 0" cannot bring the item back on a process that polls
+# (or replays the hash at a hot swap) after both.
 _CATALOGUE_UPDATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 if now <= last then now = last + 1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local record = cjson.decode(ARGV[2])
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if before then
+  for field, value in pairs(cjson.decode(before)) do
+    if record[field] == nil or record[field] == cjson.null then record[field] = value end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('SET', KEYS[2], string.format('%d', now), 'EX', tonumber(ARGV[3]))
 return now

@@ -594,6 +594,19 @@ def test_every_key_the_store_writes_has_a_ttl(redis_url):
 
 
 @pytest.mark.integration
+def test_a_price_only_change_keeps_the_items_last_stock(redis_url):
+    store = SessionStore(redis_url, 2.0, 50, 3600, 300)
+    store.put_catalogue_update("out", 9.99, 0)
+    store.put_catalogue_update("out", 8.49, None)  # a price change says nothing of stock
+    store.put_catalogue_update("back", None, 0)
+    store.put_catalogue_update("back", None, 4)
+    _, changes = store.catalogue_changes(0)
+    # a process polling (or replaying at a hot swap) after both still sees it out of stock
+    assert changes["out"] == {"price": 8.49, "stock": 0}
+    assert changes["back"] == {"price": None, "stock": 4}
+
+
+@pytest.mark.integration
 def test_the_price_stream_expires_after_the_long_window_refreshed_by_each_append(
     tmp_path, redis_url
 ):
