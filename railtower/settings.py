@@ -575,6 +575,10 @@ class ServingSettings(_Section):
     # Session events kept per session (newest last) and their time to live.
     session_events: int = Field(50, ge=1)
     state_ttl_s: int = Field(86400, ge=1)
+    # The latest price and stock of every item the catalogue topic changed (every process
+    # applies it, and replays it when it starts or swaps models): product state, kept long
+    # after the session data, so an item out of stock stays out through quiet days.
+    catalogue_ttl_s: int = Field(30 * 86400, ge=60)
     # Pre-warmed rails live this long; the consumer re-warms them as events arrive.
     prewarm_ttl_s: int = Field(300, ge=1)
     # Triton gRPC endpoint of the user tower; null = encode sessions in-process only.

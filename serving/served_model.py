@@ -58,6 +58,10 @@ class ServedModel:
         self.settings, self.loaded, self.store, self.triton = settings, loaded, store, triton
         self.metrics = metrics
         self._swap_lock = threading.Lock()
+        # Held by a catalogue sync for its whole read-apply-record step and by a swap for its
+        # replay-and-assign step: a sync that read a change and applied it to the old model
+        # must not record its version after a swap whose replay came before that change.
+        self._catalogue_lock = threading.Lock()
         self.source: Path | None = None
         self._catalogue_version = 0
         # Price observations the consumer published (state.price_store): deals and the
@@ -104,8 +108,9 @@ class ServedModel:
             _warm_up(fresh, self.triton)
             # the stock and prices this process has applied hold for the new model too: an
             # item out of stock must not come back because the bundle changed
-            self._catalogue_version = self._replay_catalogue(fresh)
-            self.loaded, self.source = fresh, folder.resolve()
+            with self._catalogue_lock:
+                self._catalogue_version = self._replay_catalogue(fresh)
+                self.loaded, self.source = fresh, folder.resolve()
             self.metrics.model_info.info({"version": fresh.version})
             log.info("serving model", version=fresh.version, folder=str(folder))
             return True
@@ -163,8 +168,11 @@ class ServedModel:
                 self.canary = None
                 return route is not None
             _warm_up(fresh, self.triton)
-            self._replay_catalogue(fresh)  # the same stock and prices as production
-        self.canary = CanaryRoute(fresh.version, state.share, state.salt, fresh, source, state)
+            with self._catalogue_lock:  # the same stock and prices as production
+                self._replay_catalogue(fresh)
+                self.canary = CanaryRoute(
+                    fresh.version, state.share, state.salt, fresh, source, state
+                )
         log.info("canary serving", version=fresh.version, share=state.share)
         return True
 
@@ -199,16 +207,18 @@ class ServedModel:
         """Pull the catalogue changes other processes published to Redis; return how many."""
         if self.store is None:
             return 0
-        try:
-            version, changes = self.store.catalogue_changes(self._catalogue_version)
-            if self.prices is not None:
-                self.prices.sync(self.loaded)
-        except redis.RedisError:
-            return 0  # Redis down: keep the attributes we have
-        for item_id, change in changes.items():
-            self.apply_catalogue_change(item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
-        self._catalogue_version = version
-        return len(changes)
+        with self._catalogue_lock:
+            try:
+                version, changes = self.store.catalogue_changes(self._catalogue_version)
+                if self.prices is not None:
+                    self.prices.sync(self.loaded)
+            except redis.RedisError:
+                return 0  # Redis down: keep the attributes we have
+            for item_id, change in changes.items():
+                price, stock = change.get("price"), change.get("stock")
+                self.apply_catalogue_change(item_id, price, stock)  # type: ignore[arg-type]
+            self._catalogue_version = version
+            return len(changes)
 
     def append_prices(self, points: Sequence[PricePoint]) -> int:
         """Append price observations to the shared stream (the consumer's step); returns how

@@ -13,9 +13,10 @@ one slot and one pipeline reads them together):
                                                  when purchase memory is on (exclusions)
     rt:{catalogue}:items, rt:{catalogue}:version latest price/stock per item, change version
 
-Every key has a TTL: session state, vectors, the user's session set and the catalogue live
-`state_ttl_s` after their last write (user data always expires), pre-warmed rails
-`rail_ttl_s`.
+Every key has a TTL: session state, vectors and the user's session set live `state_ttl_s`
+after their last write (user data always expires), pre-warmed rails `rail_ttl_s`, the
+catalogue `catalogue_ttl_s` (days: an item out of stock stays out through a quiet day,
+also for a process that starts and replays the hash then).
 
 Vectors and rails carry the model version in their key, so a promotion never serves a
 vector or rail computed by another model, and the marker (the event count they were
@@ -146,9 +147,10 @@ class SessionStore:
         state_ttl_s: int,
         rail_ttl_s: int,
         purchase_ttl_s: int | None = None,
+        catalogue_ttl_s: int = 30 * 86400,
     ) -> None:
         self.client = connect_url(client, timeout_s) if isinstance(client, str) else client
-        self.purchase_ttl_s = purchase_ttl_s
+        self.purchase_ttl_s, self.catalogue_ttl_s = purchase_ttl_s, catalogue_ttl_s
         self.cluster = is_cluster(self.client)
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
         self._append = self.client.register_script(_APPEND)
@@ -173,6 +175,7 @@ class SessionStore:
             serving.state_ttl_s,
             serving.prewarm_ttl_s,
             purchase_ttl_s,
+            serving.catalogue_ttl_s,
         )
 
     @staticmethod
@@ -335,7 +338,7 @@ class SessionStore:
     def put_catalogue_update(self, item_id: str, price: float | None, stock: int | None) -> None:
         payload = orjson.dumps({"price": price, "stock": stock})
         keys = [self._CATALOGUE, self._CATALOGUE_VERSION]
-        self._catalogue_update(keys=keys, args=[item_id, payload, self.state_ttl_s])
+        self._catalogue_update(keys=keys, args=[item_id, payload, self.catalogue_ttl_s])
 
     def catalogue_changes(self, since: int) -> tuple[int, dict[str, dict[str, object]]]:
         """(current version, every item's latest change) if the version moved past `since`."""

@@ -586,6 +586,8 @@ def test_every_key_the_store_writes_has_a_ttl(redis_url):
     ttls = {k: store.client.ttl(k) for k in keys}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     assert ttls["rt:{s:c1}:rail:v1:homepage_hero"] <= 300 < ttls["rt:{s:c1}:events"]
+    # the catalogue is product state: it outlives the session data by default (30 days)
+    assert ttls["rt:{catalogue}:items"] > 3600 and ttls["rt:{catalogue}:version"] > 3600
     # the catalogue version only moves forward, so a process never misses a change
     version, changes = store.catalogue_changes(0)
     assert version > 0 and changes["1005115"] == {"price": 8.99, "stock": 3}
