@@ -425,7 +425,7 @@ def consume(
     import signal
     import threading
 
-    from serving.app import build_service
+    from serving.app import Watchers, build_service, follow_model
     from streaming.consumer import RefreshConsumer, consumer_settings
     from streaming.topics import ensure_topics
 
@@ -437,6 +437,9 @@ def consume(
         raise typer.Exit(1)
     consumer = RefreshConsumer(settings, service, member_id, ledger)
     stop = threading.Event()
+    # pre-warm under the model the API serves now: a promotion, a canary's step, published
+    # rules and other members' stock changes reach this process as they reach the API's
+    follow_model(settings, service, Watchers(stop, service.metrics))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:

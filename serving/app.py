@@ -83,6 +83,44 @@ def build_service(settings: Settings) -> RailService:
     return service
 
 
+def follow_model(
+    settings: Settings,
+    service: RailService,
+    watchers: Watchers,
+    rules: PublishedRules | None = None,
+) -> None:
+    """Start, on `watchers`, the loops that keep `service` on what production is now, in
+    an API process or the refresh consumer (which pre-warms rails under the model the API
+    serves):
+
+    - catalogue-watch (every second): price and stock changes other processes published
+      (an item out of stock leaves every rail, cached ones included), a canary's start,
+      step or end (railtower/canary.py), and a rule set published through any API process;
+    - bundle-watch (serving.reload_interval_s): the production pointer, hot-swapped.
+
+    A pinned bundle (serving.bundle) has no pointer and no canary to follow.
+    """
+    if rules is None:
+        rules = PublishedRules.for_settings(settings, service.metrics)
+        rules.sync(service)
+    pointer = production_pointer(settings)
+    pinned = settings.serving.bundle is not None
+
+    def follow_pointer() -> None:
+        if service.reload_if_moved(pointer):
+            rules.sync(service)  # a published rule set outranks the new bundle's own
+
+    def follow_catalogue() -> None:
+        service.sync_catalogue()
+        if not pinned:
+            service.follow_canary(pointer)
+        rules.sync(service)
+
+    watchers.start("catalogue-watch", 1.0, follow_catalogue)
+    if not pinned:
+        watchers.start("bundle-watch", settings.serving.reload_interval_s, follow_pointer)
+
+
 def create_app(settings: Settings | None = None, service: RailService | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -90,30 +128,11 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
     stop = threading.Event()
     rules = PublishedRules.for_settings(settings, service.metrics)
     rules.sync(service)
-
-    pointer = production_pointer(settings)
-
-    def follow_pointer() -> None:
-        if service.reload_if_moved(pointer):
-            rules.sync(service)  # a published rule set outranks the new bundle's own
-
-    def follow_catalogue() -> None:
-        # Price and stock changes published by the consumer reach this process within a
-        # second: an item out of stock leaves every rail, cached ones included. So does a
-        # rule set published through any API process (serving/admin.py), and a canary's
-        # start, step or end (railtower/canary.py), whoever moved it.
-        service.sync_catalogue()
-        if settings.serving.bundle is None:  # a pinned bundle has no pointer, no canary
-            service.follow_canary(pointer)
-        rules.sync(service)
-
     watchers = Watchers(stop, service.metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        watchers.start("catalogue-watch", 1.0, follow_catalogue)
-        if settings.serving.bundle is None:
-            watchers.start("bundle-watch", settings.serving.reload_interval_s, follow_pointer)
+        follow_model(settings, service, watchers, rules)
         yield
         stop.set()
         if isinstance(service.observer, ShadowRunner):

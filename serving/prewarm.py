@@ -20,7 +20,9 @@ from serving.user_vectors import VectorTowerSource, encode_sessions
 from towers.session_features import history_of
 
 if TYPE_CHECKING:  # the service calls this module; only its type is needed here
+    from serving.rail_service import LoadedRails
     from serving.service import RailService
+    from state.session_store import SessionStore
 
 
 def prewarm(
@@ -35,10 +37,27 @@ def prewarm(
     filters a cached rail by its own user's purchases anyway). Returns how many rails
     were stored. Raises redis.RedisError if Redis is down (nothing is committed).
     """
-    users = users or {}
-    loaded, store = service.loaded, service.store
-    if loaded is None or store is None or not session_ids:
+    users, store = users or {}, service.store
+    if store is None or not session_ids:
         return 0
+    # each session under the model that serves it: a live canary's sessions are warmed by
+    # the challenger, under its version's keys, where its requests look
+    groups: dict[int, tuple[LoadedRails, list[str]]] = {}
+    for session_id in session_ids:
+        loaded, _ = service.route(session_id)
+        if loaded is not None:
+            groups.setdefault(id(loaded), (loaded, []))[1].append(session_id)
+    return sum(_prewarm(service, store, loaded, ids, users) for loaded, ids in groups.values())
+
+
+def _prewarm(
+    service: RailService,
+    store: SessionStore,
+    loaded: LoadedRails,
+    session_ids: Sequence[str],
+    users: Mapping[str, str],
+) -> int:
+    """`prewarm` for the sessions one model serves."""
     pipeline, slots = loaded.pipeline, service.settings.evaluation.slots
     snapshots = [store.snapshot(s, loaded.version, None, users.get(s)) for s in session_ids]
     exclusions = service.settings.serving.exclusions

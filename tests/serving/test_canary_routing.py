@@ -6,9 +6,13 @@ In-process (no Redis, no Triton); tests/serving/test_canary_under_load.py runs t
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from benchmarks.swap_harness import PIN_SLOT, Probe, offline_items, prepare_bundles
+from devstack.local_services import free_port, redis_server
 from railtower.canary import (
     CANARY_ARM,
     abort_canary,
@@ -20,11 +24,14 @@ from railtower.canary import (
 from railtower.production import current_production, pointer_path
 from railtower.settings import ShadowSettings
 from serving.api_models import RailRequest
+from serving.app import Watchers, follow_model
 from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService
 from serving.shadow import ShadowRunner
+from state.session_store import SessionStore
+from towers.session_features import HistoryEvent
 
 PAGE = "1005115"  # a REES46 phone with co-cart neighbours
 
@@ -150,6 +157,64 @@ def test_stock_changes_reach_the_challenger(canaried):
         service.follow_canary(pointer)
 
 
+@pytest.mark.integration
+def test_the_consumers_prewarm_warms_each_session_under_the_model_that_serves_it(
+    canaried, tmp_path
+):
+    settings, bundles, pointer, _ = canaried
+    server = redis_server(free_port(), tmp_path).start()  # fails the test if it cannot start
+    try:
+        store = SessionStore(f"redis://127.0.0.1:{server.port}/0", 2.0, 50, 3600, 3600)
+        service = RailService(settings, None, store, None, Metrics())
+        assert service.load(pointer)
+        _start(settings, bundles)
+        assert service.follow_canary(pointer)
+        sessions = [f"w-{n}" for n in range(60)]
+        for s in sessions:
+            store.append_events(s, [(f"{s}-0", HistoryEvent(PAGE, "view", 1.0), None)])
+        assert service.prewarm(sessions) == len(sessions)
+        for s in sessions:
+            own = bundles.new_version if service.canary.takes(s) else bundles.old_version
+            other = ({bundles.new_version, bundles.old_version} - {own}).pop()
+            assert store.snapshot(s, own, "homepage_hero").rail is not None, s
+            assert store.snapshot(s, other, "homepage_hero").rail is None, s
+        assert any(service.canary.takes(s) for s in sessions)
+    finally:
+        abort_canary(settings.artifacts_dir, settings.promotion, settings.serving.dataset, "end")
+        server.stop()
+
+
+def test_follow_model_keeps_a_process_on_the_canary_and_the_pointer(canaried):
+    """The refresh consumer runs the same loops as an API process (serving.app.follow_model),
+    so it pre-warms under the model the API serves, canary included."""
+    settings, bundles, pointer, _ = canaried
+    quick = settings.model_copy(
+        update={"serving": settings.serving.model_copy(update={"reload_interval_s": 0.2})}
+    )
+    service = RailService(quick, None, None, None, Metrics())
+    assert service.load(pointer)
+    stop = threading.Event()
+    follow_model(quick, service, Watchers(stop, service.metrics))
+    try:
+        _start(settings, bundles)
+        assert _within(5.0, lambda: service.canary is not None)
+        assert service.canary.version == bundles.new_version
+        abort_canary(settings.artifacts_dir, settings.promotion, settings.serving.dataset, "x")
+        assert _within(5.0, lambda: service.canary is None)
+    finally:
+        stop.set()
+
+
+def _within(seconds: float, condition) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# last: it leaves the challenger as production
 def test_the_last_step_promotes_and_the_process_serves_the_challenger_to_everyone(canaried):
     settings, bundles, pointer, service = canaried
     dataset = settings.serving.dataset
