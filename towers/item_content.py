@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from towers.item_features import ItemFeaturizer, item_text
-from towers.text_encoder import TEXT_DIM, embed_texts, load_text_model
+from towers.text_encoder import TEXT_DIM, default_text_model_path, embed_texts, load_text_model
 
 TextEmbedder = Callable[[list[str]], np.ndarray]
 
@@ -53,10 +53,10 @@ class ItemContentEncoder:
             return self.tower(*features.as_tuple()).numpy().astype(np.float32)
 
 
-def uncached_texts(model_path: Path, batch_size: int = 64) -> TextEmbedder:
-    """MiniLM embeddings straight from the local model (loaded now, once per process), with
-    no embedding-cache reads or writes: what an API process uses."""
-    model = load_text_model(model_path)
+def uncached_texts(model_path: Path | None, batch_size: int = 64) -> TextEmbedder:
+    """MiniLM embeddings straight from the local model (loaded now, once per process; None:
+    the wheel's), with no embedding-cache reads or writes: what an API process uses."""
+    model = load_text_model(model_path or default_text_model_path())
 
     def embed(texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), TEXT_DIM), np.float32)
