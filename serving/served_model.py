@@ -192,6 +192,21 @@ class ServedModel:
             apply_record(fresh, item_id, change)
         return version
 
+    def watch_catalogue(self, observer: CatalogueWatcher) -> None:
+        """Attach `observer` (the shadow arms' runner) and give it every record published so
+        far: its challenger is loaded after production replayed the catalogue, and must
+        start from the same stock, retirements and new items, not from the next change."""
+        with self._catalogue_lock:
+            self.observer = observer  # type: ignore[assignment]
+            if self.store is None:
+                return
+            try:
+                _, changes = self.store.catalogue_changes(-1)
+            except redis.RedisError:
+                return  # the next sync after a change brings that item only; logged there
+            for item_id, change in changes.items():
+                observer.catalogue_changed(item_id, change)
+
     def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
         """Apply a price/stock change to the served model's item attributes.
 

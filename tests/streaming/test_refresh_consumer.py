@@ -26,12 +26,16 @@ from railtower.schemas import (
     decode_event,
     encode,
 )
+from railtower.settings import ShadowSettings
 from ranking.ann import DeltaIndex
 from ranking.engine import compute
 from ranking.rail_inputs import rail_query
 from serving.api_models import RailRequest
+from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
+from serving.rail_service import load_rails
 from serving.service import RailService
+from serving.shadow import ShadowRunner
 from state.session_store import SessionStore
 from streaming import consumer as consumer_module
 from streaming.consumer import RefreshConsumer
@@ -634,6 +638,19 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
     swapped = RailService(settings, None, service.store, None, Metrics())
     assert swapped.load(service.source)
     check(swapped)
-    # retired, it leaves the rules' eligibility at once
-    service.apply_catalogue_record(new_id, {"retired": True})
-    assert service.loaded.pipeline.attributes[new_id].retired
+    # a shadow challenger, loaded after production (as the API builds it), starts from the
+    # same records: the new item included
+    challenger = load_rails(service.source, settings)
+    runner = ShadowRunner(
+        ShadowSettings(), MemoryImpressionSink(service.metrics), service.metrics, challenger
+    )
+    service.watch_catalogue(runner)
+    try:
+        assert isinstance(challenger.towers.index, DeltaIndex)
+        np.testing.assert_allclose(challenger.towers.index.vector(new_id), expected, atol=1e-4)
+        # retired, it leaves every model's rules' eligibility at once
+        service.apply_catalogue_record(new_id, {"retired": True})
+        assert service.loaded.pipeline.attributes[new_id].retired
+        assert challenger.pipeline.attributes[new_id].retired
+    finally:
+        service.observer = None
