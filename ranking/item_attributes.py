@@ -209,7 +209,7 @@ class ItemAttributes:
             item_id=item_id,
             category_path=path,
             top_category=category_levels(path, 1)[0],
-            brand=brand.lower() if isinstance(brand, str) and brand else None,
+            brand=brand if isinstance(brand, str) and brand else None,
             price=None if known is None else known.price,
             stock=None if known is None else known.stock,
             margin=None if known is None else known.margin,

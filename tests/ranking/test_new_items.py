@@ -124,7 +124,7 @@ SHOP = pd.DataFrame(
 def test_a_new_item_gets_attributes_banded_with_the_fitted_edges():
     attrs = ItemAttributes.from_frame(SHOP, price_bands=2)
     attrs.add(
-        "new", category_path="electronics > smartphone", brand="Samsung", price=290.0, stock=3
+        "new", category_path="electronics > smartphone", brand="samsung", price=290.0, stock=3
     )
     info = attrs["new"]
     assert (info.top_category, info.brand, info.stock, info.retired) == (
