@@ -564,29 +564,40 @@ def test_a_retired_item_leaves_cached_and_computed_rails_in_every_process(stack)
     assert other.loaded.pipeline.attributes[victim].stock == 3
 
 
-def _cold_source(service) -> tuple[str, dict[str, object]]:  # type: ignore[no-untyped-def]
-    """A catalogue item the featurizer has no id embedding for (encoded from content
-    alone, as a new item is), with a category and a brand: its id and content."""
+def _cold_content(service, item: str) -> dict[str, object] | None:  # type: ignore[no-untyped-def]
+    """The content of a catalogue item the featurizer has no id embedding for (encoded from
+    content alone, as a new item is) with a category and a brand; None for any other."""
     towers, items = service.loaded.towers, service.loaded.rails.items
-    for row in items.to_dict("records"):
-        item = str(row["item_id"])
-        if item in towers.featurizer.warm_items or item not in towers.item_row:
-            continue
-        if not (isinstance(row.get("category_path"), str) and isinstance(row.get("brand"), str)):
-            continue
-        content = {
-            c: row.get(c) if isinstance(row.get(c), str) else None
-            for c in ("title", "category_path", "brand")
-        }
-        price = row.get("price")
-        content["price"] = float(price) if price is not None and pd.notna(price) else None
-        return item, content
-    raise AssertionError("the trained model has no cold item with a category and brand")
+    if item in towers.featurizer.warm_items or item not in towers.item_row:
+        return None
+    row = items[items["item_id"].astype(str) == item].iloc[0].to_dict()
+    if not (isinstance(row.get("category_path"), str) and isinstance(row.get("brand"), str)):
+        return None
+    content: dict[str, object] = {
+        c: row.get(c) if isinstance(row.get(c), str) else None
+        for c in ("title", "category_path", "brand")
+    }
+    price = row.get("price")
+    content["price"] = float(price) if price is not None and pd.notna(price) else None
+    return content
+
+
+def _retrieved_cold_item(service):  # type: ignore[no-untyped-def]
+    """(query, position, item, content): a cold catalogue item the towers' homepage_hero
+    retrieval returns for a one-view session, well inside its 300 candidates."""
+    retriever = service.loaded.pipeline.sources["two_tower"]
+    queries = [rail_query(None, (), (i,), ("view",)) for i in ITEMS]
+    for query, row in zip(queries, retriever.candidates(queries, 300), strict=True):
+        for position, candidate in enumerate(row[:250]):
+            content = _cold_content(service, candidate.item_id)
+            if content is not None:
+                return query, position, candidate.item_id, content
+    raise AssertionError("no cold item with a category and brand among the tower candidates")
 
 
 def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(stack):
     settings, service, _ = stack
-    source, content = _cold_source(service)
+    query, position, source, content = _retrieved_cold_item(service)
     towers = service.loaded.towers
     expected = towers.item_vectors[towers.item_row[source]]
     other = RailService(settings, None, service.store, None, Metrics())
@@ -615,12 +626,11 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
         return vector
 
     check(service)
-    # homepage_hero's tower source over a session that viewed its content twin finds it,
-    # and the whole pipeline (ranker, MMR, rules) takes a candidate it has no statistics for
-    query = rail_query(None, (), (source,), ("view",))
+    # homepage_hero's tower source returns it beside its content twin, and the whole
+    # pipeline (ranker, MMR, rules) takes a candidate it has no statistics for
     pipeline = service.loaded.pipeline
-    found = pipeline.sources["two_tower"].candidates([query], 50)[0]
-    assert new_id in [c.item_id for c in found]
+    found = [c.item_id for c in pipeline.sources["two_tower"].candidates([query], 300)[0]]
+    assert found.index(source) == position and abs(found.index(new_id) - position) <= 3
     run = compute(pipeline, "homepage_hero", [query])
     assert run.ruled is not None and len(run.ruled) == 1
     answer = service.serve("homepage_hero", RailRequest(session_id="s7"))
