@@ -630,7 +630,7 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
     # pipeline (ranker, MMR, rules) takes a candidate it has no statistics for
     pipeline = service.loaded.pipeline
     found = [c.item_id for c in pipeline.sources["two_tower"].candidates([query], 300)[0]]
-    assert found.index(source) == position and abs(found.index(new_id) - position) <= 3
+    assert abs(found.index(source) - position) <= 1 and abs(found.index(new_id) - position) <= 3
     run = compute(pipeline, "homepage_hero", [query])
     assert run.ruled is not None and len(run.ruled) == 1
     answer = service.serve("homepage_hero", RailRequest(session_id="s7"))
