@@ -112,3 +112,34 @@ def test_unknown_items_without_a_listing_and_models_without_an_encoder():
     assert apply_record(model, "new", LISTING)  # type: ignore[arg-type]
     assert "new" in model.pipeline.attributes  # rules see it; retrieval cannot find it
     assert isinstance(model.towers.index, ExactIndex)
+
+
+class RecordingWatcher:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, object]]] = []
+
+    def catalogue_changed(self, item_id: str, record: dict[str, object]) -> None:
+        self.seen.append((item_id, record))
+
+
+class OneVersionStore:
+    def catalogue_changes(self, since: int) -> tuple[int, dict[str, dict[str, object]]]:
+        records: dict[str, dict[str, object]] = {"new": dict(LISTING), "phone": {"retired": True}}
+        return 7, {} if since == 7 else records
+
+
+def test_an_attached_watcher_first_takes_every_published_record():
+    """The shadow challenger is loaded after production replayed the catalogue: attached,
+    it gets every record at once, not only the next change."""
+    from railtower.settings import load_settings
+    from serving.metrics import Metrics
+    from serving.served_model import ServedModel
+
+    served = ServedModel(load_settings(), None, None, None, Metrics())
+    served.store = OneVersionStore()  # type: ignore[assignment]
+    watcher = RecordingWatcher()
+    served.watch_catalogue(watcher)
+    assert served.observer is watcher
+    assert sorted(item for item, _ in watcher.seen) == ["new", "phone"]
+    assert served.apply_catalogue_record("phone", {"stock": 0}) is False  # no model loaded
+    assert watcher.seen[-1] == ("phone", {"stock": 0})
