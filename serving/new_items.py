@@ -137,9 +137,15 @@ def index_new_item(loaded: LoadedRails, item_id: str, record: Mapping[str, objec
     with new.lock:
         if new.encoded.get(item_id) == key:
             return False
-        vector = new.encoder.encode(pd.DataFrame([{"item_id": item_id, **content}]))
-        index = towers.index if isinstance(towers.index, DeltaIndex) else DeltaIndex(towers.index)
-        towers.index = index.with_items(np.array([item_id]), vector)
+        try:
+            vector = new.encoder.encode(pd.DataFrame([{"item_id": item_id, **content}]))
+            index = towers.index
+            base = index if isinstance(index, DeltaIndex) else DeltaIndex(index)
+            towers.index = base.with_items(np.array([item_id]), vector)
+        except Exception as exc:  # noqa: BLE001 - one item must not stop a sync or a load
+            # not recorded as encoded: the next sync of the hash tries again
+            log.error("new item not indexed", item=item_id, error=f"{type(exc).__name__}: {exc}")
+            return False
         new.encoded[item_id] = key
     log.info("new item indexed", item=item_id, model=loaded.version)
     return True

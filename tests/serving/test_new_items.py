@@ -143,3 +143,18 @@ def test_an_attached_watcher_first_takes_every_published_record():
     assert sorted(item for item, _ in watcher.seen) == ["new", "phone"]
     assert served.apply_catalogue_record("phone", {"stock": 0}) is False  # no model loaded
     assert watcher.seen[-1] == ("phone", {"stock": 0})
+
+
+class FailingEncoder:
+    def encode(self, items: pd.DataFrame) -> np.ndarray:
+        raise RuntimeError("tower exploded")
+
+
+def test_an_encoder_failure_leaves_the_item_listed_and_is_retried():
+    model = _model(FailingEncoder())  # type: ignore[arg-type]
+    assert apply_record(model, "new", LISTING)  # type: ignore[arg-type]
+    assert "new" in model.pipeline.attributes and "new" not in model.new_items.encoded
+    assert isinstance(model.towers.index, ExactIndex)
+    model.new_items.encoder = CountingEncoder()
+    assert apply_record(model, "new", LISTING)  # type: ignore[arg-type]
+    assert "new" in model.towers.index and "new" in model.new_items.encoded
