@@ -424,6 +424,13 @@ class DeltaIndex:
         return np.concatenate([self.main.ids.astype(str), self.delta.ids.astype(str)])
 
     @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 vectors in `ids` order."""
+        if self.delta is None:
+            return self.main.vectors
+        return np.concatenate([self.main.vectors, self.delta.vectors])
+
+    @property
     def ef(self) -> int:
         return self.main.ef if isinstance(self.main, HnswIndex) else 0
 

@@ -53,6 +53,8 @@ def test_search_merges_the_new_items_with_the_main_index_by_score(main):  # type
     assert index.search(fresh[2:3], 1)[0] == [["new-2"]]
     assert len(index) == 65 and "new-2" in index and "old-0" in index
     np.testing.assert_allclose(index.vector("new-2"), fresh[2])
+    assert index.ids.tolist() == all_ids
+    np.testing.assert_allclose(index.vectors, all_vectors, atol=1e-6)
 
 
 def test_search_honours_excludes_in_both_indexes(main):  # type: ignore[no-untyped-def]
