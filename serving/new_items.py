@@ -98,6 +98,9 @@ def apply_record(loaded: LoadedRails, item_id: str, record: Mapping[str, object]
         )
         if retired:
             attributes.update(item_id, retired=True)
+        title = record.get("title")
+        if isinstance(title, str) and title:
+            loaded.titles[item_id] = title  # responses and explanations name it
     elif item_id in attributes:
         attributes.update(
             item_id,
