@@ -13,7 +13,14 @@ from enum import StrEnum
 from typing import Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CATEGORY_SEPARATOR = " > "
 EVENT_SCHEMA_VERSION = 1
@@ -198,6 +205,92 @@ class CatalogueUpdate(BaseModel):
         return plausible_time(value)
 
 
+class ItemUpsert(BaseModel):
+    """An item listed (a new id) or re-listed (a known one), with its content, on the
+    catalogue topic. A known item takes its price, stock and margin from it and is no longer
+    retired; a new item is encoded from its content (title, category path, brand) by the
+    item tower and becomes retrievable. A field left null keeps the item's last value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    kind: Literal["item_upsert"] = "item_upsert"
+    update_id: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    time: datetime
+    title: str | None = None
+    description: str | None = None
+    category_path: str | None = None
+    brand: str | None = None
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    stock: int | None = Field(default=None, ge=0)
+    image_path: str | None = None
+    margin: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    listed_at: datetime | None = None
+
+    @field_validator("time")
+    @classmethod
+    def _plausible_update_time(cls, value: datetime) -> datetime:
+        return plausible_time(value)
+
+    @field_validator("listed_at")
+    @classmethod
+    def _plausible_listing_time(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else plausible_time(value)
+
+    @field_validator("image_path")
+    @classmethod
+    def _absolute_image_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"image_path must be an absolute path, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ItemUpsert:
+        if not any((v or "").strip() for v in (self.title, self.category_path, self.brand)):
+            raise ValueError(
+                "an item upsert needs content: at least one of title, category_path, brand"
+            )
+        return self
+
+    def listing(self) -> dict[str, object]:
+        """The fields the catalogue record (state.session_store) keeps for this item; null
+        ones keep the record's last value. An upsert re-lists a retired item."""
+        fields = self.model_dump(
+            mode="json", exclude={"schema_version", "kind", "update_id", "item_id", "time"}
+        )
+        return {**fields, "retired": False}
+
+
+class ItemRetire(BaseModel):
+    """An item withdrawn from sale, on the catalogue topic: it leaves every rail and cache
+    and stays out (a later price or stock change does not bring it back) until an
+    :class:`ItemUpsert` lists it again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    kind: Literal["item_retire"] = "item_retire"
+    update_id: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    time: datetime
+
+    @field_validator("time")
+    @classmethod
+    def _plausible_update_time(cls, value: datetime) -> datetime:
+        return plausible_time(value)
+
+
+CatalogueMessage = CatalogueUpdate | ItemUpsert | ItemRetire
+
+# `kind` of a catalogue-topic message -> its schema; a message without `kind` is the
+# original price/stock update (CatalogueUpdate), which producers may keep sending.
+CATALOGUE_KINDS: dict[str, type[BaseModel]] = {
+    "item_upsert": ItemUpsert,
+    "item_retire": ItemRetire,
+}
+
+
 # ---------------------------------------------------------------------------- wire format
 # One JSON object per message, UTF-8, carrying `schema_version`. Producers write
 # encode(); consumers read decode_*(), which names what is wrong with a bad message so it
@@ -212,11 +305,16 @@ class MalformedMessage(ValueError):
         self.reason = reason
 
 
-def encode(message: Event | CatalogueUpdate | Impression) -> bytes:
+def encode(message: Event | CatalogueMessage | Impression) -> bytes:
     return orjson.dumps(message.model_dump(mode="json"))
 
 
 def _decode(raw: bytes | None, model: type[BaseModel]) -> BaseModel:
+    return _validate(_object(raw), model)
+
+
+def _object(raw: bytes | None) -> dict[str, object]:
+    """The message's JSON object at a supported schema version."""
     if raw is None:
         raise MalformedMessage("empty message (no value)")
     try:
@@ -231,6 +329,10 @@ def _decode(raw: bytes | None, model: type[BaseModel]) -> BaseModel:
             f"schema_version {version!r} is not supported (this consumer reads "
             f"{EVENT_SCHEMA_VERSION})"
         )
+    return data
+
+
+def _validate(data: dict[str, object], model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -248,6 +350,23 @@ def decode_event(raw: bytes | None) -> Event:
 def decode_catalogue_update(raw: bytes | None) -> CatalogueUpdate:
     """Parse one catalogue-topic message. Raises MalformedMessage naming the problem."""
     return _decode(raw, CatalogueUpdate)  # type: ignore[return-value]
+
+
+def decode_catalogue_message(raw: bytes | None) -> CatalogueMessage:
+    """Parse one catalogue-topic message of any kind: `item_upsert`, `item_retire`, or (no
+    `kind`) a price/stock :class:`CatalogueUpdate`. Raises MalformedMessage naming the
+    problem (an unknown kind included)."""
+    data = _object(raw)
+    kind = data.get("kind")
+    if "kind" not in data:
+        return _validate(data, CatalogueUpdate)  # type: ignore[return-value]
+    model = CATALOGUE_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise MalformedMessage(
+            f"unknown catalogue message kind {kind!r} (this consumer reads "
+            f"{', '.join(sorted(CATALOGUE_KINDS))}, or no kind for a price/stock update)"
+        )
+    return _validate(data, model)  # type: ignore[return-value]
 
 
 def decode_impression(raw: bytes | None) -> Impression:

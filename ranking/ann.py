@@ -396,6 +396,88 @@ class HnswIndex(_IdMap):
         return index
 
 
+class DeltaIndex:
+    """A bundle's index plus the items listed since it was built: a small exact index of the
+    new items is searched beside the main one and the two answers are merged by score.
+
+    Copy-on-write: `with_items` returns a new DeltaIndex and leaves this one untouched, so
+    the caller swaps it in by one reference assignment while searches on the old one go on
+    (hnswlib's `add_items` is not safe beside `knn_query`, and the graph has no headroom).
+    The nightly rebuild folds new items into the main index.
+
+    Example:
+        >>> main = ExactIndex()
+        >>> main.build(np.array(["tv", "hdmi"]), np.eye(3, dtype=np.float32)[:2])
+        >>> index = DeltaIndex(main).with_items(np.array(["new"]), np.eye(3, dtype=np.float32)[2:])
+        >>> index.search(np.array([[0.1, 0.0, 1.0]], dtype=np.float32), k=2)[0]
+        [['new', 'tv']]
+    """
+
+    def __init__(self, main: ExactIndex | HnswIndex, delta: ExactIndex | None = None) -> None:
+        self.main, self.delta = main, delta
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every indexed id: the main index's, then the new items'."""
+        if self.delta is None:
+            return self.main.ids
+        return np.concatenate([self.main.ids.astype(str), self.delta.ids.astype(str)])
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 vectors in `ids` order."""
+        if self.delta is None:
+            return self.main.vectors
+        return np.concatenate([self.main.vectors, self.delta.vectors])
+
+    @property
+    def ef(self) -> int:
+        return self.main.ef if isinstance(self.main, HnswIndex) else 0
+
+    def __len__(self) -> int:
+        return len(self.main) + (0 if self.delta is None else len(self.delta))
+
+    def __contains__(self, item_id: object) -> bool:
+        in_delta = self.delta is not None and item_id in self.delta.label_of
+        return in_delta or item_id in self.main.label_of
+
+    def with_items(self, ids: np.ndarray, vectors: np.ndarray) -> DeltaIndex:
+        """A new DeltaIndex whose delta also holds `ids` (replacing their earlier vectors)."""
+        new_ids, new_vectors = _validated(ids, vectors)
+        if self.delta is not None:
+            keep = ~np.isin(self.delta.ids, new_ids)
+            new_ids = np.concatenate([self.delta.ids[keep].astype(str), new_ids])
+            new_vectors = np.concatenate([self.delta.vectors[keep], new_vectors])
+        delta = ExactIndex()
+        delta.build(new_ids, new_vectors)
+        return DeltaIndex(self.main, delta)
+
+    def vector(self, item_id: str) -> np.ndarray:
+        if self.delta is not None and item_id in self.delta.label_of:
+            return self.delta.vector(item_id)
+        return self.main.vector(item_id)
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[Collection[str]] | None = None
+    ) -> SearchResult:
+        """The k best items per query over the main index and the new items, never an
+        excluded one (same contract as the main index's `search`)."""
+        ids, scores = self.main.search(queries, k, exclude)
+        delta = self.delta
+        if delta is None:
+            return ids, scores
+        extra_ids, extra_scores = delta.search(queries, k, exclude)
+        merged_ids: list[list[str]] = []
+        merged_scores: list[np.ndarray] = []
+        for a, sa, b, sb in zip(ids, scores, extra_ids, extra_scores, strict=True):
+            both = np.concatenate([sa, sb]).astype(np.float32)
+            order = np.argsort(-both, kind="stable")[:k]
+            names = [*a, *b]
+            merged_ids.append([names[i] for i in order])
+            merged_scores.append(both[order])
+        return merged_ids, merged_scores
+
+
 INDEXES: dict[str, type[ExactIndex] | type[HnswIndex]] = {"exact": ExactIndex, "hnsw": HnswIndex}
 
 

@@ -19,7 +19,7 @@ import torch
 from railtower.errors import ArtifactMismatch
 from railtower.manifest import Manifest
 from railtower.settings import TowerSettings
-from ranking.ann import HnswIndex, load_index
+from ranking.ann import DeltaIndex, HnswIndex, load_index
 from towers.item_features import ItemFeaturizer, item_feature_specs, spec_hash
 from towers.session_features import HistoryEvent, collate, session_features
 
@@ -42,7 +42,8 @@ class TowerBundle:
     item_row: dict[str, int]
     item_vectors: np.ndarray
     session_encoder: torch.jit.ScriptModule
-    index: HnswIndex
+    # the trained HNSW graph; a DeltaIndex around it once items are listed after training
+    index: HnswIndex | DeltaIndex
     featurizer: ItemFeaturizer
     # the Triton user-tower version exported from this bundle ("" = none recorded)
     triton_version: str = ""

@@ -35,6 +35,8 @@ class ItemInfo:
         margin: gross margin share 0..1, or None.
         price_band: quantile band of the price within its top-level category, 1..bands;
             0 when the price is unknown.
+        retired: withdrawn from sale (an `item_retire` on the catalogue topic): out of
+            every rail, whatever its stock, until an `item_upsert` lists it again.
     """
 
     item_id: str
@@ -45,6 +47,7 @@ class ItemInfo:
     stock: int | None
     margin: float | None
     price_band: int
+    retired: bool = False
 
     @property
     def out_of_stock(self) -> bool:
@@ -133,8 +136,17 @@ class ItemAttributes:
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
-    def update(self, item_id: str, *, stock: int | None = None, price: float | None = None) -> None:
-        """Set the stock and/or price of one known item (the streaming path calls this).
+    def update(
+        self,
+        item_id: str,
+        *,
+        stock: int | None = None,
+        price: float | None = None,
+        margin: float | None = None,
+        retired: bool | None = None,
+    ) -> None:
+        """Set the stock, price, margin and/or retired flag of one known item (the streaming
+        path calls this).
 
         The price band is re-assigned with the fitted band edges; the edges themselves are
         not refitted, so one price change never moves other items between bands.
@@ -143,27 +155,75 @@ class ItemAttributes:
             item_id: an item the attributes were built with.
             stock: new units in stock (>= 0), or None to leave the stock as it is.
             price: new price (>= 0), or None to leave the price as it is.
+            margin: new gross margin share (0..1), or None to leave it as it is.
+            retired: True withdraws the item, False lists it again, None leaves it.
 
         Raises:
-            ValueError: the item is unknown, or stock/price is negative or not finite.
+            ValueError: the item is unknown (`add` lists a new one), or stock/price is
+                negative or not finite, or margin is outside 0..1.
         """
         info = self._items.get(item_id)
         if info is None:
             raise ValueError(
                 f"item {item_id!r} is not in the catalogue these attributes were built from; "
-                "rebuild them with ItemAttributes.from_frame to add new items"
+                "list it with ItemAttributes.add (or rebuild with ItemAttributes.from_frame)"
             )
         if stock is not None and (isinstance(stock, bool) or stock < 0):
             raise ValueError(f"stock must be an integer >= 0, got {stock!r} for item {item_id!r}")
         if price is not None and not (math.isfinite(price) and price >= 0):
             raise ValueError(f"price must be a finite number >= 0, got {price!r} for {item_id!r}")
+        if margin is not None and not (math.isfinite(margin) and 0 <= margin <= 1):
+            raise ValueError(f"margin must be within 0..1, got {margin!r} for {item_id!r}")
         if stock is not None:
             info = replace(info, stock=int(stock))
+        if margin is not None:
+            info = replace(info, margin=float(margin))
+        if retired is not None:
+            info = replace(info, retired=bool(retired))
         if price is not None:
             one = pd.DataFrame({"category_path": [info.category_path], "price": [float(price)]})
             band = int(self.price_bands.assign(one)[0])
             info = replace(info, price=float(price), price_band=band)
         self._items[item_id] = info
+
+    def add(
+        self,
+        item_id: str,
+        *,
+        category_path: str | None,
+        brand: str | None,
+        price: float | None = None,
+        stock: int | None = None,
+        margin: float | None = None,
+    ) -> None:
+        """List a new item (an `item_upsert` of an id these attributes were not built with):
+        its price band comes from the fitted edges, as `update` assigns one. Adding a known
+        item replaces its category and brand and applies the rest as `update` does.
+
+        Raises:
+            ValueError: stock/price/margin out of range (as `update`).
+        """
+        path = category_path if isinstance(category_path, str) and category_path else None
+        known = self._items.get(item_id)
+        base = ItemInfo(
+            item_id=item_id,
+            category_path=path,
+            top_category=category_levels(path, 1)[0],
+            brand=brand if isinstance(brand, str) and brand else None,
+            price=None if known is None else known.price,
+            stock=None if known is None else known.stock,
+            margin=None if known is None else known.margin,
+            price_band=0 if known is None else known.price_band,
+        )
+        self._items[item_id] = base
+        try:
+            self.update(item_id, stock=stock, price=price, margin=margin, retired=False)
+        except ValueError:
+            if known is None:
+                del self._items[item_id]
+            else:
+                self._items[item_id] = known
+            raise
 
 
 def _column(items: pd.DataFrame, name: str) -> list[object]:

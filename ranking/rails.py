@@ -132,6 +132,7 @@ class RailPipeline:
                 for i, item in enumerate(items)
                 if item not in query.exclude
                 and not getattr(self.attributes.get(item), "out_of_stock", False)
+                and not getattr(self.attributes.get(item), "retired", False)
             ]
             parts.append(
                 pd.DataFrame(

@@ -68,9 +68,19 @@ __all__ = [
 ]
 
 EffectKind = Literal[
-    "request", "out_of_stock", "block", "margin_floor", "boost", "bury", "pin", "pin_skipped"
+    "request",
+    "out_of_stock",
+    "retired",
+    "block",
+    "margin_floor",
+    "boost",
+    "bury",
+    "pin",
+    "pin_skipped",
 ]
-EXCLUSIONS: frozenset[EffectKind] = frozenset({"request", "out_of_stock", "block", "margin_floor"})
+EXCLUSIONS: frozenset[EffectKind] = frozenset(
+    {"request", "out_of_stock", "retired", "block", "margin_floor"}
+)
 
 
 # ------------------------------------------------------------------------------ applying
@@ -322,6 +332,8 @@ def _judge(
     notes: list[RuleEffect] = []
     if info is not None and info.out_of_stock:
         notes.append(RuleEffect(None, "out_of_stock", "removed: stock is 0"))
+    if info is not None and info.retired:
+        notes.append(RuleEffect(None, "retired", "removed: retired from the catalogue"))
     for i, rule in active.blocks:
         if rule.targets(item_id, info):
             notes.append(RuleEffect(i, "block", f"removed: blocked {rule.target_text()}"))

@@ -79,7 +79,8 @@ def build_service(settings: Settings) -> RailService:
     # the merchandisers' published rule set, if any, before the first request (API, consumer)
     PublishedRules.for_settings(settings, service.metrics).sync(service)
     # every served impression is logged; sampled sessions also get the shadow arms
-    service.observer = build_shadow(settings, service.metrics)
+    # (its challenger first takes every catalogue record production replayed at load)
+    service.watch_catalogue(build_shadow(settings, service.metrics))
     return service
 
 

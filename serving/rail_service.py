@@ -19,6 +19,7 @@ from ranking.rails_bundle import RailsBundle
 from ranking.retriever import Catalogue
 from ranking.source_state import load_sources
 from ranking.tower_retriever import BundleRetriever
+from serving.new_items import NewItems, new_items_for
 
 
 @dataclass
@@ -30,6 +31,8 @@ class LoadedRails:
     towers: TowerBundle | None
     catalogue: Catalogue
     titles: dict[str, str]
+    # items listed after the bundle was trained: their encoder and what it encoded
+    new_items: NewItems | None = None
 
     @property
     def version(self) -> str:
@@ -73,4 +76,4 @@ def load_rails(folder: Path, settings: Settings) -> LoadedRails:
         if "title" in rails.items.columns
         else {}
     )
-    return LoadedRails(pipeline, rails, towers, catalogue, titles)
+    return LoadedRails(pipeline, rails, towers, catalogue, titles, new_items_for(towers, settings))

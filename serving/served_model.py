@@ -1,5 +1,6 @@
 """The model an API process serves, and what keeps it current: loading and hot swaps, the
-live canary's challenger (serving.canary_route), the catalogue changes (stock, price) and
+live canary's challenger (serving.canary_route), the catalogue changes (stock, price,
+retirements, new items: serving.new_items) and
 the price stream other processes publish to Redis.
 
 The request path (serving.service.RailService) builds on it; the refresh consumer drives it
@@ -10,7 +11,7 @@ every change the API processes see.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from ranking.engine import compute
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
 from serving.canary_route import CanaryRoute
 from serving.metrics import Metrics
+from serving.new_items import apply_record
 from serving.price_follower import PriceFollower
 from serving.rail_service import LoadedRails, load_rails
 from serving.user_vectors import TritonUserTower
@@ -38,9 +40,9 @@ PRODUCTION_ARM = "production"
 
 class CatalogueWatcher(Protocol):
     """Sees every catalogue change this process applies (the shadow arms' challenger must
-    see the same stock as production)."""
+    see the same stock, retirements and new items as production)."""
 
-    def catalogue_changed(self, item_id: str, price: float | None, stock: int | None) -> None: ...
+    def catalogue_changed(self, item_id: str, record: Mapping[str, object]) -> None: ...
 
 
 class ServedModel:
@@ -187,21 +189,44 @@ class ServedModel:
         except redis.RedisError:
             return -1
         for item_id, change in changes.items():
-            _apply_change(fresh, item_id, change.get("price"), change.get("stock"))  # type: ignore[arg-type]
+            apply_record(fresh, item_id, change)
         return version
+
+    def watch_catalogue(self, observer: CatalogueWatcher) -> None:
+        """Attach `observer` (the shadow arms' runner) and give it every record published so
+        far: its challenger is loaded after production replayed the catalogue, and must
+        start from the same stock, retirements and new items, not from the next change."""
+        with self._catalogue_lock:
+            self.observer = observer  # type: ignore[assignment]
+            if self.store is None:
+                return
+            try:
+                _, changes = self.store.catalogue_changes(-1)
+            except redis.RedisError:
+                return  # the next sync after a change brings that item only; logged there
+            for item_id, change in changes.items():
+                observer.catalogue_changed(item_id, change)
 
     def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
         """Apply a price/stock change to the served model's item attributes.
 
         Returns False for an item the model does not know (it cannot be recommended anyway).
         """
+        return self.apply_catalogue_record(item_id, {"price": price, "stock": stock})
+
+    def apply_catalogue_record(self, item_id: str, record: Mapping[str, object]) -> bool:
+        """Apply a catalogue record (price, stock, margin, `retired`, a new item's listing:
+        serving.new_items) to every model this process serves.
+
+        Returns False when the production model neither knows the item nor gets a listing.
+        """
         if self.observer is not None:  # a shadowed challenger must see the same stock
-            self.observer.catalogue_changed(item_id, price, stock)
+            self.observer.catalogue_changed(item_id, record)
         canary = self.canary  # so must the canary's: an item out of stock leaves both arms
         if canary is not None:
-            _apply_change(canary.loaded, item_id, price, stock)
+            apply_record(canary.loaded, item_id, record)
         loaded = self.loaded
-        return loaded is not None and _apply_change(loaded, item_id, price, stock)
+        return loaded is not None and apply_record(loaded, item_id, record)
 
     def sync_catalogue(self) -> int:
         """Pull the catalogue changes other processes published to Redis; return how many."""
@@ -215,8 +240,7 @@ class ServedModel:
             except redis.RedisError:
                 return 0  # Redis down: keep the attributes we have
             for item_id, change in changes.items():
-                price, stock = change.get("price"), change.get("stock")
-                self.apply_catalogue_change(item_id, price, stock)  # type: ignore[arg-type]
+                self.apply_catalogue_record(item_id, change)
             self._catalogue_version = version
             return len(changes)
 
@@ -246,18 +270,3 @@ def _warm_up(loaded: LoadedRails, triton: TritonUserTower | None) -> None:
         session = () if anchor or cart else (item,)
         query = rail_query(anchor, cart, session, ("view",) * len(session))
         compute(loaded.pipeline, rail, [query])
-
-
-def _apply_change(
-    loaded: LoadedRails, item_id: str, price: float | None, stock: int | None
-) -> bool:
-    """A price/stock change on one model's item attributes and the price its ranker reads;
-    False for an item the model does not know (it cannot be recommended anyway)."""
-    if item_id not in loaded.pipeline.attributes:
-        return False
-    loaded.pipeline.attributes.update(item_id, stock=stock, price=price)
-    if price is not None:
-        # the re-ranker's price features read the item statistics: keep them current too
-        stats = loaded.pipeline.stats
-        stats.price[stats.row[item_id]] = price
-    return True

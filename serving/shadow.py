@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,7 @@ from ranking.exploration import Explored
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
+from serving.new_items import apply_record
 from serving.observer import ServedRequest
 from serving.rail_service import LoadedRails, load_rails
 from serving.stages import Trace, in_process_vector, run_stages
@@ -250,15 +252,12 @@ class ShadowRunner:
             self._jobs["queued"] += 1
         self.metrics.shadow_jobs.labels(outcome="queued").inc()
 
-    def catalogue_changed(self, item_id: str, price: float | None, stock: int | None) -> None:
-        """Keep the challenger's stock and prices current, as production's are."""
+    def catalogue_changed(self, item_id: str, record: Mapping[str, object]) -> None:
+        """Keep the challenger's stock, prices, retirements and new items current, as
+        production's are (serving.new_items)."""
         challenger = self.challenger
-        if challenger is None or item_id not in challenger.pipeline.attributes:
-            return
-        challenger.pipeline.attributes.update(item_id, stock=stock, price=price)
-        if price is not None:
-            stats = challenger.pipeline.stats
-            stats.price[stats.row[item_id]] = price
+        if challenger is not None:
+            apply_record(challenger, item_id, record)
 
     # ------------------------------------------------------------------ runtime control
 

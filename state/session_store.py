@@ -11,7 +11,8 @@ one slot and one pipeline reads them together):
     rt:{u:<user>}:sessions                       set of the user's session ids (deletion)
     rt:{u:<user>}:purchased                      sorted set item -> last purchase time, kept
                                                  when purchase memory is on (exclusions)
-    rt:{catalogue}:items, rt:{catalogue}:version latest price/stock per item, change version
+    rt:{catalogue}:items, rt:{catalogue}:version latest record per item (price, stock, margin,
+                                                retired, a new item's listing), change version
 
 Every key has a TTL: session state, vectors and the user's session set live `state_ttl_s`
 after their last write (user data always expires), pre-warmed rails `rail_ttl_s`, the
@@ -42,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -336,7 +337,13 @@ class SessionStore:
     _CATALOGUE, _CATALOGUE_VERSION = "rt:{catalogue}:items", "rt:{catalogue}:version"
 
     def put_catalogue_update(self, item_id: str, price: float | None, stock: int | None) -> None:
-        payload = orjson.dumps({"price": price, "stock": stock})
+        self.put_catalogue_record(item_id, {"price": price, "stock": stock})
+
+    def put_catalogue_record(self, item_id: str, fields: Mapping[str, object]) -> None:
+        """Merge `fields` into the item's catalogue record (a null field keeps its last
+        value): price, stock, margin, `retired`, and a listing's content (title,
+        category_path, brand, ...), which lets every process add an item its bundle lacks."""
+        payload = orjson.dumps(dict(fields))
         keys = [self._CATALOGUE, self._CATALOGUE_VERSION]
         self._catalogue_update(keys=keys, args=[item_id, payload, self.catalogue_ttl_s])
 

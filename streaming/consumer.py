@@ -6,10 +6,11 @@ One micro-batch (`step`):
 2. decode each; a malformed one goes to the dead-letter topic with its reason and its
    original bytes (flushed before anything is committed: a rejected message is kept too);
 3. append each session's new events to Redis (idempotent by event id, atomic), publish
-   catalogue changes (price, stock) for every API process, and append the batch's prices
-   (events' prices and price updates) to the price stream (state.price_store, idempotent
-   by event / update id), then extend the served model's price history from it, so deals
-   and the re-ranker's price features see them before the rails are re-warmed;
+   catalogue changes (price, stock; item_upsert listings and item_retire) for every API
+   process, and append the batch's prices (events' prices and price updates) to the price
+   stream (state.price_store, idempotent by event / update id), then extend the served
+   model's price history from it, so deals and the re-ranker's price features see them
+   before the rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
    session in the batch, redelivered ones included, in one batch (`RailRefresher.prewarm`,
    the API's serving.prewarm: the rail engine's stages, the rules and the state markers), so
@@ -54,7 +55,13 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import KafkaError
 
 from railtower.logs import get_logger
-from railtower.schemas import MalformedMessage, decode_catalogue_update, decode_event
+from railtower.schemas import (
+    ItemRetire,
+    ItemUpsert,
+    MalformedMessage,
+    decode_catalogue_message,
+    decode_event,
+)
 from railtower.settings import Settings
 from state.price_store import PricePoint
 from state.session_store import SessionStore
@@ -69,7 +76,10 @@ class BatchReport:
     new_events: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    # catalogue-topic messages applied (of which item_upsert and item_retire below)
     catalogue_updates: int = 0
+    upserts: int = 0
+    retirements: int = 0
     # new price observations (events' prices and price updates) added to the price stream
     price_points: int = 0
     sessions_refreshed: int = 0
@@ -214,9 +224,7 @@ class RailRefresher(Protocol):
         self, session_ids: Sequence[str], users: Mapping[str, str] | None = None
     ) -> int: ...
 
-    def apply_catalogue_change(
-        self, item_id: str, price: float | None, stock: int | None
-    ) -> bool: ...
+    def apply_catalogue_record(self, item_id: str, record: Mapping[str, object]) -> bool: ...
 
 
 class RefreshConsumer:
@@ -379,6 +387,9 @@ class RefreshConsumer:
                 new_events=report.new_events,
                 duplicates=report.duplicates,
                 dead_letters=report.dead_letters,
+                catalogue_updates=report.catalogue_updates,
+                upserts=report.upserts,
+                retirements=report.retirements,
                 price_points=report.price_points,
                 sessions=report.sessions_refreshed,
                 lag_records=report.lag_records,
@@ -397,14 +408,26 @@ class RefreshConsumer:
         return int(sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned))
 
     def _catalogue(self, raw: bytes | None, report: BatchReport, prices: list[PricePoint]) -> None:
-        update = decode_catalogue_update(raw)
-        if update.price is not None:
+        """Publish one catalogue message as a merge into the item's record in Redis (every
+        API process and every model load applies it from there), then apply it here."""
+        message = decode_catalogue_message(raw)
+        record: dict[str, object]
+        if isinstance(message, ItemRetire):
+            record = {"retired": True}  # kept by later merges until an upsert re-lists it
+            report.retirements += 1
+        elif isinstance(message, ItemUpsert):
+            record = message.listing()
+            report.upserts += 1
+        else:
+            record = {"price": message.price, "stock": message.stock}
+        price = record.get("price")
+        if isinstance(price, int | float):
             prices.append(
-                PricePoint(update.update_id, update.item_id, update.time.timestamp(), update.price)
+                PricePoint(message.update_id, message.item_id, message.time.timestamp(), price)
             )
         store = self.service.store
-        store.put_catalogue_update(update.item_id, update.price, update.stock)  # type: ignore[union-attr]
-        self.service.apply_catalogue_change(update.item_id, update.price, update.stock)
+        store.put_catalogue_record(message.item_id, record)  # type: ignore[union-attr]
+        self.service.apply_catalogue_record(message.item_id, record)
         report.catalogue_updates += 1
 
     def _dead_letter(self, record, reason: str, report: BatchReport) -> None:  # type: ignore[no-untyped-def]

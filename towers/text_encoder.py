@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,7 @@ class TextEncoder:
 
     def _load(self):  # type: ignore[no-untyped-def]
         if self._model is None:
-            # Offline by construction: the model comes from a local folder only.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(str(self.model_path), device="cpu")
+            self._model = load_text_model(self.model_path)
         return self._model
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -72,15 +68,42 @@ class TextEncoder:
             fresh_keys = [k for k in todo if by_key[k]]
             if fresh:
                 log.info("encoding texts", count=len(fresh), cached=len(self.cache))
-                vectors = self._load().encode(
-                    fresh,
-                    batch_size=self.batch_size,
-                    normalize_embeddings=True,
-                    show_progress_bar=len(fresh) > 2000,
-                    convert_to_numpy=True,
-                )
-                self.cache.put(fresh_keys, np.asarray(vectors, dtype=np.float32))
+                vectors = embed_texts(self._load(), fresh, self.batch_size)
+                self.cache.put(fresh_keys, vectors)
             empty = [k for k in todo if not by_key[k]]
             self.cache.put(empty, np.zeros((len(empty), TEXT_DIM), np.float32))
             self.cache.save()
         return self.cache.get(keys)
+
+
+_MODELS: dict[Path, object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_text_model(model_path: Path):  # type: ignore[no-untyped-def]
+    """The sentence-transformers model of a local folder, loaded once per process (a hot
+    swap's item-content encoder reuses it)."""
+    with _MODELS_LOCK:
+        model = _MODELS.get(model_path)
+        if model is None:
+            # Offline by construction: the model comes from a local folder only.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(model_path), device="cpu")
+            _MODELS[model_path] = model
+        return model
+
+
+def embed_texts(model, texts: list[str], batch_size: int = 64) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N, 384) float32, L2-normalised embeddings of non-empty `texts` (no cache): the one
+    call training's cached encoder and serving's item-content encoder both make."""
+    vectors = model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        show_progress_bar=len(texts) > 2000,
+        convert_to_numpy=True,
+    )
+    return np.asarray(vectors, dtype=np.float32).reshape(len(texts), TEXT_DIM)

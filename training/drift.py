@@ -34,7 +34,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from railtower.datasets import load_dataset  # noqa: E402
 from railtower.errors import RailtowerError  # noqa: E402
@@ -46,7 +45,8 @@ from railtower.settings import DriftSettings, Settings  # noqa: E402
 from ranking.bundle import ITEM_TOWER, TowerBundle  # noqa: E402
 from ranking.item_attributes import ItemAttributes  # noqa: E402
 from ranking.rails_bundle import RailsBundle  # noqa: E402
-from towers.item_features import PriceBands, item_text  # noqa: E402
+from towers.item_content import ItemContentEncoder  # noqa: E402
+from towers.item_features import PriceBands  # noqa: E402
 from towers.text_encoder import TextEncoder  # noqa: E402
 from training.fit_towers import catalogue_images  # noqa: E402
 
@@ -281,19 +281,10 @@ def bundle_vectors(
 
 def encode_items(bundle: TowerBundle, items: pd.DataFrame, settings: Settings) -> np.ndarray:
     """(N, D) float32 item-tower vectors of catalogue rows, featurised as training did."""
-    texts = item_text(items)
-    text = (
-        TextEncoder(settings.text.model_path, settings.cache_dir, settings.text.batch_size).encode(
-            texts
-        )
-        if any(texts)
-        else np.zeros((len(items), 384), np.float32)
-    )
+    texts = TextEncoder(settings.text.model_path, settings.cache_dir, settings.text.batch_size)
+    encoder = ItemContentEncoder(bundle.folder / ITEM_TOWER, bundle.featurizer, texts.encode)
     image, has_image = catalogue_images(items, settings)
-    features = bundle.featurizer.transform(items, text, image, has_image)
-    tower = torch.jit.load(str(bundle.folder / ITEM_TOWER), map_location="cpu")
-    with torch.inference_mode():
-        return tower(*features.as_tuple()).numpy().astype(np.float32)
+    return encoder.encode(items, image, has_image)
 
 
 # ------------------------------------------------------------------ the command

@@ -332,7 +332,7 @@ class _StoreOnly:
     def prewarm(self, session_ids, users=None) -> int:  # type: ignore[no-untyped-def]
         return 0
 
-    def apply_catalogue_change(self, item_id, price, stock) -> bool:  # type: ignore[no-untyped-def]
+    def apply_catalogue_record(self, item_id, record) -> bool:  # type: ignore[no-untyped-def]
         return False
 
 

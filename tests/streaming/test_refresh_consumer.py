@@ -9,15 +9,33 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import orjson
+import pandas as pd
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from redis import RedisError
 
 from devstack.local_services import free_port, kafka_broker, redis_server
-from railtower.schemas import CatalogueUpdate, Event, MalformedMessage, decode_event, encode
+from railtower.schemas import (
+    CatalogueUpdate,
+    Event,
+    ItemRetire,
+    ItemUpsert,
+    MalformedMessage,
+    decode_event,
+    encode,
+)
+from railtower.settings import ShadowSettings
+from ranking.ann import DeltaIndex
+from ranking.engine import compute
+from ranking.rail_inputs import rail_query
 from serving.api_models import RailRequest
+from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
+from serving.rail_service import load_rails
 from serving.service import RailService
+from serving.shadow import ShadowRunner
 from state.session_store import SessionStore
 from streaming import consumer as consumer_module
 from streaming.consumer import RefreshConsumer
@@ -424,3 +442,225 @@ def test_a_long_broker_outage_never_ends_the_consumer(monkeypatch):
     member.run(stop=stop)
     assert calls == {"step": 2, "rejoin": 7}
     assert sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # capped, never given up
+
+
+# ------------------------------------------------------------------ items listed and retired
+
+
+def _with(message, **fields) -> bytes:  # type: ignore[no-untyped-def]
+    data = orjson.loads(encode(message))
+    data.update(fields)
+    return orjson.dumps(data)
+
+
+def _letters(settings, count: int) -> list:  # type: ignore[no-untyped-def]
+    dlq = KafkaConsumer(
+        settings.streaming.dead_letter_topic,
+        bootstrap_servers=settings.streaming.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    letters = [next(dlq) for _ in range(count)]
+    dlq.close()
+    return letters
+
+
+def test_catalogue_messages_of_every_kind_apply_and_bad_ones_reach_the_dead_letter_topic(stack):
+    settings, service, _ = stack
+    known, leaving = ITEMS[1], ITEMS[2]
+    upsert = ItemUpsert(
+        update_id="up1",
+        item_id=known,
+        time=T0,
+        category_path="electronics > smartphone",
+        brand="samsung",
+        price=2.5,
+        stock=7,
+        margin=0.25,
+    )
+    retire = ItemRetire(update_id="rt1", item_id=leaving, time=T0)
+    bad = [
+        _with(upsert, kind="item_delete"),
+        _with(upsert, title=None, category_path=None, brand=None),
+        _with(retire, stock=0),
+        _with(upsert, image_path="photos/a.jpg"),
+    ]
+    consumer = RefreshConsumer(settings, service)
+    try:
+        messages = [encode(upsert), bad[0], bad[1], encode(retire), bad[2], bad[3]]
+        _produce(settings, [(b"k", m) for m in messages], settings.streaming.catalogue_topic)
+        reports = _drain(consumer, lambda r: sum(x.records for x in r) >= 6)
+    finally:
+        consumer.close()
+    assert sum(r.dead_letters for r in reports) == 4
+    assert sum(r.catalogue_updates for r in reports) == 2
+    assert sum(r.upserts for r in reports) == 1 and sum(r.retirements for r in reports) == 1
+    letters = _letters(settings, 4)
+    assert {m.value for m in letters} == set(bad)  # the original bytes, untouched
+    reasons = " | ".join(dict(m.headers)["reason"].decode() for m in letters)
+    assert "unknown catalogue message kind 'item_delete'" in reasons
+    assert "an item upsert needs content" in reasons
+    assert "stock: Extra inputs are not permitted" in reasons
+    assert "image_path must be an absolute path" in reasons
+    info = service.loaded.pipeline.attributes[known]
+    assert (info.price, info.stock, info.margin, info.retired) == (2.5, 7, 0.25, False)
+    assert service.loaded.pipeline.attributes[leaving].retired
+    _, records = service.store.catalogue_changes(-1)
+    assert records[leaving]["retired"] is True
+    assert records[known]["retired"] is False and records[known]["margin"] == 0.25
+
+
+def test_a_retired_item_leaves_cached_and_computed_rails_in_every_process(stack):
+    settings, service, _ = stack
+    # a second API process, loaded before the retirement: it learns it by polling Redis
+    other = RailService(settings, None, service.store, None, Metrics())
+    assert other.load(service.source)
+    consumer = RefreshConsumer(settings, service)
+    topic = settings.streaming.catalogue_topic
+    try:
+        _produce(settings, [(b"s6", encode(_event(k, "s6", i))) for k, i in enumerate(ITEMS[:2])])
+        _drain(consumer, lambda r: sum(x.new_events for x in r) >= 2)
+        cached = service.serve("homepage_hero", RailRequest(session_id="s6"))
+        assert cached.served_by == "cache"
+        victim = cached.items[0].item_id
+        fresh = other.serve("homepage_hero", RailRequest(session_id="s6-other"))
+        retire = ItemRetire(update_id="r1", item_id=victim, time=T0)
+        _produce(settings, [(victim.encode(), encode(retire))], topic)
+        reports = _drain(consumer, lambda r: sum(x.retirements for x in r) >= 1)
+        assert sum(r.retirements for r in reports) == 1
+        # a later stock (and price) change must not bring it back
+        restock = CatalogueUpdate(update_id="r2", item_id=victim, time=T0, stock=40, price=9.0)
+        _produce(settings, [(victim.encode(), encode(restock))], topic)
+        _drain(consumer, lambda r: sum(x.catalogue_updates for x in r) >= 1)
+    finally:
+        consumer.close()
+    after = service.serve("homepage_hero", RailRequest(session_id="s6"))
+    assert victim not in [i.item_id for i in after.items] and len(after.items) == 12
+    info = service.loaded.pipeline.attributes[victim]
+    assert info.retired and info.stock == 40
+    assert other.sync_catalogue() >= 1
+    assert other.loaded.pipeline.attributes[victim].retired
+    for process, session in ((other, "s6-other"), (other, "s6"), (service, "s6-new")):
+        answer = process.serve("homepage_hero", RailRequest(session_id=session))
+        assert victim not in [i.item_id for i in answer.items], session
+    assert fresh.items  # the other process served before the retirement too
+    # a hot swap (a fresh load) replays the record: still retired before any sync
+    swapped = RailService(settings, None, service.store, None, Metrics())
+    assert swapped.load(service.source)
+    assert swapped.loaded.pipeline.attributes[victim].retired
+    answer = swapped.serve("homepage_hero", RailRequest(session_id="s6"))
+    assert victim not in [i.item_id for i in answer.items]
+    # an upsert lists it again, everywhere
+    relist = ItemUpsert(update_id="r3", item_id=victim, time=T0, brand="samsung", stock=3)
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(victim.encode(), encode(relist))], topic)
+        _drain(consumer, lambda r: sum(x.upserts for x in r) >= 1)
+    finally:
+        consumer.close()
+    assert not service.loaded.pipeline.attributes[victim].retired
+    assert other.sync_catalogue() >= 1
+    assert not other.loaded.pipeline.attributes[victim].retired
+    assert other.loaded.pipeline.attributes[victim].stock == 3
+
+
+def _cold_content(service, item: str) -> dict[str, object] | None:  # type: ignore[no-untyped-def]
+    """The content of a catalogue item the featurizer has no id embedding for (encoded from
+    content alone, as a new item is) with a category and a brand; None for any other."""
+    towers, items = service.loaded.towers, service.loaded.rails.items
+    if item in towers.featurizer.warm_items or item not in towers.item_row:
+        return None
+    row = items[items["item_id"].astype(str) == item].iloc[0].to_dict()
+    if not (isinstance(row.get("category_path"), str) and isinstance(row.get("brand"), str)):
+        return None
+    content: dict[str, object] = {
+        c: row.get(c) if isinstance(row.get(c), str) else None
+        for c in ("title", "category_path", "brand")
+    }
+    price = row.get("price")
+    content["price"] = float(price) if price is not None and pd.notna(price) else None
+    return content
+
+
+def _retrieved_cold_item(service):  # type: ignore[no-untyped-def]
+    """(query, position, item, content): a cold catalogue item the towers' homepage_hero
+    retrieval returns for a one-view session, well inside its 300 candidates."""
+    retriever = service.loaded.pipeline.sources["two_tower"]
+    queries = [rail_query(None, (), (i,), ("view",)) for i in ITEMS]
+    for query, row in zip(queries, retriever.candidates(queries, 300), strict=True):
+        for position, candidate in enumerate(row[:250]):
+            content = _cold_content(service, candidate.item_id)
+            if content is not None:
+                return query, position, candidate.item_id, content
+    raise AssertionError("no cold item with a category and brand among the tower candidates")
+
+
+def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(stack):
+    settings, service, _ = stack
+    query, position, source, content = _retrieved_cold_item(service)
+    towers = service.loaded.towers
+    expected = towers.item_vectors[towers.item_row[source]]
+    other = RailService(settings, None, service.store, None, Metrics())
+    assert other.load(service.source)  # loaded before the listing: learns it by polling
+    new_id = "new-item-1"
+    upsert = ItemUpsert(update_id="n1", item_id=new_id, time=T0, stock=3, **content)
+    consumer = RefreshConsumer(settings, service)
+    try:
+        _produce(settings, [(new_id.encode(), encode(upsert))], settings.streaming.catalogue_topic)
+        _drain(consumer, lambda r: sum(x.upserts for x in r) >= 1)
+    finally:
+        consumer.close()
+
+    def check(process) -> np.ndarray:  # type: ignore[no-untyped-def]
+        index = process.loaded.towers.index
+        assert isinstance(index, DeltaIndex)
+        vector = index.vector(new_id)
+        # parity: what a bundle export stores for an item of the same content
+        np.testing.assert_allclose(vector, expected, atol=1e-4)
+        # the towers' retrieval returns it for a session vector equal to its own (its
+        # content twin, the source item, excluded: the two vectors are the same)
+        ids, scores = index.search(vector[None, :], 20, [{source}])
+        assert ids[0][0] == new_id and abs(float(scores[0][0]) - 1.0) < 1e-3
+        assert new_id not in index.search(vector[None, :], 20, [{new_id}])[0][0]
+        assert process.loaded.pipeline.attributes[new_id].stock == 3
+        return vector
+
+    check(service)
+    # homepage_hero's tower source returns it beside its content twin, and the whole
+    # pipeline (ranker, MMR, rules) takes a candidate it has no statistics for
+    pipeline = service.loaded.pipeline
+    found = [c.item_id for c in pipeline.sources["two_tower"].candidates([query], 300)[0]]
+    assert abs(found.index(source) - position) <= 1 and abs(found.index(new_id) - position) <= 3
+    run = compute(pipeline, "homepage_hero", [query])
+    assert run.ruled is not None and len(run.ruled) == 1
+    answer = service.serve("homepage_hero", RailRequest(session_id="s7"))
+    assert len(answer.items) == 12
+    assert other.sync_catalogue() >= 1
+    check(other)
+    # re-applying the whole hash on the next version encodes nothing again
+    index_before = other.loaded.towers.index
+    encoded_before = dict(other.loaded.new_items.encoded)
+    service.store.put_catalogue_update(ITEMS[0], 3.0, None)
+    assert other.sync_catalogue() >= 2
+    assert other.loaded.towers.index is index_before
+    assert other.loaded.new_items.encoded == encoded_before
+    # a hot swap loads the bundle afresh and replays the listing before serving
+    swapped = RailService(settings, None, service.store, None, Metrics())
+    assert swapped.load(service.source)
+    check(swapped)
+    # a shadow challenger, loaded after production (as the API builds it), starts from the
+    # same records: the new item included
+    challenger = load_rails(service.source, settings)
+    runner = ShadowRunner(
+        ShadowSettings(), MemoryImpressionSink(service.metrics), service.metrics, challenger
+    )
+    service.watch_catalogue(runner)
+    try:
+        assert isinstance(challenger.towers.index, DeltaIndex)
+        np.testing.assert_allclose(challenger.towers.index.vector(new_id), expected, atol=1e-4)
+        # retired, it leaves every model's rules' eligibility at once
+        service.apply_catalogue_record(new_id, {"retired": True})
+        assert service.loaded.pipeline.attributes[new_id].retired
+        assert challenger.pipeline.attributes[new_id].retired
+    finally:
+        service.observer = None
