@@ -579,6 +579,10 @@ class ServingSettings(_Section):
     # applies it, and replays it when it starts or swaps models): product state, kept long
     # after the session data, so an item out of stock stays out through quiet days.
     catalogue_ttl_s: int = Field(30 * 86400, ge=60)
+    # Encode items listed after training (item_upsert on the catalogue topic) with the
+    # bundle's item tower, so the towers can retrieve them: loads MiniLM into every process
+    # that serves a model with towers (about 250 MB, a few seconds, once per process).
+    encode_new_items: bool = True
     # Pre-warmed rails live this long; the consumer re-warms them as events arrive.
     prewarm_ttl_s: int = Field(300, ge=1)
     # Triton gRPC endpoint of the user tower; null = encode sessions in-process only.

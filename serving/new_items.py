@@ -63,9 +63,10 @@ class NewItems:
 
 def new_items_for(towers: TowerBundle | None, settings: Settings) -> NewItems | None:
     """The new-item encoder of a model with towers, loaded now (at model load, never on a
-    request or a catalogue sync); None without towers. A text model that cannot load leaves
-    the encoder out: new items then get attributes but no vector (logged)."""
-    if towers is None:
+    request or a catalogue sync); None without towers or with `serving.encode_new_items`
+    off (new items then get attributes but no vector: the towers cannot retrieve them). A
+    text model that cannot load leaves the encoder out the same way (logged)."""
+    if towers is None or not settings.serving.encode_new_items:
         return None
     try:
         texts = uncached_texts(settings.text.model_path, settings.text.batch_size)
