@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from railtower.schemas import category_levels
 from railtower.settings import EventWeights, PriceHistorySettings, RankingSettings
-from ranking.candidate_fusion import PAIR_COLUMNS, SOURCES, CandidateTable
+from ranking.candidate_fusion import EVIDENCE_COLUMNS, PAIR_COLUMNS, SOURCES, CandidateTable
 from ranking.price_history import PRICE_FEATURES, PriceHistory, price_features
 from ranking.retriever import Catalogue, Query, event_weight_array
 from towers.item_features import PriceBands, stable_bucket
@@ -37,6 +37,7 @@ SOURCE_FEATURES = (
     "sources",
     *(f"{s}_{v}" for s in SOURCES for v in ("score", "rank")),
     *PAIR_COLUMNS,
+    *EVIDENCE_COLUMNS,
 )
 ITEM_FEATURES = (
     "popularity_log",

@@ -40,6 +40,16 @@ PAIR_COLUMNS: tuple[str, ...] = tuple(
     f"{source}_last{k}" for source in PAIR_SOURCES for k in range(1, NEWEST_ITEMS + 1)
 )
 
+# Sources whose pair weights are counts: beside the scaled weight, the raw count and its
+# share of the seed's pairs (an estimate of P(candidate | seed)), for each newest item.
+EVIDENCE_SOURCES: tuple[str, ...] = ("covisitation", "transitions")
+EVIDENCE_COLUMNS: tuple[str, ...] = tuple(
+    f"{source}_{kind}_last{k}"
+    for source in EVIDENCE_SOURCES
+    for kind in ("count", "share")
+    for k in range(1, NEWEST_ITEMS + 1)
+)
+
 
 @runtime_checkable
 class PairWeights(Protocol):
@@ -47,6 +57,17 @@ class PairWeights(Protocol):
 
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
         """(len(seeds), len(items)) weights of each item with each seed."""
+        ...
+
+
+@runtime_checkable
+class PairEvidence(Protocol):
+    """A pair source whose weights are scaled counts (co-visitation, transitions)."""
+
+    def pair_evidence(
+        self, seeds: Sequence[str], weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(raw counts, share of each seed's pairs) of `weights` against `seeds`."""
         ...
 
 
@@ -188,10 +209,12 @@ def fuse(
 def with_pair_columns(
     table: CandidateTable, queries: Sequence[Query], sources: Mapping[str, object]
 ) -> CandidateTable:
-    """`table` plus :data:`PAIR_COLUMNS`: each candidate's weight with each of its request's
-    newest items, from every pair source that is running (NaN where none is, or the request
-    has fewer items; 0 where the source knows both items but never saw them together)."""
+    """`table` plus :data:`PAIR_COLUMNS` and :data:`EVIDENCE_COLUMNS`: each candidate's
+    weight with each of its request's newest items, from every pair source that is running
+    (NaN where none is, or the request has fewer items; 0 where the source knows both items
+    but never saw them together), and for count sources the raw count and its share."""
     values = np.full((len(table), len(PAIR_COLUMNS)), np.nan)
+    evidence = np.full((len(table), len(EVIDENCE_COLUMNS)), np.nan)
     bounds = np.searchsorted(table["query"], np.arange(table.queries + 1))
     items = table["item_id"]
     for s, name in enumerate(PAIR_SOURCES):
@@ -206,7 +229,15 @@ def with_pair_columns(
             weights = source.pair_weights(seeds, items[lo:hi].tolist())
             first = s * NEWEST_ITEMS
             values[lo:hi, first : first + len(seeds)] = weights.T
-    return table.with_columns(**{column: values[:, j] for j, column in enumerate(PAIR_COLUMNS)})
+            if name in EVIDENCE_SOURCES and isinstance(source, PairEvidence):
+                first = EVIDENCE_SOURCES.index(name) * 2 * NEWEST_ITEMS
+                for part in source.pair_evidence(seeds, weights):
+                    evidence[lo:hi, first : first + len(seeds)] = part.T
+                    first += NEWEST_ITEMS
+    return table.with_columns(
+        **{column: values[:, j] for j, column in enumerate(PAIR_COLUMNS)},
+        **{column: evidence[:, j] for j, column in enumerate(EVIDENCE_COLUMNS)},
+    )
 
 
 def source_order(table: CandidateTable | pd.DataFrame, source: str) -> np.ndarray:

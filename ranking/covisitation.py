@@ -56,6 +56,11 @@ class CovisitationRetriever:
         self.settings, self.weights, self.basket = settings, weights, basket
         self.popularity = PopularityRetriever(popularity, weights)
         self.matrix = sp.csr_matrix((0, 0))
+        # Per catalogue row: the raw weight of its best kept neighbour (the matrix rows are
+        # scaled to it) and the raw weight of all its pairs before the top-n cut. The scaled
+        # matrix alone says "best neighbour of this seed"; these say how much evidence
+        # stands behind it (one shared session or a thousand), which the re-ranker needs.
+        self.row_stats = np.zeros((0, 2))
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> CovisitationRetriever:
         self.catalogue = catalogue
@@ -73,7 +78,9 @@ class CovisitationRetriever:
         )
         counts.setdiag(0)
         counts.eliminate_zeros()
-        self.matrix = _keep_top_per_row(counts.tocsr(), self.settings.neighbours)
+        counts = counts.tocsr()
+        self.matrix, scale = _keep_top_per_row(counts, self.settings.neighbours)
+        self.row_stats = np.column_stack([scale, np.asarray(counts.sum(axis=1)).ravel()])
         return self
 
     def _window_pairs(
@@ -146,6 +153,22 @@ class CovisitationRetriever:
             out[s, hit] = matrix.data[start:end][at[hit]]
         return out
 
+    def pair_evidence(
+        self, seeds: Sequence[str], weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From :meth:`pair_weights`' `weights` against `seeds`: (the raw pair weight, the
+        pair's share of all the seed's pair weight), NaN for a seed outside the catalogue
+        or a source restored without its row statistics."""
+        index = self.catalogue.index
+        rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
+        stats = np.full((len(seeds), 2), np.nan)
+        known = (rows >= 0) & (rows < len(self.row_stats))
+        stats[known] = self.row_stats[rows[known]]
+        raw = weights * stats[:, :1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(stats[:, 1:] > 0, raw / stats[:, 1:], 0.0)
+        return raw, np.where(np.isnan(raw), np.nan, share)
+
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         scores = self.scores(queries)
         return top_k_with_backfill(scores, queries, self.catalogue, self.popularity.order, k)
@@ -190,11 +213,13 @@ class TransitionRetriever(CovisitationRetriever):
         return (counts @ sp.diags(damp)).tocsr()
 
 
-def _keep_top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
-    """Keep each row's n largest entries, scaled so the row's best neighbour scores 1.
+def _keep_top_per_row(matrix: sp.csr_matrix, n: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Keep each row's n largest entries, scaled so the row's best neighbour scores 1, and
+    each row's scale (its largest raw entry, 0 for an empty row).
 
     Scaling makes seed items comparable: a popular seed would otherwise drown the others.
     """
+    scale = np.zeros(matrix.shape[0])
     rows, cols, vals = [], [], []
     for r in range(matrix.shape[0]):
         start, end = matrix.indptr[r], matrix.indptr[r + 1]
@@ -204,11 +229,13 @@ def _keep_top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
         if len(v) > n:
             top = np.argpartition(-v, n - 1)[:n]
             c, v = c[top], v[top]
+        scale[r] = v.max()
         rows.append(np.full(len(c), r))
         cols.append(c)
-        vals.append(v / v.max())
+        vals.append(v / scale[r])
     if not rows:
-        return sp.csr_matrix(matrix.shape)
-    return sp.csr_matrix(
+        return sp.csr_matrix(matrix.shape), scale
+    kept = sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=matrix.shape
     )
+    return kept, scale

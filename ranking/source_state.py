@@ -35,6 +35,7 @@ def save_sources(sources: dict[str, CandidateSource], folder: Path) -> None:
         np.save(out / "popularity.npy", popularity.scores)
         if isinstance(source, CovisitationRetriever):
             sp.save_npz(out / "neighbours.npz", source.matrix)
+            np.save(out / "row_stats.npy", source.row_stats)
         if isinstance(source, SessionKnnRetriever):
             sp.save_npz(out / "sessions.npz", source.sessions)
             np.save(out / "norm.npy", source.norm)
@@ -57,6 +58,7 @@ def load_sources(
         if isinstance(source, CovisitationRetriever):
             source.catalogue = catalogue
             source.matrix = sp.load_npz(path / "neighbours.npz").tocsr()
+            source.row_stats = np.load(path / "row_stats.npy", allow_pickle=False)
         elif isinstance(source, SessionKnnRetriever):
             source.restore(
                 catalogue,

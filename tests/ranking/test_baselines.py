@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -146,6 +147,30 @@ def test_covisitation_pair_weights_follow_the_matrix_and_are_zero_for_unknown_it
     assert weights[0, 1] == 0  # tv and case never met
     assert (weights[1] == 0).all() and weights[0, 2] == 0
 
+
+
+def test_covisitation_pair_evidence_gives_raw_counts_and_shares_that_survive_a_bundle(tmp_path):
+    # Two-item baskets weigh 1/log2(4) = 0.5 per pair: the dock is bought with the laptop
+    # three times, the bag once, so from the laptop: counts 1.5 and 0.5, shares 3/4 and 1/4.
+    from ranking.source_state import load_sources, save_sources
+
+    baskets = {
+        **{f"d{i}": [("laptop", "purchase"), ("dock", "purchase")] for i in range(3)},
+        "b0": [("laptop", "purchase"), ("bag", "purchase")],
+    }
+    catalogue = Catalogue(pd.DataFrame({"item_id": ["laptop", "dock", "bag", "mouse"]}))
+    model = BASELINES["covisitation"](SETTINGS, True).fit(toy_events(baskets), catalogue)
+    seeds, items = ["laptop", "dock", "nowhere"], ["dock", "bag", "mouse"]
+    counts, shares = model.pair_evidence(seeds, model.pair_weights(seeds, items))
+    assert counts[0] == pytest.approx([1.5, 0.5, 0.0])
+    assert shares[0] == pytest.approx([0.75, 0.25, 0.0])
+    assert counts[1] == pytest.approx([0.0, 0.0, 0.0])  # the dock only ever met the laptop
+    assert np.isnan(counts[2]).all() and np.isnan(shares[2]).all()  # unknown seed: no evidence
+    save_sources({"covisitation": model}, tmp_path)
+    restored = load_sources(tmp_path, catalogue, SETTINGS, True)["covisitation"]
+    again = restored.pair_evidence(seeds, restored.pair_weights(seeds, items))
+    np.testing.assert_array_equal(again[0], counts)
+    np.testing.assert_array_equal(again[1], shares)
 
 def _transitions(basket: bool) -> TransitionRetriever:
     return TransitionRetriever(

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ranking.candidate_fusion import (
+    EVIDENCE_COLUMNS,
     PAIR_COLUMNS,
     SOURCES,
     CandidateTable,
@@ -257,3 +258,22 @@ def test_pair_columns_hold_each_candidates_weight_with_each_newest_item():
     assert np.isnan(second.loc["z", "covisitation_last2"])
     # a source that is not running leaves its columns empty
     assert out.frame[[c for c in PAIR_COLUMNS if c.startswith("two_tower")]].isna().all().all()
+    # one without counts behind its weights leaves the evidence columns empty
+    assert out.frame[list(EVIDENCE_COLUMNS)].isna().all().all()
+
+
+class _Counts(_Pairs):
+    """Pair weights that are scaled counts: raw = 2 × weight, share = weight / 100."""
+
+    def pair_evidence(self, seeds, weights):
+        return 2 * weights, weights / 100
+
+
+def test_evidence_columns_hold_each_count_sources_raw_count_and_share_per_newest_item():
+    queries = [Query(("a", "b"))]
+    table = fuse({"transitions": [ranked_list("x", "y")]}, queries=1, depth=10, rrf_k=60)
+    out = with_pair_columns(table, queries, {"transitions": _Counts()}).frame.set_index("item_id")
+    assert out.loc["y", "transitions_count_last1"] == 2 * ord("y")
+    assert out.loc["y", "transitions_share_last2"] == (10 + ord("y")) / 100
+    assert np.isnan(out.loc["y", "transitions_count_last3"])  # only two items in the session
+    assert out[[c for c in EVIDENCE_COLUMNS if c.startswith("covisitation")]].isna().all().all()
