@@ -40,6 +40,7 @@ from railtower.canary import (
     abort_canary,
     advance_canary,
     canary_history,
+    canary_path,
     hold_canary,
     read_canary,
     resume_canary,
@@ -142,8 +143,12 @@ def canary_router(service: FollowsCanary, settings: Settings) -> APIRouter:
         try:
             state = await run_in_threadpool(read_canary, pointer)
         except ValueError as exc:
+            # the operator's file, not the request, is wrong: a 500 that names it
             raise BadRequest(
-                500, f"the canary state file of {dataset} is unreadable: {exc}"
+                500,
+                f"the canary state file {canary_path(pointer)} of {dataset} is unreadable "
+                f"({exc}); rewrite it from the last move in history.jsonl, or delete it to end the "
+                "canary (production is whatever the pointer names)",
             ) from None
         history = await run_in_threadpool(canary_history, pointer, HISTORY_SHOWN)
         return JSONResponse(

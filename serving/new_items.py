@@ -102,6 +102,9 @@ def apply_record(loaded: LoadedRails, item_id: str, record: Mapping[str, object]
         title = record.get("title")
         if isinstance(title, str) and title:
             loaded.titles[item_id] = title  # responses and explanations name it
+        if isinstance(category, str) and category:
+            # "more from this category" reads a new product page's category from here
+            loaded.catalogue.category_of[item_id] = category
     elif item_id in attributes:
         attributes.update(
             item_id,

@@ -1,10 +1,12 @@
 """Whether a parsed request can be served by the model in hand: a known rail, slots within
 `serving.max_slots`, the page item or cart its rail reads (`ranking.rail_inputs`), and only
-items the served catalogue knows. Anything else is a `BadRequest`: a 4xx naming the problem
+items the served catalogue knows or that were listed since. Anything else is a `BadRequest`: a 4xx naming the problem
 (serving.app maps it to the response), never a fallback rail.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from railtower.settings import RAILS
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts
@@ -36,15 +38,23 @@ def check_request(
     if reads.page_item:
         if request.item_id is None:
             raise BadRequest(422, f"{rail} needs item_id: the product on the page")
-        if request.item_id not in index:
+        if not _listed(request.item_id, index, loaded):
             raise BadRequest(
-                404, f"item_id {request.item_id!r} is not in the catalogue of {loaded.version}"
+                404,
+                f"item_id {request.item_id!r} is not in the catalogue of {loaded.version} "
+                "nor listed since (catalogue topic: item_upsert)",
             )
     if reads.cart and not request.cart:
         raise BadRequest(422, f"{rail} needs a non-empty cart (item ids)")
-    unknown = [i for i in request.cart if i not in index]
+    unknown = [i for i in request.cart if not _listed(i, index, loaded)]
     if unknown:
         raise BadRequest(
             404, f"cart items not in the catalogue of {loaded.version}: {unknown[:10]}"
         )
     return rail_parts(rail, request.item_id, request.cart)
+
+
+def _listed(item_id: str, index: Mapping[str, int], loaded: LoadedRails) -> bool:
+    """In the bundle's catalogue, or listed after it was trained (serving.new_items gave it
+    an attributes row): a new product's page and a cart holding it get rails too."""
+    return item_id in index or item_id in loaded.pipeline.attributes

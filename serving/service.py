@@ -173,7 +173,9 @@ class RailService(ServedModel):
             triton = self.triton if self.settings.serving.request_encoder == "triton" else None
             history = query_history(query)
             version = loaded.towers.triton_version
-            result = session_vector(loaded.towers, history, query.context, cached, triton, version)
+            result = session_vector(
+                loaded.towers, history, query.context, cached, triton, version, query.anchor
+            )
             trace.reasons += result.degraded
             trace.vector_source = result.source
             if result.degraded:

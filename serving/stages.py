@@ -148,7 +148,10 @@ def in_process_vector(loaded: LoadedRails, query: Query) -> np.ndarray | None:
     shadow arms' way, so shadow traffic never loads a shared service)."""
     if loaded.towers is None:
         return None
-    return session_vector(loaded.towers, query_history(query), query.context, None, None).vector
+    history = query_history(query)
+    return session_vector(
+        loaded.towers, history, query.context, None, None, anchor=query.anchor
+    ).vector
 
 
 def run_stages(

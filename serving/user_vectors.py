@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ranking.ann import DeltaIndex
 from ranking.bundle import TowerBundle
 from ranking.candidates import Candidate
 from ranking.retriever import Query
@@ -73,7 +74,7 @@ class TritonUserTower:
 @dataclass
 class VectorResult:
     vector: np.ndarray
-    source: str  # "redis" | "triton" | "in_process"
+    source: str  # "redis" | "triton" | "in_process" | "new_item"
     degraded: list[str]
 
 
@@ -84,15 +85,33 @@ def session_vector(
     cached: np.ndarray | None,
     triton: TritonUserTower | None,
     triton_version: str = "",
+    anchor: str | None = None,
 ) -> VectorResult:
-    """The session's vector from the first source that answers in time."""
+    """The session's vector from the first source that answers in time.
+
+    A product page whose `anchor` was listed after the bundle was trained is the exception:
+    the session tower cannot read an item it never saw (it would drop it and answer for the
+    session alone), so the page's own item-tower vector asks for its neighbours instead.
+    """
     degraded: list[str] = []
+    listed = new_item_vector(towers, anchor)
+    if listed is not None:
+        return VectorResult(listed, "new_item", degraded)
     if cached is not None and cached.shape == (towers.item_vectors.shape[1],):
         return VectorResult(cached, "redis", degraded)
     vectors, source, degraded = encode_sessions(
         towers, [history], [context], triton, triton_version
     )
     return VectorResult(vectors[0], source, degraded)
+
+
+def new_item_vector(towers: TowerBundle, item_id: str | None) -> np.ndarray | None:
+    """The vector of an item listed after the bundle was trained (in the delta index, not
+    in the tower's item table); None for any other item."""
+    index = towers.index
+    if item_id is None or item_id in towers.item_row or not isinstance(index, DeltaIndex):
+        return None
+    return index.vector(item_id) if item_id in index else None
 
 
 def encode_sessions(

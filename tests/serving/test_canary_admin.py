@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from railtower.canary import canary_history, read_canary
+from railtower.canary import canary_history, canary_path, read_canary
 from railtower.settings import load_settings
 from serving.app import create_app
 from serving.metrics import Metrics
@@ -100,6 +100,14 @@ def test_status_without_a_canary(world):
     answer = world.client.get("/v1/admin/canary", headers=ADMIN)
     assert answer.status_code == 200
     assert answer.json() == {"dataset": "shop", "state": None, "history": [], "this_process": None}
+
+
+def test_an_unreadable_state_file_is_a_500_that_names_the_file_and_the_way_out(world):
+    canary_path(world.pointer).write_text("{not json")
+    answer = world.client.get("/v1/admin/canary", headers=ADMIN)
+    assert answer.status_code == 500
+    error = str(answer.json())
+    assert str(canary_path(world.pointer)) in error and "history.jsonl" in error
 
 
 def test_start_hold_resume_advance_abort_move_the_state_file(world):

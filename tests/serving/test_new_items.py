@@ -46,7 +46,7 @@ def _model(encoder: CountingEncoder | None) -> SimpleNamespace:
             attributes=ItemAttributes.from_frame(SHOP),
             stats=SimpleNamespace(row={"phone": 0, "case": 1}, price=np.array([300.0, 10.0])),
         ),
-        catalogue=SimpleNamespace(index={"phone": 0, "case": 1}),
+        catalogue=SimpleNamespace(index={"phone": 0, "case": 1}, category_of={}),
         towers=SimpleNamespace(item_row={"phone": 0, "case": 1}, index=main),
         new_items=NewItems(encoder),  # type: ignore[arg-type]
     )
@@ -80,6 +80,7 @@ def test_a_listing_adds_and_indexes_a_new_item_once_per_content():
     index = model.towers.index
     assert isinstance(index, DeltaIndex) and "new" in index and encoder.calls == 1
     assert model.titles["new"] == "galaxy a55"
+    assert model.catalogue.category_of["new"] == "electronics > smartphone"  # its shelf
     # the whole hash again (every sync): nothing encoded, the same index object
     assert apply_record(model, "new", {**LISTING, "price": 290})  # type: ignore[arg-type]
     assert encoder.calls == 1 and model.towers.index is index

@@ -36,6 +36,7 @@ from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService
 from serving.shadow import ShadowRunner
+from serving.user_vectors import VectorTowerSource, session_vector
 from state.session_store import SessionStore
 from streaming import consumer as consumer_module
 from streaming.consumer import RefreshConsumer
@@ -635,6 +636,19 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
     assert run.ruled is not None and len(run.ruled) == 1
     answer = service.serve("homepage_hero", RailRequest(session_id="s7"))
     assert len(answer.items) == 12
+    # the new product's own page and a cart holding it get rails (no 404): the session
+    # tower cannot read the item, so the page asks for its item-tower neighbours, and its
+    # content twin is the nearest (the same vector)
+    page_vector = session_vector(towers, [], None, None, None, anchor=new_id)
+    assert page_vector.source == "new_item"
+    np.testing.assert_array_equal(page_vector.vector, towers.index.vector(new_id))
+    page_query = rail_query(anchor=new_id)
+    nearest = VectorTowerSource(towers, page_vector.vector).candidates([page_query], 5)[0]
+    assert nearest[0].item_id == source
+    page = service.serve("pdp_fbt", RailRequest(session_id="s8", item_id=new_id))
+    assert len(page.items) == 12 and new_id not in {i.item_id for i in page.items}
+    cart = service.serve("cart_upsell", RailRequest(session_id="s9", cart=[new_id]))
+    assert len(cart.items) == 12 and new_id not in {i.item_id for i in cart.items}
     assert other.sync_catalogue() >= 1
     check(other)
     # re-applying the whole hash on the next version encodes nothing again
