@@ -1,7 +1,8 @@
 """Whether a parsed request can be served by the model in hand: a known rail, slots within
 `serving.max_slots`, the page item or cart its rail reads (`ranking.rail_inputs`), and only
-items the served catalogue knows or that were listed since. Anything else is a `BadRequest`: a 4xx naming the problem
-(serving.app maps it to the response), never a fallback rail.
+items the served catalogue knows or that were listed since. Anything else is a
+`BadRequest`: a 4xx naming the problem (serving.app maps it to the response), never a
+fallback rail.
 """
 
 from __future__ import annotations

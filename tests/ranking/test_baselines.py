@@ -148,7 +148,6 @@ def test_covisitation_pair_weights_follow_the_matrix_and_are_zero_for_unknown_it
     assert (weights[1] == 0).all() and weights[0, 2] == 0
 
 
-
 def test_covisitation_pair_evidence_gives_raw_counts_and_shares_that_survive_a_bundle(tmp_path):
     # Two-item baskets weigh 1/log2(4) = 0.5 per pair: the dock is bought with the laptop
     # three times, the bag once, so from the laptop: counts 1.5 and 0.5, shares 3/4 and 1/4.
@@ -171,6 +170,7 @@ def test_covisitation_pair_evidence_gives_raw_counts_and_shares_that_survive_a_b
     again = restored.pair_evidence(seeds, restored.pair_weights(seeds, items))
     np.testing.assert_array_equal(again[0], counts)
     np.testing.assert_array_equal(again[1], shares)
+
 
 def _transitions(basket: bool) -> TransitionRetriever:
     return TransitionRetriever(
