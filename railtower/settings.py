@@ -564,6 +564,9 @@ class ServingSettings(_Section):
     bundle: Path | None = None
     # Seconds between checks of the production pointer for a promoted bundle.
     reload_interval_s: float = Field(5.0, gt=0)
+    # Seconds between pulls of what other processes published to Redis (catalogue changes,
+    # new and retired items, the canary's plan, published rules): one small read each.
+    catalogue_sync_s: float = Field(0.25, gt=0, le=60)
     # /readyz turns unready when a background loop (bundle pointer, catalogue and rules) has
     # not completed a pass for this long (at least three of its intervals).
     watch_stale_s: float = Field(30.0, gt=0)

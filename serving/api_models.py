@@ -108,7 +108,8 @@ class RailResponse(BaseModel):
     served_by: ServedBy
     # why the answer is degraded or came from a fallback; empty when every stage answered
     reasons: list[str]
-    # where the session vector came from: redis, triton, in_process, or none
+    # where the session vector came from: redis, triton, in_process, new_item (a page of an
+    # item listed after training: its own item-tower vector), or none
     vector_source: str
     items: list[RailItem]
     timings_ms: dict[str, float]

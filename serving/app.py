@@ -94,8 +94,9 @@ def follow_model(
     an API process or the refresh consumer (which pre-warms rails under the model the API
     serves):
 
-    - catalogue-watch (every second): price and stock changes other processes published
-      (an item out of stock leaves every rail, cached ones included), a canary's start,
+    - catalogue-watch (serving.catalogue_sync_s): price and stock changes, listings and
+      retirements other processes published (an item out of stock or retired leaves every
+      rail, cached ones included; a new item is encoded and indexed), a canary's start,
       step or end (railtower/canary.py), and a rule set published through any API process;
     - bundle-watch (serving.reload_interval_s): the production pointer, hot-swapped.
 
@@ -117,7 +118,7 @@ def follow_model(
             service.follow_canary(pointer)
         rules.sync(service)
 
-    watchers.start("catalogue-watch", 1.0, follow_catalogue)
+    watchers.start("catalogue-watch", settings.serving.catalogue_sync_s, follow_catalogue)
     if not pinned:
         watchers.start("bundle-watch", settings.serving.reload_interval_s, follow_pointer)
 
