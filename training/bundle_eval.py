@@ -24,6 +24,7 @@ from railtower.logs import get_logger
 from railtower.manifest import DataWindow, new_version, now_iso
 from railtower.settings import EvaluationSettings, Settings, load_dataset_spec
 from ranking.rails import STAGES, ranked_ids
+from serving.new_items import apply_record
 from serving.rail_service import LoadedRails, load_rails
 from training.evaluate import DatasetResult, TaskResult, score, score_ranked
 from training.fit_pipeline import STAGE_ROWS
@@ -182,6 +183,7 @@ def evaluate_bundle(
     run_name: str | None = None,
     write: bool = True,
     baseline_events: pd.DataFrame | None = None,
+    listed: pd.DataFrame | None = None,
 ) -> BundleEvaluation:
     """Score the rails bundle at `rails_dir` on `events`; never retrains it.
 
@@ -196,6 +198,11 @@ def evaluate_bundle(
         baseline_events: the events the baselines are fitted on (default: the whole
             sessions inside the bundle's training window; a window without a clock, as a
             hash split's, cannot be rebuilt from the events and must be given).
+        listed: item rows (the canonical item table's columns) to list in the bundle before
+            scoring, as the catalogue topic's `item_upsert` lists them in serving
+            (`serving.new_items.apply_record`: attributes, category, and the item tower's
+            vector in the delta index); rows the bundle already knows are skipped. The
+            baselines never see them.
 
     Raises:
         ArtifactMismatch: the bundle (or its tower bundle) does not verify.
@@ -203,6 +210,7 @@ def evaluate_bundle(
     """
     # Validate: the bundle verifies and the events fit its data set's schema.
     loaded = load_rails(rails_dir, settings)
+    new_items = 0 if listed is None else list_items(loaded, listed)
     dataset_name = str(loaded.rails.evaluation.get("dataset") or training_window(loaded).dataset)
     data = load_events(events, dataset_name, settings)
     if data.events is None:
@@ -251,7 +259,7 @@ def evaluate_bundle(
     # Shape: the harness's DatasetResult, so its report writer and tables apply as they are.
     result = DatasetResult(
         data.name,
-        {**summary, "bundle": loaded.version, "cold_share": cold},
+        {**summary, "bundle": loaded.version, "cold_share": cold, "listed_items": new_items},
         [r.as_dict() for r in data.reports],
         tasks,
     )
@@ -272,6 +280,28 @@ def evaluate_bundle(
         evaluation.outputs = write_report(folder, [result], settings, header)
         log.info("bundle evaluated", bundle=loaded.version, folder=str(folder), cold_share=cold)
     return evaluation
+
+
+def list_items(loaded: LoadedRails, items: pd.DataFrame) -> int:
+    """List every row of `items` the bundle does not know through the serving path
+    (`apply_record`, one `item_upsert` each); returns how many it listed."""
+    fields = [c for c in ("title", "category_path", "brand", "price") if c in items.columns]
+    listed = 0
+    for row in items.itertuples(index=False):
+        item_id = str(row.item_id)  # type: ignore[attr-defined]
+        if item_id in loaded.catalogue.index:
+            continue
+        record: dict[str, object] = {f: _present(getattr(row, f)) for f in fields}
+        listed += apply_record(loaded, item_id, record)
+    log.info("items listed before scoring", bundle=loaded.version, listed=listed)
+    return listed
+
+
+def _present(value: object) -> object:
+    """None for a missing cell (NaN, None, pd.NA), else the value as a plain Python scalar."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _stats_items(loaded: LoadedRails) -> set[str]:
