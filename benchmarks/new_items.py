@@ -14,9 +14,10 @@ encodes a new item with the bundle's item tower itself). Then, one at a time:
   page (`pdp_fbt`, item_id = the new id) until it answers 200 with `vector_source`
   "new_item": the replica has the listing and the item tower's vector of it in its delta
   index, so tower retrieval can return it. Time from publish to that answer, per replica.
-- **retirements**: an item that is first on a replica's computed page rail and on a cached
-  homepage rail of one session is retired; both replicas are polled (page and homepage)
-  until it is gone from all four answers. Time from publish to gone everywhere.
+- **retirements**: a session views a seeded item (an event through the broker; the
+  consumer pre-warms its homepage rail into Redis), the first item of that cached rail is
+  retired, and both replicas are polled (the session's homepage rail and the viewed item's
+  page) until no answer shows it. Time from publish to gone everywhere.
 
 Writes `reports/benchmarks/new_items.json` and `new_items.md`. The replicas learn catalogue
 changes from Redis on their catalogue watch (`serving.catalogue_sync_s`), so that interval
@@ -40,7 +41,7 @@ from kafka import KafkaProducer
 
 from benchmarks.live_stack import wait_ready
 from devstack.local_services import LocalServer, api_command, free_port, kafka_broker, redis_server
-from railtower.schemas import ItemRetire, ItemUpsert, encode
+from railtower.schemas import Event, ItemRetire, ItemUpsert, encode
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from serving.app import production_pointer
 from streaming.local_group import consumer_env, start_members, wait_for_assignment
@@ -119,35 +120,39 @@ def retirements(
     http: httpx.Client,
     bases: list[str],
     producer: KafkaProducer,
-    topic: str,
+    topics: tuple[str, str],
     anchors: list[str],
 ) -> list[dict[str, Any]]:
-    """Retire the first item of each anchor's page rail; time until no answer shows it."""
+    """Per anchor: a session views it (an event through the broker; the consumer pre-warms
+    its homepage rail), the first item of that cached rail is retired, and every replica's
+    homepage and page rails are polled until none shows it."""
+    events_topic, catalogue_topic = topics
     runs = []
     for k, anchor in enumerate(anchors):
-        page = {"session_id": f"bench-retire-page-{k}", "item_id": anchor}
-        home = {"session_id": f"bench-retire-home-{k}"}
-        first = _rail(http, bases[0], "pdp_fbt", page).json()["items"]
-        if not first:
-            continue
-        target = first[0]["item_id"]
-        for base in bases:  # compute and cache the homepage rail on every replica
-            _rail(http, base, "homepage_hero", home)
-        cached = [_rail(http, b, "homepage_hero", home).json()["served_by"] for b in bases]
-        started = _publish(
-            producer,
-            topic,
-            target,
-            ItemRetire(
-                update_id=f"retire-{os.getpid()}-{k}", item_id=target, time=datetime.now(UTC)
-            ),
+        session = f"bench-retire-{os.getpid()}-{k}"
+        view = Event(
+            event_id=f"{session}-view",
+            event_time=datetime.now(UTC),
+            event_type="view",
+            session_id=session,
+            item_id=anchor,
         )
+        _publish(producer, events_topic, session, view)
+        home, page = {"session_id": session}, {"session_id": session, "item_id": anchor}
+        cached = _wait_cached(http, bases[0], home)
+        if cached is None:
+            runs.append({"anchor": anchor, "item": None, "gone_s": None, "home_before": []})
+            continue
+        target = cached[0]
+        served = [_rail(http, b, "homepage_hero", home).json()["served_by"] for b in bases]
+        retire = ItemRetire(update_id=f"{session}-retire", item_id=target, time=datetime.now(UTC))
+        started = _publish(producer, catalogue_topic, target, retire)
         gone_after: float | None = None
         while time.monotonic() - started < _TIMEOUT_S:
             answers = [
-                _rail(http, b, r, body)
+                _rail(http, b, rail, body)
                 for b in bases
-                for r, body in (("pdp_fbt", page), ("homepage_hero", home))
+                for rail, body in (("homepage_hero", home), ("pdp_fbt", page))
             ]
             if all(
                 a.status_code == 200 and target not in {i["item_id"] for i in a.json()["items"]}
@@ -156,9 +161,20 @@ def retirements(
                 gone_after = time.monotonic() - started
                 break
             time.sleep(_POLL_S)
-        runs.append({"item": target, "anchor": anchor, "gone_s": gone_after, "home_before": cached})
+        runs.append({"item": target, "anchor": anchor, "gone_s": gone_after, "home_before": served})
         print("retired", runs[-1])
     return runs
+
+
+def _wait_cached(http: httpx.Client, base: str, home: dict[str, Any]) -> list[str] | None:
+    """The homepage rail's items once the consumer's pre-warmed copy serves it."""
+    deadline = time.monotonic() + _TIMEOUT_S
+    while time.monotonic() < deadline:
+        reply = _rail(http, base, "homepage_hero", home).json()
+        if reply["served_by"] == "cache" and reply["items"]:
+            return [i["item_id"] for i in reply["items"]]
+        time.sleep(_POLL_S)
+    return None
 
 
 def _api_env(settings: Settings, bundle: Path, redis_url: str, sync_s: float) -> dict[str, str]:
@@ -221,7 +237,7 @@ def main() -> None:
             settings, streaming, bundle, redis_url, extra={"RAILTOWER_LOG_LEVEL": "WARNING"}
         )
         members = start_members(1, env, work / "consumer", prefix="new-items")
-        wait_for_assignment(members, streaming.catalogue_topic, streaming.partitions, 300)
+        wait_for_assignment(members, streaming.events_topic, streaming.partitions, 300)
         bases = []
         for k in range(REPLICAS):
             port = free_port()
@@ -241,8 +257,9 @@ def main() -> None:
         try:
             with httpx.Client() as http:
                 listed_runs = listings(http, bases, producer, streaming.catalogue_topic, content)
+                topics = (streaming.events_topic, streaming.catalogue_topic)
                 retired_runs = retirements(
-                    http, bases, producer, streaming.catalogue_topic, anchors.astype(str).tolist()
+                    http, bases, producer, topics, anchors.astype(str).tolist()
                 )
         finally:
             producer.close()
