@@ -202,7 +202,8 @@ def evaluate_bundle(
             scoring, as the catalogue topic's `item_upsert` lists them in serving
             (`serving.new_items.apply_record`: attributes, category, and the item tower's
             vector in the delta index); rows the bundle already knows are skipped. The
-            baselines never see them.
+            baselines cannot recommend them (they rank items with events) but read their
+            categories from the shared catalogue, as the served model does.
 
     Raises:
         ArtifactMismatch: the bundle (or its tower bundle) does not verify.
