@@ -104,7 +104,7 @@ def compute_floor(loaded, sessions: list[list[HistoryEvent]], repeats: int) -> d
     slots and the exploration window), without Redis or HTTP; per-stage p50 beside it."""
     settings = load_settings(log_level="WARNING")
     slots = settings.evaluation.slots
-    length = rules_length(settings.ranking.exploration, slots)
+    length = rules_length(settings.ranking.exploration, slots, loaded.pipeline.depth)
     out = {}
     for rail in ("homepage_hero", "pdp_fbt", "cart_upsell"):
         times, stages = [], defaultdict(list)

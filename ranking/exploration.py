@@ -16,11 +16,17 @@ policy can later be valued on the logs (`training.off_policy`).
 
 The choice set comes from the list the rules already produced, so an explored item is
 never blocked, excluded or out of stock.
+
+Young items (listed since the model was trained: the caller says which) get their own share
+of the slot, `young_share`: the draw is a mixture, with probability `young_share` uniform
+over the `young_window` best-ranked young items anywhere below the cut, else the policy
+above; the logged probabilities are the mixture's, so IPS stays exact (epsilon-greedy) or
+as estimated (Thompson).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,12 +92,14 @@ def explore(
     rng: np.random.Generator,
     stats: ArmStats | None = None,
     tower_scores: Mapping[str, float] | None = None,
+    young: Collection[str] = (),
 ) -> Explored:
     """Fill `settings.slot` of the top `slots` of `ranked` (the rules' output) by the bandit.
 
     `ranked` must be longer than `slots` for there to be anything to explore; the other
     slots keep their order. `tower_scores` (cosine similarity of the session and the item's
     content vector, -1..1) set the Thompson prior of items the stats have never shown.
+    `young`: the items listed since the model was trained, for `settings.young_share`.
     """
     slot = settings.slot
     top = list(ranked[:slots])
@@ -104,8 +112,12 @@ def explore(
         probabilities = _epsilon_greedy(len(choice), settings.epsilon)
     else:
         probabilities = _thompson(ids, settings, rng, stats, tower_scores)
-    pick = int(rng.choice(len(choice), p=probabilities))
-    top[slot] = Candidate(choice[pick].item_id, top[slot].score)
+    newcomers = [c.item_id for c in ranked[slots:] if c.item_id in young]
+    newcomers = newcomers[: settings.young_window]
+    if settings.young_share > 0 and newcomers:
+        ids, probabilities = _with_young(ids, probabilities, newcomers, settings.young_share)
+    pick = int(rng.choice(len(ids), p=probabilities))
+    top[slot] = Candidate(ids[pick], top[slot].score)
     return Explored(
         top,
         slot,
@@ -113,6 +125,19 @@ def explore(
         ids[pick],
         {i: float(p) for i, p in zip(ids, probabilities, strict=True)},
     )
+
+
+def _with_young(
+    ids: list[str], probabilities: np.ndarray, young: list[str], share: float
+) -> tuple[list[str], np.ndarray]:
+    """The choice set widened by `young` and the mixture: (1 - share) x the policy's
+    probabilities + share x uniform over the young items."""
+    widened = ids + [i for i in young if i not in ids]
+    mixed = np.zeros(len(widened))
+    mixed[: len(ids)] = (1.0 - share) * probabilities
+    for item in young:
+        mixed[widened.index(item)] += share / len(young)
+    return widened, mixed / mixed.sum()
 
 
 def _epsilon_greedy(n: int, epsilon: float) -> np.ndarray:

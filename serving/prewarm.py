@@ -85,7 +85,7 @@ def _prewarm(
         if degraded:
             service.metrics.fallbacks.labels(reason="triton").inc()
         sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
-    length = rules_length(service.settings.ranking.exploration, slots)
+    length = rules_length(service.settings.ranking.exploration, slots, pipeline.depth)
     done = compute(pipeline, "homepage_hero", queries, sources=sources, slots=slots, length=length)
     for n, (session_id, snap, ruled) in enumerate(
         zip(session_ids, snapshots, done.ruled, strict=True)  # type: ignore[arg-type]
@@ -94,7 +94,7 @@ def _prewarm(
         # The exploration draw happens here, at warm time, seeded as the API would seed
         # it for this state; the cached rail keeps its propensities (serving.rail_cache).
         request = RailRequest(session_id=session_id, slots=slots)
-        explored = service.explore("homepage_hero", request, snap, items)
+        explored = service.explore("homepage_hero", request, snap, items, loaded)
         items = explored.items if explored is not None else items
         if vectors is not None:
             store.put_vector(session_id, loaded.version, vectors[n], snap.marker)

@@ -51,6 +51,7 @@ from serving.stages import (
     query_history,
     rules_length,
     run_stages,
+    young_items,
 )
 from serving.user_vectors import TritonUserTower, session_vector
 from state.session_store import SessionSnapshot, SessionStore
@@ -146,7 +147,7 @@ class RailService(ServedModel):
             return fallback_answer(loaded, rail, query, request.slots)
         finally:
             self.compute_budgets.release()
-        explored = self.explore(rail, request, snapshot, output.slots)
+        explored = self.explore(rail, request, snapshot, output.slots, loaded)
         items = explored.items if explored is not None else output.slots
         # A rail computed under the request's own exclusions is that request's alone: caching
         # it would hide those items from the session's next plain request.
@@ -188,7 +189,9 @@ class RailService(ServedModel):
         def rank(table: CandidateTable) -> np.ndarray:
             return self.compute_budgets.rank(loaded.pipeline, rail, table, query, trace)
 
-        length = rules_length(self.settings.ranking.exploration, request.slots)
+        length = rules_length(
+            self.settings.ranking.exploration, request.slots, loaded.pipeline.depth
+        )
         output = run_stages(loaded, rail, query, request.slots, vector, rank, trace, length)
         return output, vector
 
@@ -198,6 +201,9 @@ class RailService(ServedModel):
         request: RailRequest,
         snapshot: SessionSnapshot | None,
         ruled: list[Candidate],
+        loaded: LoadedRails,
     ) -> Explored | None:
-        """The exploration slot over the rules' output; None when `ranking.exploration` is off."""
-        return explore_request(self.settings, rail, request, snapshot, ruled, self.arm_stats)
+        """The exploration slot over the rules' output of `loaded`; None when
+        `ranking.exploration` is off."""
+        young = young_items(loaded, ruled)
+        return explore_request(self.settings, rail, request, snapshot, ruled, self.arm_stats, young)

@@ -230,12 +230,21 @@ def last_resort(
 # ------------------------------------------------------------------ the exploration slot
 
 
-def rules_length(settings: ExplorationSettings, slots: int) -> int:
+def rules_length(settings: ExplorationSettings, slots: int, depth: int) -> int:
     """How many ruled items a rail computes: its slots, plus the exploration window when the
-    slot is on and within the rail (the choice set must obey the rules too)."""
+    slot is on and within the rail (the choice set must obey the rules too), or the whole
+    pool of `depth` when young items have a share (the re-ranker puts them far below)."""
     if settings.slot is None or settings.slot >= slots:
         return slots
+    if settings.young_share > 0:
+        return max(depth, slots + settings.window)
     return slots + settings.window
+
+
+def young_items(loaded: LoadedRails, ruled: Sequence[Candidate]) -> frozenset[str]:
+    """The ruled items listed since `loaded` was trained: no statistics row (serving.new_items)."""
+    known = loaded.pipeline.stats.row
+    return frozenset(c.item_id for c in ruled if c.item_id not in known)
 
 
 def exploration_rng(
@@ -258,13 +267,14 @@ def explore_slot(
     slots: int,
     rng: np.random.Generator,
     stats: ArmStats | None = None,
+    young: frozenset[str] = frozenset(),
 ) -> Explored | None:
     """The exploration slot over the rules' output (None when it is off): `ruled` is already
     free of blocked, excluded and out-of-stock items, so whatever the bandit picks obeys
     every rule. Returns the top `slots` with the slot filled, and its propensities."""
     if settings.slot is None:
         return None
-    return explore(ruled, slots, settings, rng, stats)
+    return explore(ruled, slots, settings, rng, stats, young=young)
 
 
 def explore_request(
@@ -274,13 +284,14 @@ def explore_request(
     snapshot: SessionSnapshot | None,
     ruled: Sequence[Candidate],
     stats: ArmStats | None = None,
+    young: frozenset[str] = frozenset(),
 ) -> Explored | None:
     """The exploration slot of one request (or pre-warmed session) over the rules' output,
     drawn with the generator its rail, session state and page or cart seed; None when
-    `ranking.exploration` is off."""
+    `ranking.exploration` is off. `young`: the items listed since the model was trained."""
     exploration = settings.ranking.exploration
     if exploration.slot is None:
         return None
     marker = snapshot.marker if snapshot is not None else None
     rng = exploration_rng(settings.seed, rail, request, marker)
-    return explore_slot(exploration, ruled, request.slots, rng, stats)
+    return explore_slot(exploration, ruled, request.slots, rng, stats, young)

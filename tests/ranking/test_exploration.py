@@ -81,3 +81,32 @@ def test_thompson_learns_the_best_arm_in_a_simulated_run():
         stats.record(out.chosen, rng.random() < true_rate[out.chosen])
     best = max(stats.impressions, key=stats.impressions.get)
     assert best == "i13"
+
+
+def test_young_items_get_their_share_of_the_slot_from_anywhere_below_the_cut():
+    # i25 and i28 were listed after training: far below the window, yet they share half of
+    # the slot's draws; the rest keeps epsilon-greedy's proportions; the logs tell the truth.
+    config = ExplorationSettings(slot=11, epsilon=0.2, window=4, young_share=0.5, young_window=2)
+    rng = np.random.default_rng(3)
+    young = {"i25", "i28", "i29"}  # i29 is past young_window: never a choice
+    runs = [explore(RANKED, 12, config, rng, young=young) for _ in range(20_000)]
+    p = runs[0].probabilities
+    assert set(p) == {"i11", "i12", "i13", "i14", "i15", "i25", "i28"}
+    assert p["i25"] == pytest.approx(0.25) and p["i28"] == pytest.approx(0.25)
+    assert p["i11"] == pytest.approx(0.5 * (0.8 + 0.2 / 5))
+    shown = Counter(r.chosen for r in runs)
+    for item, share in p.items():
+        assert shown[item] / len(runs) == pytest.approx(share, abs=0.01)
+    # no young item in the list, or no share: exactly the plain policy
+    plain = explore(
+        RANKED,
+        12,
+        config.model_copy(update={"young_share": 0.0}),
+        np.random.default_rng(0),
+        young=young,
+    )
+    assert (
+        plain.probabilities
+        == explore(RANKED, 12, config, np.random.default_rng(0), young=set()).probabilities
+    )
+    assert "i25" not in plain.probabilities
