@@ -158,7 +158,7 @@ class CovisitationRetriever:
     ) -> tuple[np.ndarray, np.ndarray]:
         """From :meth:`pair_weights`' `weights` against `seeds`: (the raw pair weight, the
         pair's share of all the seed's pair weight), NaN for a seed outside the catalogue
-        or a source restored without its row statistics."""
+        the source was fitted on."""
         index = self.catalogue.index
         rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
         stats = np.full((len(seeds), 2), np.nan)
