@@ -173,6 +173,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"{rep['sessions']:,} held-out sessions walked, {rep['challenger_sessions']:,} served "
             f"by the challenger; {rep['decisions']} decisions. Last: {rep['last_reason']}",
             "",
+            f"Rule: steps {r['canary']['steps']}, per arm at least "
+            f"{r['canary']['min_sessions']} sessions and {r['canary']['min_impressions']} "
+            f"matured impressions, {r['canary']['min_minutes']:g} minutes per step.",
+            "",
             "| share | action | production sessions | production hit rate | challenger sessions "
             "| challenger hit rate | difference | relative drop |",
             "|---|---|---|---|---|---|---|---|",
@@ -201,6 +205,17 @@ def main() -> None:
     parser.add_argument("--horizon-minutes", type=float, default=5.0)
     parser.add_argument("--min-impressions", type=int, default=100)
     parser.add_argument("--min-minutes", type=float, default=4.0)
+    parser.add_argument(
+        "--min-sessions",
+        type=int,
+        default=25,
+        help="per arm before any decision (REES46's held-out window has ~330 sessions)",
+    )
+    parser.add_argument(
+        "--steps",
+        default="0.1,0.25,0.5,1.0",
+        help="shares, comma-separated: at 5%% the 330 sessions give the challenger ~16",
+    )
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-replays", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 s phases, 2 clients")
@@ -210,7 +225,12 @@ def main() -> None:
     serving = (
         {} if args.triton_repository is None else {"triton_repository": args.triton_repository}
     )
-    canary = {"min_impressions": args.min_impressions, "min_minutes": args.min_minutes}
+    canary = {
+        "min_impressions": args.min_impressions,
+        "min_minutes": args.min_minutes,
+        "min_sessions": args.min_sessions,
+        "steps": [float(s) for s in args.steps.split(",")],
+    }
     settings = load_settings(
         log_level="WARNING", canary=canary, **({"serving": serving} if serving else {})
     )

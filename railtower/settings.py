@@ -479,6 +479,11 @@ class CanarySettings(_Section):
     # and minutes the step has run (both; a step is never judged on a few minutes).
     min_impressions: int = Field(500, ge=1)
     min_minutes: float = Field(60.0, ge=0.0)
+    # ... and sessions with a matured impression per arm, before any abort or advance. A
+    # session's impressions rise and fall together (the same shopper), so impressions
+    # overstate the evidence: a 5% step of 330 sessions (14 in the challenger) once aborted an
+    # equal challenger on an A/A difference (README, live canary).
+    min_sessions: int = Field(200, ge=1)
     # Abort (back to 0%) when the challenger's hit rate@slots is more than this share below
     # production's over the same window and below it beyond the interval (session
     # bootstrap): the customer's CTR guard (0.03 = 3% relative). A step advances when the

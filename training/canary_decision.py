@@ -13,7 +13,9 @@ resampling each arm's sessions (an arm's sessions are its own: the hash splits t
 
 The rule (`canary.*` settings), on the same step's window for both arms:
 
-1. fewer than `min_impressions` matured impressions in either arm: wait;
+1. fewer than `min_impressions` matured impressions or `min_sessions` sessions with one in
+   either arm: wait (no abort either: a handful of sessions' impressions rise and fall
+   together, and their bootstrap interval is too narrow);
 2. the challenger's hit rate more than `max_relative_drop` below production's (the
    customer's CTR guard) and worse beyond the interval (the difference's upper bound below
    0): abort, every session back to production; also while held, the guard never sleeps;
@@ -29,7 +31,8 @@ The arms are different sessions, so a small step's point estimates move by chanc
 equal challenger 20% "below" production on a hundred sessions is noise, and aborting on
 it would stop every good challenger at 5%. A drop the interval cannot resolve advances,
 and the next step, with more of the challenger's sessions, judges it with more power;
-the sample floor (`min_impressions`) bounds how little evidence a step may pass on.
+the sample floors (`min_impressions`, `min_sessions`) bound how little evidence a step may
+pass or fail on.
 
 Every advance, promotion and abort is appended to the history with these figures.
 """
@@ -270,6 +273,17 @@ def _judge(
         decision.reason = (
             f"too few matured impressions this step (production {len(production):,}, "
             f"challenger {len(challenger):,}; canary.min_impressions = {cfg.min_impressions:,})"
+        )
+        return decision
+    per_arm = [a.sessions for a in decision.arms]
+    if min(per_arm) < cfg.min_sessions:
+        # checked before the guard too: a few sessions' impressions can look like a
+        # certain drop under the session bootstrap when the shoppers simply differ
+        decision.action = "wait"
+        decision.reason = (
+            f"too few sessions with a matured impression this step (production "
+            f"{per_arm[0]:,}, challenger {per_arm[1]:,}; canary.min_sessions = "
+            f"{cfg.min_sessions:,})"
         )
         return decision
     decision.difference = difference_interval(challenger, production, settings)

@@ -56,8 +56,17 @@ def _started(settings, shop_):  # type: ignore[no-untyped-def]
     ), pointer
 
 
-def _traffic(state, production_rate: float, challenger_rate: float, sessions: int = 4000):  # type: ignore[no-untyped-def]
-    """One served impression per session an hour into the step, and what followed it."""
+def _traffic(  # type: ignore[no-untyped-def]
+    state,
+    production_rate: float,
+    challenger_rate: float,
+    sessions: int = 4000,
+    per_session: int = 1,
+    rates: dict[str, float] | None = None,
+):
+    """`per_session` served impressions per session an hour into the step, and what followed
+    them: each session hits on all of them or on none (one shopper), at its arm's rate or at
+    its own rate in `rates`."""
     rng = np.random.default_rng(0)
     impressions, events = [], []
     served_at = T0 + timedelta(hours=1)
@@ -67,21 +76,22 @@ def _traffic(state, production_rate: float, challenger_rate: float, sessions: in
         arm, version = (
             (CANARY_ARM, state.challenger) if canary else ("production", state.production)
         )
-        impressions.append(
-            Impression(
-                impression_id=f"i{n}",
-                request_id=f"r{n}",
-                served_at=served_at,
-                session_id=session,
-                rail="homepage_hero",
-                arm=arm,
-                shown=True,
-                model_version=version,
-                items=["target"],
+        for k in range(per_session):
+            impressions.append(
+                Impression(
+                    impression_id=f"i{n}-{k}",
+                    request_id=f"r{n}-{k}",
+                    served_at=served_at + timedelta(seconds=k),
+                    session_id=session,
+                    rail="homepage_hero",
+                    arm=arm,
+                    shown=True,
+                    model_version=version,
+                    items=["target"],
+                )
             )
-        )
-        hit = rng.random() < (challenger_rate if canary else production_rate)
-        item = "target" if hit else "other"
+        rate = (rates or {}).get(session, challenger_rate if canary else production_rate)
+        item = "target" if rng.random() < rate else "other"
         events.append((session, item, "view", served_at + timedelta(minutes=5)))
     # the events run on for hours: every impression's horizon is over
     events.append(("late", "x", "view", served_at + timedelta(hours=3)))
@@ -118,6 +128,31 @@ def test_too_few_impressions_wait_and_the_judgement_is_recorded(settings, shop):
     assert decision.action == "wait" and "too few" in decision.reason
     assert read_canary(pointer).step == 0 and read_canary(pointer).status == "running"
     assert canary_history(pointer)[-1]["verdict"] == "wait"
+
+
+def test_a_few_sessions_never_abort_however_many_impressions_they_have(settings, shop):
+    """The A/A trap: 1,000 sessions, 40 impressions each, the same answers in both arms, and
+    the challenger's few sessions happen to be shoppers who click less. Counted in
+    impressions it is thousands of rows and a certain drop; counted in sessions it is ~50
+    shoppers, below canary.min_sessions (200 by default)."""
+    state, pointer = _started(settings, shop)
+    ids = [f"s{n}" for n in range(1000)]
+    unlucky = {s: 0.05 for s in ids if in_canary(s, state.share, state.salt)}
+    impressions, timelines = _traffic(state, 0.3, 0.3, 1000, per_session=40, rates=unlucky)
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "wait", decision.reason
+    assert "canary.min_sessions = 200" in decision.reason
+    canary_arm = next(a for a in decision.arms if a.arm == CANARY_ARM)
+    assert canary_arm.impressions >= settings.canary.min_impressions
+    assert canary_arm.sessions < settings.canary.min_sessions
+    assert read_canary(pointer).status == "running"
+    # the same shoppers judged without the session floor: the impressions read as a drop
+    bare = settings.model_copy(
+        update={"canary": settings.canary.model_copy(update={"min_sessions": 1})}
+    )
+    assert step_canary(bare, "shop", impressions, timelines, dry_run=True).action == (
+        "would abort (dry run)"
+    )
 
 
 def test_a_step_younger_than_min_minutes_waits(settings, shop):

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.integration
 # one at 50%, because on this little data the default salt's 10% sample is itself unlike
 # the rest under the production model (an A/A difference: training.canary_balance), so an
 # equal challenger would be judged worse there; the halves at 50% are alike.
-WORSE = {"steps": [0.1, 1.0], "min_impressions": 100, "min_minutes": 4.0}
-EQUAL = {"steps": [0.5, 1.0], "min_impressions": 100, "min_minutes": 4.0}
+# A step is judged once each arm has 30 sessions with a matured impression (the default 200
+# is a shop's hour, more than this window holds at 10%).
+WORSE = {"steps": [0.1, 1.0], "min_impressions": 100, "min_minutes": 4.0, "min_sessions": 30}
+EQUAL = {"steps": [0.5, 1.0], "min_impressions": 100, "min_minutes": 4.0, "min_sessions": 30}
 HORIZON_MINUTES = 5.0
 CHECK_MINUTES = 2.0
 
