@@ -32,10 +32,12 @@ import os
 import platform
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pandas as pd
 
 if __package__ in (None, ""):  # run as a script: the project root holds `benchmarks`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,7 +49,10 @@ from benchmarks.swap_harness import build_probes, prepare_bundles, references, s
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
+from training.canary_balance import production_rows, salt_trials
 from training.canary_replay import CanaryReplay, run_canary_replay
+from training.shadow_eval import PRODUCTION_ARM, SessionTimelines
+from training.shadow_replay import held_out_sessions
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
@@ -101,7 +106,12 @@ def _proof(verdict: CanaryVerdict) -> dict[str, int]:
 
 
 def replays(
-    settings: Settings, bundle: Path, dataset: str, check_minutes: float, horizon: float
+    settings: Settings,
+    bundle: Path,
+    dataset: str,
+    check_minutes: float,
+    horizon: float,
+    salts: int,
 ) -> dict[str, Any]:
     local = settings.model_copy(
         update={"monitor": settings.monitor.model_copy(update={"horizon_minutes": horizon})}
@@ -118,7 +128,51 @@ def replays(
                 local, dataset, bundle, challenger, root / name, 0, check_minutes
             )
             out[name] = _replay(result)
+            if name == "equal":
+                out["aa"] = aa_rate(local, dataset, result, salts, check_minutes)
     return out
+
+
+def aa_rate(
+    settings: Settings, dataset: str, equal: CanaryReplay, salts: int, check_minutes: float
+) -> dict[str, Any]:
+    """How often the rule aborts a challenger that serves production's answers: the equal
+    replay's impressions (both arms served the same answers) as production's, split at the
+    first step's share by each of `salts` salts (training.canary_balance.salt_trials), and
+    judged at every look the replay makes (every `check_minutes` of the sessions' time, on
+    what had matured by then), at the evaluation's 95% interval and at the abort's."""
+    events = held_out_sessions(settings, dataset, 0)
+    frame = events.assign(event_time=pd.to_datetime(events["event_time"], utc=True))
+    grades = settings.ranking.ranker.label_grades
+    as_production = [i.model_copy(update={"arm": PRODUCTION_ARM}) for i in equal.impressions]
+    share = settings.canary.steps[0]
+    first, last = frame["event_time"].min(), frame["event_time"].max()
+    looks = pd.date_range(first, last, freq=pd.Timedelta(minutes=check_minutes))[1:]
+    aborted: dict[str, set[str]] = {"ci": set(), "abort": set()}
+    judged, sessions, final = 0, [], []
+    for at in [*looks, last]:
+        timelines = SessionTimelines(frame[frame["event_time"] <= at], grades)
+        served = [i for i in as_production if i.served_at <= at.to_pydatetime()]
+        trials = salt_trials(settings, production_rows(served, timelines, settings), share, salts)
+        if not trials:
+            continue  # too few matured impressions at this look
+        judged += 1
+        for level, out in aborted.items():
+            out.update(t.salt for t in trials if t.would_abort(settings, level))
+        sessions, final = [t.sample_sessions for t in trials], trials
+    return {
+        "share": share,
+        "salts": salts,
+        "looks": judged,
+        "aborted_any_look_95": len(aborted["ci"]),
+        "aborted_any_look_abort_level": len(aborted["abort"]),
+        "abort_ci_level": settings.canary.abort_ci_level,
+        "final_below_zero": sum(t.difference.high < 0 for t in final),
+        "final_above_zero": sum(t.difference.low > 0 for t in final),
+        "sample_sessions": [min(sessions), max(sessions)] if sessions else None,
+        "configured_salt": None if not final else asdict(final[0]),
+        "configured_salt_aborted_95": settings.canary.salt in aborted["ci"],
+    }
 
 
 def _replay(result: CanaryReplay) -> dict[str, Any]:
@@ -149,14 +203,15 @@ def markdown(r: dict[str, Any]) -> str:
             f"{ramp['clients']} clients, {ramp['sessions']} sessions x 3 rails, "
             f"Triton {ramp['triton']})",
             "",
-            "| step | replies | failed | challenger sessions / sessions | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|",
+            "| step | replies | failed | challenger sessions / sessions | misrouted | p50 ms "
+            "| p99 ms |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in ramp["per_step"]:
             lines.append(
                 f"| {row['step']} | {row['replies']} | {row['failed']} | "
-                f"{row['challenger_sessions']} / {row['sessions']} | {row['p50_ms']:.1f} | "
-                f"{row['p99_ms']:.1f} |"
+                f"{row['challenger_sessions']} / {row['sessions']} | {row['misrouted']} | "
+                f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
             )
         lines += [
             "",
@@ -167,6 +222,8 @@ def markdown(r: dict[str, Any]) -> str:
             "",
         ]
     for name, rep in r.get("replays", {}).items():
+        if name == "aa":
+            continue
         lines += [
             f"## Replay: {name} challenger ({rep['challenger']}) -> {rep['status'].upper()}",
             "",
@@ -190,6 +247,30 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{'-' if drop is None else f'{drop:+.1%}'} |"
             )
         lines.append("")
+    aa = r.get("replays", {}).get("aa")
+    if aa:
+        first = aa["configured_salt"]
+        lines += [
+            f"## A/A: the equal replay's answers split by {aa['salts']} salts at {aa['share']:.0%}",
+            "",
+            f"Both arms served production's answers, so every split is an A/A test, judged at "
+            f"{aa['looks']} looks like the replay's. Samples of {aa['sample_sessions'][0]}-"
+            f"{aa['sample_sessions'][1]} sessions at the last look.",
+            "",
+            "| abort needs the difference below 0 beyond | salts aborted at some look |",
+            "|---|---|",
+            f"| the 95% interval (the rule before canary.abort_ci_level) | "
+            f"{aa['aborted_any_look_95']} of {aa['salts']} |",
+            f"| the {aa['abort_ci_level']:.0%} interval (canary.abort_ci_level) | "
+            f"{aa['aborted_any_look_abort_level']} of {aa['salts']} |",
+            "",
+            f"At the last look the 95% interval is below 0 on {aa['final_below_zero']} salts and "
+            f"above on {aa['final_above_zero']} (calibrated: about 2.5% each). The configured "
+            f"salt: sample - rest {_iv([first['difference'][k] for k in ('mean', 'low', 'high')])}"
+            f" over {first['sample_sessions']} sessions; aborted at some look at 95%: "
+            f"{aa['configured_salt_aborted_95']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -215,6 +296,9 @@ def main() -> None:
         "--steps",
         default="0.1,0.25,0.5,1.0",
         help="shares, comma-separated: at 5%% the 330 sessions give the challenger ~16",
+    )
+    parser.add_argument(
+        "--salts", type=int, default=200, help="A/A: first-step samples of the equal replay"
     )
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-replays", action="store_true")
@@ -247,12 +331,13 @@ def main() -> None:
         "platform": platform.platform(),
     }
     if not args.skip_ramp:
-        result["ramp"] = ramp_under_load(
-            settings, bundle, args.clients, args.phase_s, args.sessions
-        )
+        # the API under test starts canaries with the shipped canary.* settings (its own
+        # environment), so the ramp checks routing at the shipped steps
+        shipped = load_settings(log_level="WARNING", **({"serving": serving} if serving else {}))
+        result["ramp"] = ramp_under_load(shipped, bundle, args.clients, args.phase_s, args.sessions)
     if not args.skip_replays:
         result["replays"] = replays(
-            settings, bundle, args.dataset, args.check_minutes, args.horizon_minutes
+            settings, bundle, args.dataset, args.check_minutes, args.horizon_minutes, args.salts
         )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "canary.json").write_bytes(

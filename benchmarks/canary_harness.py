@@ -138,7 +138,7 @@ def verify_canary(
         mismatched=[r for r in known if r.items != refs[str(r.version)][r.probe]],
         misrouted=misrouted,
         checked_routes=checked,
-        per_step=step_table(run, probes, new_version),
+        per_step=step_table(run, probes, new_version, misrouted),
     )
 
 
@@ -154,7 +154,9 @@ def _share_at(reply: Reply, run: CanaryRun) -> float | None:
     return share
 
 
-def step_table(run: CanaryRun, probes: list[Probe], new_version: str) -> list[dict[str, Any]]:
+def step_table(
+    run: CanaryRun, probes: list[Probe], new_version: str, misrouted: list[Reply]
+) -> list[dict[str, Any]]:
     """Per phase (before the canary, then after each move): requests and sessions per arm,
     failures, latency."""
     bounds = [(0.0, "production only")] + [(s.applied, f"{s.share:.0%}") for s in run.steps]
@@ -174,6 +176,8 @@ def step_table(run: CanaryRun, probes: list[Probe], new_version: str) -> list[di
                 "challenger_replies": len(canary),
                 "challenger_sessions": len({probes[r.probe].body["session_id"] for r in canary}),
                 "sessions": len({probes[r.probe].body["session_id"] for r in replies}),
+                "misrouted": sum(r in misrouted for r in replies),
+                "misrouted_versions": sorted({str(r.version) for r in replies if r in misrouted}),
                 "p50_ms": float(np.percentile(ms, 50)),
                 "p99_ms": float(np.percentile(ms, 99)),
             }

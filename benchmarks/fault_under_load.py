@@ -54,6 +54,8 @@ class Reply:
     degraded: bool
     served_by: str
     seconds: float
+    reasons: tuple[str, ...] = ()
+    into_phase_s: float = 0.0  # when it was sent, counted from its phase's start
 
 
 @dataclass
@@ -80,6 +82,11 @@ class FaultRun:
                     "degraded_share": sum(r.degraded for r in answered) / max(len(answered), 1),
                     "p99_ms": float(np.percentile(latency, 99)) if latency else float("nan"),
                     "served_by": dict(Counter(r.served_by for r in answered)),
+                    # each reason's words before its first parenthesis, so causes group
+                    "reasons": dict(Counter(x.split(" (")[0] for r in answered for x in r.reasons)),
+                    "last_degraded_s": max(
+                        (r.into_phase_s for r in answered if r.degraded), default=None
+                    ),
                 }
             )
         return rows
@@ -131,6 +138,7 @@ def run_faults(
     time.sleep(1.5)  # past the append-only file's once-a-second fsync
     bodies = requests_for(names, items)
     phase = [PHASES[0]]
+    began = [time.perf_counter()]  # when the current phase began
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -141,10 +149,12 @@ def run_faults(
                 rail, body = bodies[k % len(bodies)]
                 k += clients
                 now, started = phase[0], time.perf_counter()
+                into = started - began[0]
                 try:
                     reply = http.post(f"/v1/rails/{rail}", json=body)
                 except httpx.HTTPError:
-                    record = Reply(now, 0, True, True, "none", time.perf_counter() - started)
+                    seconds = time.perf_counter() - started
+                    record = Reply(now, 0, True, True, "none", seconds, (), into)
                 else:
                     data = reply.json() if reply.status_code == 200 else {}
                     record = Reply(
@@ -154,6 +164,8 @@ def run_faults(
                         bool(data.get("reasons")),
                         str(data.get("served_by", "none")),
                         time.perf_counter() - started,
+                        tuple(str(x) for x in data.get("reasons") or ()),
+                        into,
                     )
                 with lock:
                     run.replies.append(record)
@@ -163,7 +175,7 @@ def run_faults(
         worker.start()
     try:
         time.sleep(phase_s)
-        phase[0] = PHASES[1]
+        phase[0], began[0] = PHASES[1], time.perf_counter()
         redis = _server(stack, "redis")
         redis.kill()
         time.sleep(down_s)
@@ -172,14 +184,14 @@ def run_faults(
         run.sessions_lost = lost_sessions(stack.redis_url, names)
         triton = _server(stack, "triton")
         if triton is not None:
-            phase[0] = PHASES[2]
+            phase[0], began[0] = PHASES[2], time.perf_counter()
             triton.kill()
             time.sleep(down_s)
             triton.start()
             time.sleep(max(phase_s - down_s, 0.0))
         else:
             run.phases.remove(PHASES[2])
-        phase[0] = PHASES[3]
+        phase[0], began[0] = PHASES[3], time.perf_counter()
         time.sleep(phase_s)
     finally:
         stop.set()
@@ -209,6 +221,13 @@ def markdown(run: FaultRun, bundle: str) -> str:
             f"| {row['phase']} | {row['requests']} | {row['server_errors']} | "
             f"{row['other_errors']} | {row['transport_errors']} | {row['empty']} | "
             f"{row['degraded_share']:.1%} | {row['p99_ms']:.0f} | {served} |"
+        )
+    lines += ["", "Reasons on the answers, per phase (last degraded answer, seconds into it):", ""]
+    for row in run.table():
+        reasons = "; ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "none"
+        last = row["last_degraded_s"]
+        lines.append(
+            f"- {row['phase']}: {reasons}" + ("" if last is None else f" (last at {last:.1f} s)")
         )
     return "\n".join(lines) + "\n"
 

@@ -5,9 +5,13 @@ Usage:
     python benchmarks/new_items.py --quick                                # 3 of each: does it work
 
 Everything is a real process on loopback, started and stopped here: Redis, a Kafka-protocol
-broker (tansu), one `railtower consume` and two API processes (`serving.http_server`, the
-bundle pinned, session vectors in process, `serving.encode_new_items` on: each replica
-encodes a new item with the bundle's item tower itself). Then, one at a time:
+broker (tansu), tritonserver on the project's model repository (`serving.triton_repository`,
+where the bundle's export wrote its item tower), one `railtower consume` and two API
+processes (`serving.http_server`, the bundle pinned, session vectors in process,
+`serving.encode_new_items` on: each replica embeds a new item's text with MiniLM and runs the
+item tower on Triton, in process if Triton fails). First the item tower on Triton is
+compared with the same tower in process (max abs difference, time per call). Then, one at a
+time:
 
 - **listings**: an `item_upsert` with a new id and the content (category path, brand,
   price) of a seeded catalogue item. Each replica is polled with the new product's own
@@ -37,15 +41,26 @@ import httpx
 import numpy as np
 import orjson
 import pandas as pd
+import torch
 from kafka import KafkaProducer
 
 from benchmarks.live_stack import wait_ready
-from devstack.local_services import LocalServer, api_command, free_port, kafka_broker, redis_server
+from devstack.local_services import (
+    LocalServer,
+    api_command,
+    free_port,
+    kafka_broker,
+    redis_server,
+    triton_server,
+)
 from railtower.schemas import Event, ItemRetire, ItemUpsert, encode
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from ranking.bundle import ITEM_TOWER, TowerBundle
 from serving.app import production_pointer
+from serving.triton_item_tower import TritonItemTower
 from streaming.local_group import consumer_env, start_members, wait_for_assignment
 from streaming.topics import ensure_topics
+from towers.item_content import ItemContentEncoder, uncached_texts
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 REPLICAS = 2
@@ -177,12 +192,62 @@ def _wait_cached(http: httpx.Client, base: str, home: dict[str, Any]) -> list[st
     return None
 
 
-def _api_env(settings: Settings, bundle: Path, redis_url: str, sync_s: float) -> dict[str, str]:
+def item_tower_on_triton(
+    settings: Settings, bundle: Path, content: pd.DataFrame, triton_url: str
+) -> dict[str, Any]:
+    """The bundle's item tower on Triton against the same tower in process, on the listings'
+    content sent as new items (id 0): max abs difference, and time per call at batch 1 and
+    64 (MiniLM runs in process for both, before either; not timed)."""
+    towers = TowerBundle.load(settings.artifacts_dir / _tower_bundle(bundle))
+    if not towers.triton_item_version:
+        raise SystemExit(f"{towers.folder} exported no item tower to Triton: retrain it")
+    client = TritonItemTower(triton_url, settings.serving.triton_item_model, 10.0)
+    version = towers.triton_item_version
+    deadline = time.monotonic() + 120
+    while not client.ready(version) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    encoder = ItemContentEncoder(
+        towers.folder / ITEM_TOWER, towers.featurizer, uncached_texts(settings.text.model_path)
+    )
+    rows = content.assign(item_id=[f"bench-tower-{n}" for n in range(len(content))])
+    rows = pd.concat([rows] * (64 // len(rows) + 1), ignore_index=True).head(64)
+    features = encoder.features(rows)
+    local, remote = encoder.run_tower(features), client.encode(features, version)
+    one = features.take(torch.arange(1))
+    timings: dict[str, float] = {}
+    for name, call in (
+        ("triton_batch_1", lambda: client.encode(one, version)),
+        ("in_process_batch_1", lambda: encoder.run_tower(one)),
+        ("triton_batch_64", lambda: client.encode(features, version)),
+        ("in_process_batch_64", lambda: encoder.run_tower(features)),
+    ):
+        seconds = []
+        for _ in range(30):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+        timings[name] = round(float(np.median(seconds)) * 1000, 3)
+    return {
+        "items": len(rows),
+        "triton_version": version,
+        "max_abs_diff": float(np.abs(local - remote).max()),
+        "ms_p50": timings,
+    }
+
+
+def _tower_bundle(rails: Path) -> str:
+    return str(orjson.loads((rails / "pipeline.json").read_bytes())["tower_bundle"])
+
+
+def _api_env(
+    settings: Settings, bundle: Path, redis_url: str, sync_s: float, triton_url: str
+) -> dict[str, str]:
     return {
         "RAILTOWER_ARTIFACTS_DIR": str(settings.artifacts_dir),
         "RAILTOWER_SERVING__BUNDLE": str(bundle),
         "RAILTOWER_SERVING__REDIS_URL": redis_url,
-        "RAILTOWER_SERVING__TRITON_URL": "",
+        # the item tower on Triton; single sessions are encoded in process either way
+        "RAILTOWER_SERVING__TRITON_URL": triton_url,
         "RAILTOWER_SERVING__ENCODE_NEW_ITEMS": "true",
         "RAILTOWER_SERVING__CATALOGUE_SYNC_S": str(sync_s),
         "RAILTOWER_SERVING__BUDGETS__REDIS_MS": "2000",
@@ -219,9 +284,13 @@ def main() -> None:
     servers: list[LocalServer] = []
     members = []
     try:
-        redis_port, kafka_port = free_port(), free_port()
+        redis_port, kafka_port, grpc_port = free_port(), free_port(), free_port()
         servers.append(redis_server(redis_port, work / "redis").start())
         servers.append(kafka_broker(kafka_port, work / "kafka").start())
+        repository = settings.serving.triton_repository
+        servers.append(triton_server(repository, grpc_port, free_port(), work / "triton").start())
+        triton_url = f"127.0.0.1:{grpc_port}"
+        tower = item_tower_on_triton(settings, bundle, content, triton_url)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         streaming = settings.streaming.model_copy(
             update={
@@ -234,7 +303,11 @@ def main() -> None:
         )
         ensure_topics(streaming)
         env = consumer_env(
-            settings, streaming, bundle, redis_url, extra={"RAILTOWER_LOG_LEVEL": "WARNING"}
+            settings,
+            streaming,
+            bundle,
+            redis_url,
+            extra={"RAILTOWER_LOG_LEVEL": "WARNING", "RAILTOWER_SERVING__TRITON_URL": triton_url},
         )
         members = start_members(1, env, work / "consumer", prefix="new-items")
         wait_for_assignment(members, streaming.events_topic, streaming.partitions, 300)
@@ -246,7 +319,7 @@ def main() -> None:
                 api_command(port),
                 port,
                 work / f"api-{k}",
-                _api_env(settings, bundle, redis_url, sync_s),
+                _api_env(settings, bundle, redis_url, sync_s, triton_url),
                 240.0,
             )
             servers.append(api.start())
@@ -288,6 +361,7 @@ def main() -> None:
         "home_rails_cached_before_retire": sum(
             1 for r in retired_runs for s in r["home_before"] if s == "cache"
         ),
+        "item_tower": tower,
         "listings": listed_runs,
         "retirements": retired_runs,
     }
@@ -334,9 +408,29 @@ def markdown(r: dict[str, Any]) -> str:
                 "",
                 f"Homepage rails served from the cache just before a retirement: "
                 f"{r['home_rails_cached_before_retire']} of {r['retired'] * r['replicas']}.",
+                "",
+                _tower_table(r["item_tower"]),
             ]
         )
         + "\n"
+    )
+
+
+def _tower_table(t: dict[str, Any]) -> str:
+    ms = t["ms_p50"]
+    return "\n".join(
+        [
+            f"Item tower on Triton (version {t['triton_version']}) against the same tower in "
+            f"process, {t['items']} listings' content as new items: max abs difference "
+            f"{t['max_abs_diff']:.2e} (goal ≤ 1e-4).",
+            "",
+            "| item tower, p50 per call | batch 1 | batch 64 |",
+            "|---|---|---|",
+            f"| Triton (gRPC, Python backend) | {ms['triton_batch_1']} ms | "
+            f"{ms['triton_batch_64']} ms |",
+            f"| in process (TorchScript) | {ms['in_process_batch_1']} ms | "
+            f"{ms['in_process_batch_64']} ms |",
+        ]
     )
 
 

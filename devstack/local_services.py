@@ -221,6 +221,9 @@ def triton_server(repository: Path, grpc_port: int, http_port: int, workdir: Pat
         "--repository-poll-secs=2",
         "--allow-metrics=false",
         "--log-verbose=0",
+        # a model with no version yet (the item tower before a bundle exported one) must not
+        # keep the others from serving: clients ask for the version their bundle exported
+        "--exit-on-error=false",
     ]
     env = {
         "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",

@@ -489,6 +489,12 @@ class CanarySettings(_Section):
     # bootstrap): the customer's CTR guard (0.03 = 3% relative). A step advances when the
     # challenger is not worse beyond the interval (training/canary_decision.py).
     max_relative_drop: float = Field(0.03, gt=0.0, lt=1.0)
+    # Confidence of the interval an abort needs (the difference's upper bound below 0). A
+    # step is judged at every `railtower canary step`, and each look is another chance for a
+    # 95% interval to exclude 0 by chance: on REES46's replay the 95% rule aborted an equal
+    # challenger at an interim look. Advancing still needs only "not worse beyond the
+    # evaluation.ci_level interval"; in between, the step waits for more sessions.
+    abort_ci_level: float = Field(0.99, gt=0.5, lt=1.0)
     # Salt of the session hash that picks the challenger's sessions: another family than the
     # shadow sample's, so the canary's sessions are not the shadowed ones. A session in at
     # 5% stays in at 25% (the hash is compared with the share), so no shopper flips back.
@@ -605,6 +611,11 @@ class ServingSettings(_Section):
     # Triton gRPC endpoint of the user tower; null = encode sessions in-process only.
     triton_url: str | None = "127.0.0.1:8101"
     triton_model: str = "user_tower"
+    # The item tower on the same server: encodes items listed after training (an
+    # item_upsert) in the API and the consumer; the bundle's in-process tower is the fallback.
+    triton_item_model: str = "item_tower"
+    # Its per-call timeout: a catalogue sync waits on it, not a shopper.
+    triton_item_timeout_s: float = Field(2.0, gt=0)
     # Where one rail request's session is encoded when Redis has no vector for it: the
     # bundle's tower in the API process, or Triton. Batches (the refresh consumer's
     # pre-warming) go to Triton whenever it is configured. On CPU one short session costs
@@ -613,7 +624,7 @@ class ServingSettings(_Section):
     request_encoder: Literal["in_process", "triton"] = "in_process"
     # Model repository the export step writes versions into and tritonserver serves.
     triton_repository: Path = Field(Path("triton_models"), validate_default=True)
-    # Instances and dynamic batching of the user tower in Triton (written by the export).
+    # Instances and dynamic batching of both towers in Triton (written by the export).
     triton: TritonModelSettings = TritonModelSettings()
     max_slots: int = Field(50, ge=1)
     # Price observations the Redis price stream keeps (state/price_store.py), newest last.

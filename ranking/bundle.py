@@ -47,6 +47,8 @@ class TowerBundle:
     featurizer: ItemFeaturizer
     # the Triton user-tower version exported from this bundle ("" = none recorded)
     triton_version: str = ""
+    # the Triton item-tower version exported from this bundle ("" = none recorded)
+    triton_item_version: str = ""
 
     @property
     def version(self) -> str:
@@ -90,6 +92,7 @@ class TowerBundle:
             index,
             featurizer,
             str(meta.get("triton", {}).get("version", "")),
+            str(meta.get("triton", {}).get("item_version", "")),
         )
 
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:

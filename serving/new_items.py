@@ -11,7 +11,9 @@ A new item (an id the model's catalogue lacks, with a listing: title, category p
 brand) gets an attributes row and, where the model has towers, a vector from the bundle's
 own item tower (`towers.item_content`, content only, as training treats an unseen item),
 put into a small exact index searched beside the HNSW graph (`ranking.ann.DeltaIndex`),
-so tower retrieval can return it. Each model remembers the content it encoded per item, so
+so tower retrieval can return it. The item tower runs on Triton where the bundle exported
+it (`serving.triton_item_tower`), in the process otherwise or when Triton fails. Each model
+remembers the content it encoded per item, so
 re-applying the whole hash on every sync does not encode again.
 """
 
@@ -30,6 +32,7 @@ from railtower.logs import get_logger
 from railtower.settings import Settings
 from ranking.ann import DeltaIndex
 from ranking.bundle import ITEM_TOWER, TowerBundle
+from serving.triton_item_tower import TritonItemTower
 from towers.embedding_cache import content_key
 from towers.item_content import ItemContentEncoder, uncached_texts
 
@@ -54,11 +57,44 @@ def has_listing(record: Mapping[str, object]) -> bool:
 
 @dataclass
 class NewItems:
-    """One model's encoder of new items and what it has encoded (item -> content key)."""
+    """One model's encoder of new items and what it has encoded (item -> content key).
+
+    With `triton` the item tower runs on Triton (the version exported from the model's
+    bundle) and the in-process tower is the fallback."""
 
     encoder: ItemContentEncoder | None
+    triton: TritonItemTower | None = None
+    triton_version: str = ""
     encoded: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # where each encoding ran: "triton", "in_process", "in_process after triton failed"
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def encode(self, rows: pd.DataFrame) -> np.ndarray:
+        """(N, D) vectors of new catalogue rows: Triton when it answers, else in-process.
+
+        Raises whatever the in-process encoder raises (no encoder: ValueError)."""
+        if self.encoder is None:
+            raise ValueError("no item-content encoder loaded (see serving.encode_new_items)")
+        features = self.encoder.features(rows)
+        source = "in_process"
+        if self.triton is not None:
+            try:
+                vectors = self.triton.encode(features, self.triton_version)
+                self._count("triton")
+                return vectors
+            except Exception as exc:  # noqa: BLE001 - Triton down or slow: encode here
+                log.warning(
+                    "item tower on Triton failed; encoding in-process",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                source = "in_process after triton failed"
+        vectors = self.encoder.run_tower(features)
+        self._count(source)
+        return vectors
+
+    def _count(self, source: str) -> None:
+        self.sources[source] = self.sources.get(source, 0) + 1
 
 
 def new_items_for(towers: TowerBundle | None, settings: Settings) -> NewItems | None:
@@ -74,7 +110,11 @@ def new_items_for(towers: TowerBundle | None, settings: Settings) -> NewItems | 
     except Exception as exc:  # noqa: BLE001 - serving goes on; new items are not retrievable
         log.error("item-content encoder not loaded; new items get no vector", error=str(exc))
         return NewItems(None)
-    return NewItems(encoder)
+    s = settings.serving
+    if not (s.triton_url and towers.triton_item_version):
+        return NewItems(encoder)
+    triton = TritonItemTower(s.triton_url, s.triton_item_model, s.triton_item_timeout_s)
+    return NewItems(encoder, triton, towers.triton_item_version)
 
 
 def apply_record(loaded: LoadedRails, item_id: str, record: Mapping[str, object]) -> bool:
@@ -145,7 +185,7 @@ def index_new_item(loaded: LoadedRails, item_id: str, record: Mapping[str, objec
         if new.encoded.get(item_id) == key:
             return False
         try:
-            vector = new.encoder.encode(pd.DataFrame([{"item_id": item_id, **content}]))
+            vector = new.encode(pd.DataFrame([{"item_id": item_id, **content}]))
             index = towers.index
             base = index if isinstance(index, DeltaIndex) else DeltaIndex(index)
             towers.index = base.with_items(np.array([item_id]), vector)

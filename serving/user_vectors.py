@@ -17,28 +17,15 @@ from ranking.ann import DeltaIndex
 from ranking.bundle import TowerBundle
 from ranking.candidates import Candidate
 from ranking.retriever import Query
+from serving.triton_client import TritonModelClient
 from towers.session_features import SESSION_INPUT_NAMES, HistoryEvent
 
 INPUT_NAMES = SESSION_INPUT_NAMES  # the encoder's inputs, in order (towers.session_features)
-OUTPUT_NAME = "vector"
 MAX_BATCH = 128  # max_batch_size in triton_models/user_tower/config.pbtxt
 
 
-class TritonUserTower:
+class TritonUserTower(TritonModelClient):
     """gRPC client of the user tower on a Triton server, with a per-call timeout."""
-
-    def __init__(self, url: str, model: str, timeout_s: float) -> None:
-        import tritonclient.grpc as grpcclient  # imported here: optional at serving time
-
-        self._grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
-        self.model, self.timeout_s = model, timeout_s
-
-    def ready(self, version: str = "") -> bool:
-        try:
-            return bool(self.client.is_model_ready(self.model, version, client_timeout=1.0))
-        except Exception:  # noqa: BLE001 - any transport error means "not ready"
-            return False
 
     def encode(self, inputs: dict[str, torch.Tensor], version: str = "") -> np.ndarray:
         """(B, D) vectors, in chunks of the model's max batch size.
@@ -53,22 +40,13 @@ class TritonUserTower:
                     for i in range(0, size, MAX_BATCH)
                 ]
             )
-        tensors = []
+        arrays = []
         for name in INPUT_NAMES:
             array = inputs[name].numpy()
             if array.ndim == 1:
                 array = array[:, None]  # Triton batches along dim 0; scalars become [1]
-            tensor = self._grpc.InferInput(name, list(array.shape), "INT64")
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        result = self.client.infer(
-            self.model,
-            tensors,
-            model_version=version,
-            outputs=[self._grpc.InferRequestedOutput(OUTPUT_NAME)],
-            client_timeout=self.timeout_s,
-        )
-        return np.asarray(result.as_numpy(OUTPUT_NAME), dtype=np.float32)
+            arrays.append((name, array, "INT64"))
+        return self.infer(arrays, version)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towers.item_features import ItemFeaturizer, item_text
+from towers.item_features import ItemFeatures, ItemFeaturizer, item_text
 from towers.text_encoder import TEXT_DIM, default_text_model_path, embed_texts, load_text_model
 
 TextEmbedder = Callable[[list[str]], np.ndarray]
@@ -46,9 +46,22 @@ class ItemContentEncoder:
         """(N, D) float32 item vectors of catalogue rows (item_id and any of title,
         category_path, brand, price); `image`/`has_image` are precomputed photo embeddings
         (None: the tower's "no image" vector)."""
+        return self.run_tower(self.features(items, image, has_image))
+
+    def features(
+        self,
+        items: pd.DataFrame,
+        image: np.ndarray | None = None,
+        has_image: np.ndarray | None = None,
+    ) -> ItemFeatures:
+        """The item tower's inputs for catalogue rows: text embedded, ids and bands
+        featurised (what `encode` feeds the tower, and what a Triton item tower is sent)."""
         texts = item_text(items)
         text = self.texts(texts) if any(texts) else np.zeros((len(items), TEXT_DIM), np.float32)
-        features = self.featurizer.transform(items, text, image, has_image)
+        return self.featurizer.transform(items, text, image, has_image)
+
+    def run_tower(self, features: ItemFeatures) -> np.ndarray:
+        """(N, D) float32 vectors of featurised items from the in-process tower."""
         with torch.inference_mode():
             return self.tower(*features.as_tuple()).numpy().astype(np.float32)
 

@@ -116,6 +116,29 @@ def _top_level(items: pd.DataFrame) -> list[str]:
     return [str(category_levels(p, 1)[0]) for p in items["category_path"]]
 
 
+@dataclass(frozen=True)
+class TowerInput:
+    """One input of the exported item tower as Triton declares it (dims per item)."""
+
+    name: str
+    dtype: Literal["INT64", "FP32", "BOOL"]
+    dims: int
+
+
+# The item tower's inputs in argument order (the fields of ItemFeatures): the Triton model's
+# config.pbtxt is rendered from these (training/triton_export.py) and its client feeds them.
+ITEM_TOWER_INPUTS: tuple[TowerInput, ...] = (
+    TowerInput("item_id", "INT64", 1),
+    TowerInput("categories", "INT64", CATEGORY_LEVELS),
+    TowerInput("brand", "INT64", 1),
+    TowerInput("price_band", "INT64", 1),
+    TowerInput("text", "FP32", TEXT_DIM),
+    TowerInput("has_text", "BOOL", 1),
+    TowerInput("image", "FP32", IMAGE_DIM),
+    TowerInput("has_image", "BOOL", 1),
+)
+
+
 @dataclass
 class ItemFeatures:
     """Item-tower inputs for N items, row-aligned with the catalogue order.

@@ -40,6 +40,21 @@ class SaltTrial:
     sample: int  # matured impressions of the sessions the salt sends to the challenger
     rest: int
     difference: Interval  # production's hit rate: sample - rest
+    sample_sessions: int = 0
+    rest_hit_rate: float = 0.0
+    abort_high: float = 0.0  # upper bound of the difference at canary.abort_ci_level
+
+    def would_abort(self, settings: Settings, level: str = "abort") -> bool:
+        """Whether the canary's rule would abort a challenger that served this sample the
+        rest's answers (an A/A difference read as a worse challenger): at the abort's
+        interval (`level="abort"`), or at `evaluation.ci_level` (the rule before
+        canary.abort_ci_level)."""
+        cfg = settings.canary
+        if self.sample_sessions < cfg.min_sessions or self.rest_hit_rate <= 0:
+            return False
+        drop = -self.difference.mean / self.rest_hit_rate
+        high = self.abort_high if level == "abort" else self.difference.high
+        return drop > cfg.max_relative_drop and high < 0
 
 
 @dataclass
@@ -92,22 +107,15 @@ def balanced_salt(
     """The salt to start the canary with (see the module docstring)."""
     base, share = settings.canary.salt, settings.canary.steps[0]
     rows = production_rows(impressions, timelines, settings)
-    trials = []
-    for n in range(tries):
-        salt = base if n == 0 else f"{base}-{n}"
-        sample = [r for r in rows if in_canary(r.impression.session_id, share, salt)]
-        rest = [r for r in rows if not in_canary(r.impression.session_id, share, salt)]
-        if min(len(sample), len(rest)) < settings.canary.min_impressions:
-            return SaltChoice(
-                base,
-                share,
-                False,
-                f"too few matured production impressions to check ({len(rows):,}; the "
-                f"{share:.0%} sample needs canary.min_impressions = "
-                f"{settings.canary.min_impressions:,}): the configured salt is kept",
-            )
-        trials.append(
-            SaltTrial(salt, len(sample), len(rest), difference_interval(sample, rest, settings))
+    trials = salt_trials(settings, rows, share, tries)
+    if trials is None:
+        return SaltChoice(
+            base,
+            share,
+            False,
+            f"too few matured production impressions to check ({len(rows):,}; the "
+            f"{share:.0%} sample needs canary.min_impressions = "
+            f"{settings.canary.min_impressions:,}): the configured salt is kept",
         )
     inside = [t for t in trials if t.difference.low <= 0 <= t.difference.high]
     best = min(inside or trials, key=lambda t: abs(t.difference.mean))
@@ -124,3 +132,32 @@ def balanced_salt(
         )
     log.info("canary salt chosen", salt=best.salt, balanced=bool(inside), share=share)
     return SaltChoice(best.salt, share, bool(inside), reason, trials)
+
+
+def salt_trials(
+    settings: Settings, rows: Sequence[ScoredImpression], share: float, tries: int
+) -> list[SaltTrial] | None:
+    """Production's hit rate on the `share` sample of each of `tries` salts (`canary.salt`,
+    `canary.salt-1`, ...) against the rest's; None when a sample or the rest has fewer than
+    `canary.min_impressions` rows. Over many salts it is the A/A distribution: how often
+    the rule would read a sample of identical answers as a worse challenger."""
+    base = settings.canary.salt
+    trials = []
+    for n in range(tries):
+        salt = base if n == 0 else f"{base}-{n}"
+        sample = [r for r in rows if in_canary(r.impression.session_id, share, salt)]
+        rest = [r for r in rows if not in_canary(r.impression.session_id, share, salt)]
+        if min(len(sample), len(rest)) < settings.canary.min_impressions:
+            return None
+        trials.append(
+            SaltTrial(
+                salt,
+                len(sample),
+                len(rest),
+                difference_interval(sample, rest, settings),
+                len({r.impression.session_id for r in sample}),
+                sum(r.hit for r in rest) / len(rest),
+                difference_interval(sample, rest, settings, settings.canary.abort_ci_level).high,
+            )
+        )
+    return trials

@@ -17,12 +17,16 @@ The rule (`canary.*` settings), on the same step's window for both arms:
    either arm: wait (no abort either: a handful of sessions' impressions rise and fall
    together, and their bootstrap interval is too narrow);
 2. the challenger's hit rate more than `max_relative_drop` below production's (the
-   customer's CTR guard) and worse beyond the interval (the difference's upper bound below
-   0): abort, every session back to production; also while held, the guard never sleeps;
+   customer's CTR guard) and worse beyond the `abort_ci_level` (99%) interval (its upper
+   bound below 0): abort, every session back to production; also while held, the guard
+   never sleeps. The abort's interval is wider than the advance's because every judgement
+   is another look at the same step: at 95% an equal challenger crossed by chance at an
+   interim look of REES46's replay;
 3. held by an operator: no advance;
 4. the step has run less than `min_minutes`: wait;
-5. worse than production beyond the interval but inside the guard: wait for the operator
-   or more sessions, neither advanced nor aborted;
+5. worse than production beyond the interval but not beyond the guard (by at most
+   `max_relative_drop`, or not beyond the abort's interval): wait for the operator or more
+   sessions, neither advanced nor aborted;
 6. otherwise (not worse beyond the interval) advance to the next share; the last step
    (1.0) promotes the challenger through the promotion path
    (`railtower.canary.advance_canary`).
@@ -96,6 +100,7 @@ class CanaryDecision:
     minutes: float | None = None  # how long the step had run
     arms: list[ArmFigures] = field(default_factory=list)
     difference: Interval | None = None  # challenger - production hit rate
+    abort_interval: Interval | None = None  # the same at canary.abort_ci_level
     relative_drop: float | None = None
     immature: int = 0
     state: CanaryState | None = None  # the canary after the decision
@@ -107,6 +112,7 @@ class CanaryDecision:
             "minutes": self.minutes,
             "relative_drop": self.relative_drop,
             "difference": None if self.difference is None else asdict(self.difference),
+            "abort_interval": None if self.abort_interval is None else asdict(self.abort_interval),
             "arms": [asdict(a) for a in self.arms],
         }
 
@@ -180,13 +186,15 @@ def difference_interval(
     challenger: Sequence[ScoredImpression],
     production: Sequence[ScoredImpression],
     settings: Settings,
+    level: float | None = None,
 ) -> Interval:
-    """Challenger minus production hit rate, resampling each arm's sessions on its own."""
+    """Challenger minus production hit rate, resampling each arm's sessions on its own, at
+    confidence `level` (default `evaluation.ci_level`)."""
     rng = np.random.default_rng(settings.seed)
     samples = settings.evaluation.bootstrap_samples
     draws = [_session_resamples(rows, samples, rng) for rows in (challenger, production)]
     diff = draws[0] - draws[1]
-    alpha = (1 - settings.evaluation.ci_level) / 2
+    alpha = (1 - (settings.evaluation.ci_level if level is None else level)) / 2
     mean = _hit_rate(challenger) - _hit_rate(production)
     low, high = np.quantile(diff, [alpha, 1 - alpha])
     return Interval(float(mean), float(low), float(high))
@@ -298,9 +306,17 @@ def _judge(
         f"({drop:+.2%} relative drop; abort beyond {cfg.max_relative_drop:.0%})"
     )
     beyond_interval = decision.difference.high < 0
-    if drop > cfg.max_relative_drop and beyond_interval:
+    guard = difference_interval(challenger, production, settings, cfg.abort_ci_level)
+    decision.abort_interval = guard
+    if drop > cfg.max_relative_drop and guard.high < 0:
         return _move(
-            settings, decision, "abort", f"challenger below production: {summary}", dry_run, now
+            settings,
+            decision,
+            "abort",
+            f"challenger below production beyond the {cfg.abort_ci_level:.0%} interval "
+            f"({guard.low:+.4f}, {guard.high:+.4f}): {summary}",
+            dry_run,
+            now,
         )
     if state.status == "held":
         decision.action, decision.reason = "held", f"held by an operator: {summary}"
@@ -314,7 +330,9 @@ def _judge(
         return decision
     if beyond_interval:
         decision.action = "wait"
-        decision.reason = f"worse than production beyond the interval, inside the guard: {summary}"
+        decision.reason = (
+            f"worse than production beyond the interval, not beyond the guard: {summary}"
+        )
         return decision
     action = "promote" if state.next_share == 1.0 else "advance"
     return _move(settings, decision, action, f"not worse than production: {summary}", dry_run, now)

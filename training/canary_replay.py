@@ -54,6 +54,8 @@ class CanaryReplay:
     challenger_sessions: int = 0  # of those, served by the challenger at least once
     requests: int = 0
     degraded: int = 0
+    # every impression the walk logged (both arms), for analyses after it
+    impressions: list[Impression] = field(default_factory=list, repr=False)
 
     @property
     def moves(self) -> list[CanaryDecision]:
@@ -170,4 +172,5 @@ def run_canary_replay(
         {i.session_id for i in walked.impressions if i.arm == CANARY_ARM}
     )
     result.requests, result.degraded = walked.requests, walked.degraded
+    result.impressions = list(walked.impressions)
     return result

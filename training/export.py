@@ -24,7 +24,7 @@ from ranking.bundle import (
 from towers.item_features import item_feature_specs, spec_hash
 from towers.user_tower import SessionEncoder
 from training.fit_towers import TrainedTowers
-from training.triton_export import export_user_tower
+from training.triton_export import export_item_tower, export_user_tower
 
 PARITY_TOLERANCE = 1e-4
 
@@ -88,6 +88,13 @@ def write_bundle(
         sample = trained.features.take(torch.arange(min(16, len(trained.features))))
         item_tower = torch.jit.trace(module.item_tower, sample.as_tuple(), check_trace=False)
     item_tower.save(str(folder / ITEM_TOWER))
+    triton_item_version = export_item_tower(
+        folder / ITEM_TOWER,
+        version,
+        settings.serving.triton_repository,
+        settings.serving.triton_item_model,
+        settings.serving.triton,
+    )
     index, index_report = build_hnsw(
         trained.item_ids.astype(str),
         item_vectors,
@@ -103,7 +110,12 @@ def write_bundle(
                 "towers": settings.towers.model_dump(mode="json"),
                 "feature_spec": spec_hash(item_feature_specs(settings.towers)),
                 "has_time": has_time,
-                "triton": {"model": settings.serving.triton_model, "version": triton_version},
+                "triton": {
+                    "model": settings.serving.triton_model,
+                    "version": triton_version,
+                    "item_model": settings.serving.triton_item_model,
+                    "item_version": triton_item_version,
+                },
             },
             option=orjson.OPT_INDENT_2,
         )

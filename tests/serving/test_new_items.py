@@ -24,12 +24,16 @@ SHOP = pd.DataFrame(
 
 
 class CountingEncoder:
-    """Stands in for the item tower: a vector from the title's hash, counting calls."""
+    """Stands in for the item tower: a vector from the title's hash, counting calls (the
+    "features" are the rows themselves)."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def encode(self, items: pd.DataFrame) -> np.ndarray:
+    def features(self, items: pd.DataFrame) -> pd.DataFrame:
+        return items
+
+    def run_tower(self, items: pd.DataFrame) -> np.ndarray:
         self.calls += 1
         seed = abs(hash((items["title"][0], items["price"][0]))) % 2**32
         vector = np.random.default_rng(seed).standard_normal((1, 4))
@@ -149,7 +153,10 @@ def test_an_attached_watcher_first_takes_every_published_record():
 
 
 class FailingEncoder:
-    def encode(self, items: pd.DataFrame) -> np.ndarray:
+    def features(self, items: pd.DataFrame) -> pd.DataFrame:
+        return items
+
+    def run_tower(self, items: pd.DataFrame) -> np.ndarray:
         raise RuntimeError("tower exploded")
 
 

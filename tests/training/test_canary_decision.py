@@ -155,6 +155,25 @@ def test_a_few_sessions_never_abort_however_many_impressions_they_have(settings,
     )
 
 
+def test_a_drop_inside_the_aborts_interval_waits_and_a_95_percent_rule_would_abort(settings, shop):
+    """Every `canary step` is another look at the step, so the abort needs the difference
+    below 0 beyond canary.abort_ci_level (99%), not only beyond the 95% interval an advance
+    is judged on; in between the step waits for more sessions."""
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.26, sessions=8000)
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "wait", decision.reason
+    assert decision.difference.high < 0 <= decision.abort_interval.high
+    assert "not beyond the guard" in decision.reason
+    assert read_canary(pointer).status == "running"
+    at_95 = settings.model_copy(
+        update={"canary": settings.canary.model_copy(update={"abort_ci_level": 0.95})}
+    )
+    assert step_canary(at_95, "shop", impressions, timelines, dry_run=True).action == (
+        "would abort (dry run)"
+    )
+
+
 def test_a_step_younger_than_min_minutes_waits(settings, shop):
     state, pointer = _started(settings, shop)
     impressions, timelines = _traffic(state, 0.30, 0.30, sessions=8000)
