@@ -27,14 +27,17 @@ The rule (`canary.*` settings), on the same step's window for both arms:
 5. worse than production beyond the interval but not beyond the guard (by at most
    `max_relative_drop`, or not beyond the abort's interval): wait for the operator or more
    sessions, neither advanced nor aborted;
-6. otherwise (not worse beyond the interval) advance to the next share; the last step
-   (1.0) promotes the challenger through the promotion path
+6. the point estimate more than `max_relative_drop` below production's, unresolved by the
+   abort's interval: wait for more sessions (at REES46's 25% step a popularity list 48%
+   below production had an interval crossing 0, and an earlier rule advanced it);
+7. otherwise (within the guard, not worse beyond the interval) advance to the next share;
+   the last step (1.0) promotes the challenger through the promotion path
    (`railtower.canary.advance_canary`).
 
 The arms are different sessions, so a small step's point estimates move by chance: an
 equal challenger 20% "below" production on a hundred sessions is noise, and aborting on
-it would stop every good challenger at 5%. A drop the interval cannot resolve advances,
-and the next step, with more of the challenger's sessions, judges it with more power;
+it would stop every good challenger at 5%; advancing on it would ramp a bad one. Such a
+step waits, and the sessions it gathers tighten the interval until it aborts or advances;
 the sample floors (`min_impressions`, `min_sessions`) bound how little evidence a step may
 pass or fail on.
 
@@ -332,6 +335,15 @@ def _judge(
         decision.action = "wait"
         decision.reason = (
             f"worse than production beyond the interval, not beyond the guard: {summary}"
+        )
+        return decision
+    if drop > cfg.max_relative_drop:
+        # an unresolved drop larger than the guard is not evidence of a good challenger:
+        # the next share would show it to more shoppers on the strength of noise alone
+        decision.action = "wait"
+        decision.reason = (
+            f"below production by more than the guard, not yet beyond the "
+            f"{cfg.abort_ci_level:.0%} interval: waiting for more sessions: {summary}"
         )
         return decision
     action = "promote" if state.next_share == 1.0 else "advance"

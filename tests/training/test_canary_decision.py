@@ -174,6 +174,20 @@ def test_a_drop_inside_the_aborts_interval_waits_and_a_95_percent_rule_would_abo
     )
 
 
+def test_an_unresolved_drop_beyond_the_guard_waits_instead_of_advancing(settings, shop):
+    """A challenger ~13% below production on ~250 sessions: the interval crosses 0, so it
+    is neither aborted nor shown to be equal; it waits for more sessions (an earlier rule
+    advanced it, and a popularity list 48% below production went on to 50% that way)."""
+    state, pointer = _started(settings, shop)
+    impressions, timelines = _traffic(state, 0.30, 0.26, sessions=5000)
+    decision = step_canary(settings, "shop", impressions, timelines)
+    assert decision.action == "wait", decision.reason
+    assert decision.difference.low < 0 < decision.difference.high
+    assert decision.relative_drop > settings.canary.max_relative_drop
+    assert "waiting for more sessions" in decision.reason
+    assert read_canary(pointer).step == 0
+
+
 def test_a_step_younger_than_min_minutes_waits(settings, shop):
     state, pointer = _started(settings, shop)
     impressions, timelines = _traffic(state, 0.30, 0.30, sessions=8000)
