@@ -20,6 +20,7 @@ re-applying the whole hash on every sync does not encode again.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,6 +70,10 @@ class NewItems:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # where each encoding ran: "triton", "in_process", "in_process after triton failed"
     sources: dict[str, int] = field(default_factory=dict)
+    # after a Triton failure, encode in process for this long: a catalogue sync of many
+    # listings must not wait out the timeout once per item while Triton is down
+    retry_after_s: float = 30.0
+    _failed_at: float = float("-inf")
 
     def encode(self, rows: pd.DataFrame) -> np.ndarray:
         """(N, D) vectors of new catalogue rows: Triton when it answers, else in-process.
@@ -78,17 +83,21 @@ class NewItems:
             raise ValueError("no item-content encoder loaded (see serving.encode_new_items)")
         features = self.encoder.features(rows)
         source = "in_process"
-        if self.triton is not None:
+        if self.triton is not None and time.monotonic() - self._failed_at >= self.retry_after_s:
             try:
                 vectors = self.triton.encode(features, self.triton_version)
                 self._count("triton")
                 return vectors
             except Exception as exc:  # noqa: BLE001 - Triton down or slow: encode here
+                self._failed_at = time.monotonic()
                 log.warning(
                     "item tower on Triton failed; encoding in-process",
                     error=f"{type(exc).__name__}: {exc}",
+                    retry_after_s=self.retry_after_s,
                 )
                 source = "in_process after triton failed"
+        elif self.triton is not None:
+            source = "in_process while triton recovers"
         vectors = self.encoder.run_tower(features)
         self._count(source)
         return vectors

@@ -96,6 +96,9 @@ def test_a_triton_that_does_not_answer_falls_back_to_the_in_process_tower(tmp_pa
     vectors = new.encode(pd.DataFrame({"item_id": ["a", "b"]}))
     assert vectors.shape == (2, load_settings().towers.dim) and encoder.in_process == 1
     assert new.sources == {"in_process after triton failed": 1}
+    # the next listing does not wait on the dead server again until retry_after_s passes
+    new.encode(pd.DataFrame({"item_id": ["c"]}))
+    assert new.sources["in_process while triton recovers"] == 1 and encoder.in_process == 2
 
 
 @pytest.mark.integration
