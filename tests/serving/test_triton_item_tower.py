@@ -22,7 +22,9 @@ import torch
 
 from devstack.local_services import free_port, triton_server
 from railtower.settings import TritonModelSettings, load_settings
+from ranking.bundle import ITEM_TOWER
 from serving.new_items import NewItems
+from serving.rail_service import load_rails
 from serving.triton_client import channel_args
 from serving.triton_item_tower import TritonItemTower
 from serving.user_vectors import TritonUserTower
@@ -166,3 +168,44 @@ def test_both_tower_clients_reconnect_to_a_restarted_server_within_half_a_second
     TritonItemTower("127.0.0.1:1", "item_tower", 1.0)
     TritonUserTower("127.0.0.1:1", "user_tower", 1.0)
     assert opened == [args, args]
+
+
+@pytest.mark.integration
+def test_a_trained_bundles_item_tower_on_triton_encodes_listings_as_the_bundle_does(
+    trained_rees46, tmp_path
+):
+    """The main job's export wrote the trained item tower into the Triton repository beside
+    the user tower and recorded its version; a real tritonserver on that repository encodes
+    catalogue rows sent as new items (content only, MiniLM in process) as the bundle's own
+    in-process tower does."""
+    settings, bundle = trained_rees46
+    loaded = load_rails(bundle, settings)
+    towers = loaded.towers
+    assert towers is not None and towers.triton_item_version
+    model = settings.serving.triton_item_model
+    exported = settings.serving.triton_repository / model / towers.triton_item_version
+    assert (exported / ITEM_TOWER_FILE).read_bytes() == (towers.folder / ITEM_TOWER).read_bytes()
+    assert (exported / "bundle.txt").read_text().strip() == towers.version
+    assert loaded.new_items is not None and loaded.new_items.encoder is not None
+    encoder = loaded.new_items.encoder
+    items = loaded.rails.items.head(40).copy()
+    items["item_id"] = [f"listed-{n}" for n in range(len(items))]  # ids it never saw
+    grpc = free_port()
+    repository = settings.serving.triton_repository
+    server = triton_server(repository, grpc, free_port(), tmp_path / "work").start()
+    try:
+        client = TritonItemTower(f"127.0.0.1:{grpc}", model, 10.0)
+        deadline = time.monotonic() + 120
+        while not client.ready(towers.triton_item_version) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.ready(towers.triton_item_version), (
+            tmp_path / "work" / "triton.log"
+        ).read_text()[-3000:]
+        new = NewItems(encoder, client, towers.triton_item_version)
+        remote = new.encode(items)
+        assert new.sources == {"triton": 1}
+        local = encoder.encode(items)
+        assert remote.shape == local.shape == (len(items), towers.item_vectors.shape[1])
+        assert np.abs(remote - local).max() <= TOLERANCE
+    finally:
+        server.stop()
