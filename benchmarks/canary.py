@@ -46,6 +46,7 @@ from benchmarks.canary_bundles import derive_challengers
 from benchmarks.canary_harness import CanaryVerdict, run_canary, verify_canary
 from benchmarks.live_stack import start_stack
 from benchmarks.swap_harness import build_probes, prepare_bundles, references, seed_sessions
+from railtower.manifest import Manifest
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
@@ -112,6 +113,7 @@ def replays(
     check_minutes: float,
     horizon: float,
     salts: int,
+    after: pd.Timestamp | None,
 ) -> dict[str, Any]:
     local = settings.model_copy(
         update={"monitor": settings.monitor.model_copy(update={"horizon_minutes": horizon})}
@@ -125,23 +127,28 @@ def replays(
             ("equal", challengers.equal),
         ):
             result = run_canary_replay(
-                local, dataset, bundle, challenger, root / name, 0, check_minutes
+                local, dataset, bundle, challenger, root / name, 0, check_minutes, after
             )
             out[name] = _replay(result)
             if name == "equal":
-                out["aa"] = aa_rate(local, dataset, result, salts, check_minutes)
+                out["aa"] = aa_rate(local, dataset, result, salts, check_minutes, after)
     return out
 
 
 def aa_rate(
-    settings: Settings, dataset: str, equal: CanaryReplay, salts: int, check_minutes: float
+    settings: Settings,
+    dataset: str,
+    equal: CanaryReplay,
+    salts: int,
+    check_minutes: float,
+    after: pd.Timestamp | None,
 ) -> dict[str, Any]:
     """How often the rule aborts a challenger that serves production's answers: the equal
     replay's impressions (both arms served the same answers) as production's, split at the
     first step's share by each of `salts` salts (training.canary_balance.salt_trials), and
     judged at every look the replay makes (every `check_minutes` of the sessions' time, on
     what had matured by then), at the evaluation's 95% interval and at the abort's."""
-    events = held_out_sessions(settings, dataset, 0)
+    events = held_out_sessions(settings, dataset, 0, after)
     frame = events.assign(event_time=pd.to_datetime(events["event_time"], utc=True))
     grades = settings.ranking.ranker.label_grades
     as_production = [i.model_copy(update={"arm": PRODUCTION_ARM}) for i in equal.impressions]
@@ -173,6 +180,15 @@ def aa_rate(
         "configured_salt": None if not final else asdict(final[0]),
         "configured_salt_aborted_95": settings.canary.salt in aborted["ci"],
     }
+
+
+def _bundle_cut(bundle: Path) -> pd.Timestamp:
+    """The end of the newest data window the bundle was fitted on."""
+    windows = Manifest.load(bundle, verify=False).data
+    ends = [pd.Timestamp(w.end) for w in windows if w.end]
+    if not ends:
+        raise SystemExit(f"{bundle}'s manifest records no data window: use --replay test-split")
+    return max(ends)
 
 
 def _replay(result: CanaryReplay) -> dict[str, Any]:
@@ -227,7 +243,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             f"## Replay: {name} challenger ({rep['challenger']}) -> {rep['status'].upper()}",
             "",
-            f"{rep['sessions']:,} held-out sessions walked, {rep['challenger_sessions']:,} served "
+            f"{rep['sessions']:,} sessions walked ({r.get('replay_sessions', 'test-split')}), "
+            f"{rep['challenger_sessions']:,} served "
             f"by the challenger; {rep['decisions']} decisions. Last: {rep['last_reason']}",
             "",
             f"Rule: steps {r['canary']['steps']}, per arm at least "
@@ -300,6 +317,13 @@ def main() -> None:
     parser.add_argument(
         "--salts", type=int, default=200, help="A/A: first-step samples of the equal replay"
     )
+    parser.add_argument(
+        "--replay",
+        choices=("test-split", "after-cut"),
+        default="test-split",
+        help="the test split's sessions, or every session that ends after the bundle's "
+        "training data (a later-window bundle's cut: about twice as many on REES46)",
+    )
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-replays", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 s phases, 2 clients")
@@ -336,8 +360,16 @@ def main() -> None:
         shipped = load_settings(log_level="WARNING", **({"serving": serving} if serving else {}))
         result["ramp"] = ramp_under_load(shipped, bundle, args.clients, args.phase_s, args.sessions)
     if not args.skip_replays:
+        after = _bundle_cut(bundle) if args.replay == "after-cut" else None
+        result["replay_sessions"] = args.replay
         result["replays"] = replays(
-            settings, bundle, args.dataset, args.check_minutes, args.horizon_minutes, args.salts
+            settings,
+            bundle,
+            args.dataset,
+            args.check_minutes,
+            args.horizon_minutes,
+            args.salts,
+            after,
         )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "canary.json").write_bytes(

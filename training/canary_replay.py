@@ -91,6 +91,7 @@ def run_canary_replay(
     root: Path,
     sessions: int = 0,
     check_minutes: float = 10.0,
+    after: pd.Timestamp | None = None,
 ) -> CanaryReplay:
     """Replay held-out sessions of `dataset` with `challenger` ramped against `production`.
 
@@ -100,6 +101,8 @@ def run_canary_replay(
         root: a private folder for the pointer, its history and Redis's files.
         sessions: the first N held-out sessions (0 = all).
         check_minutes: minutes of the sessions' own time between two decisions.
+        after: replay the sessions that end after this time (the production bundle's
+            cut) instead of the test split (`training.shadow_replay.held_out_sessions`).
     """
     link_tower_bundle(production, settings.artifacts_dir, root / "artifacts")
     settings = with_lifted_budgets(settings).model_copy(
@@ -109,7 +112,7 @@ def run_canary_replay(
     switch(pointer, production)
     record_promotion(pointer, {"promote": True, "by": "canary-replay"}, production, None)
     served = load_rails(production, settings)
-    events = held_out_sessions(settings, dataset, sessions)
+    events = held_out_sessions(settings, dataset, sessions, after)
     first = events["event_time"].min().to_pydatetime()
     start_canary(
         settings.artifacts_dir,

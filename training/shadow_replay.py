@@ -67,14 +67,25 @@ class ReplayResult:
     runner: dict[str, object]
 
 
-def held_out_sessions(settings: Settings, dataset: str, sessions: int) -> pd.DataFrame:
+def held_out_sessions(
+    settings: Settings, dataset: str, sessions: int, after: pd.Timestamp | None = None
+) -> pd.DataFrame:
     """The test split's events of the first `sessions` sessions (by start; 0 = all) with at
-    least two events (one event has nothing after it to evaluate), in time order."""
+    least two events (one event has nothing after it to evaluate), in time order.
+
+    Args:
+        after: instead of the test split, the sessions that end after this time (a
+            later-window bundle's cut: everything it was not fitted on, as the later-window
+            protocol scores it).
+    """
     data = load_dataset(load_dataset_spec(dataset, settings), settings)
     if data.events is None or not data.has_time:
         raise RailtowerError(f"data set {dataset!r} has no timed events to replay")
-    split = split_events(data.events, data.has_time, settings.split, settings.seed)
-    test = split.test
+    if after is None:
+        test = split_events(data.events, data.has_time, settings.split, settings.seed).test
+    else:
+        ends = data.events.groupby("session_id")["event_time"].transform("max")
+        test = data.events[ends > after]
     sizes = test.groupby("session_id")["event_id"].transform("size")
     test = test[sizes >= 2]
     starts = test.groupby("session_id")["event_time"].min().sort_values(kind="stable")

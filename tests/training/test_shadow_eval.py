@@ -232,6 +232,22 @@ def test_shadow_replay_logs_both_arms_per_request(trained_rees46, tmp_path):
     assert {a.arm for a in result.shadow.report.arms} == {"production", "rules:no-pins"}
 
 
+def test_held_out_sessions_after_a_cut_are_every_session_ending_after_it(settings):
+    """A later-window bundle's replay: every session that ends after the cut, whole (the
+    part before the cut included), in time order; and more of them than the test split."""
+    from training.shadow_replay import held_out_sessions
+
+    cut = pd.Timestamp("2019-10-01 02:36:18", tz="UTC")
+    later = held_out_sessions(settings, "rees46", 0, after=cut)
+    times = pd.to_datetime(later["event_time"], utc=True)
+    ends = times.groupby(later["session_id"]).max()
+    assert (ends > cut).all() and (times < cut).any()
+    assert times.is_monotonic_increasing
+    assert (later.groupby("session_id").size() >= 2).all()
+    test_split = held_out_sessions(settings, "rees46", 0)
+    assert later["session_id"].nunique() > test_split["session_id"].nunique()
+
+
 def test_shadow_replay_needs_exactly_one_challenger(settings, tmp_path):
     from training.shadow_replay import run_shadow_replay
 
