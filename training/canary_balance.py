@@ -21,7 +21,7 @@ from railtower.canary import in_canary
 from railtower.logs import get_logger
 from railtower.schemas import Impression
 from railtower.settings import Settings
-from training.canary_decision import difference_interval
+from training.canary_decision import difference_intervals
 from training.evaluate import Interval
 from training.shadow_eval import (
     PRODUCTION_ARM,
@@ -149,15 +149,17 @@ def salt_trials(
         rest = [r for r in rows if not in_canary(r.impression.session_id, share, salt)]
         if min(len(sample), len(rest)) < settings.canary.min_impressions:
             return None
+        levels = [settings.evaluation.ci_level, settings.canary.abort_ci_level]
+        difference, guard = difference_intervals(sample, rest, settings, levels)
         trials.append(
             SaltTrial(
                 salt,
                 len(sample),
                 len(rest),
-                difference_interval(sample, rest, settings),
+                difference,
                 len({r.impression.session_id for r in sample}),
                 sum(r.hit for r in rest) / len(rest),
-                difference_interval(sample, rest, settings, settings.canary.abort_ci_level).high,
+                guard.high,
             )
         )
     return trials

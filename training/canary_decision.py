@@ -185,22 +185,25 @@ def step_windows(
     return arms, immature
 
 
-def difference_interval(
+def difference_intervals(
     challenger: Sequence[ScoredImpression],
     production: Sequence[ScoredImpression],
     settings: Settings,
-    level: float | None = None,
-) -> Interval:
-    """Challenger minus production hit rate, resampling each arm's sessions on its own, at
-    confidence `level` (default `evaluation.ci_level`)."""
+    levels: Sequence[float],
+) -> list[Interval]:
+    """Challenger minus production hit rate at each confidence of `levels`, resampling each
+    arm's sessions on its own (one set of resamples for every level)."""
     rng = np.random.default_rng(settings.seed)
     samples = settings.evaluation.bootstrap_samples
     draws = [_session_resamples(rows, samples, rng) for rows in (challenger, production)]
     diff = draws[0] - draws[1]
-    alpha = (1 - (settings.evaluation.ci_level if level is None else level)) / 2
     mean = _hit_rate(challenger) - _hit_rate(production)
-    low, high = np.quantile(diff, [alpha, 1 - alpha])
-    return Interval(float(mean), float(low), float(high))
+    out = []
+    for level in levels:
+        alpha = (1 - level) / 2
+        low, high = np.quantile(diff, [alpha, 1 - alpha])
+        out.append(Interval(float(mean), float(low), float(high)))
+    return out
 
 
 def _hit_rate(rows: Sequence[ScoredImpression]) -> float:
@@ -297,7 +300,9 @@ def _judge(
             f"{cfg.min_sessions:,})"
         )
         return decision
-    decision.difference = difference_interval(challenger, production, settings)
+    levels = [settings.evaluation.ci_level, cfg.abort_ci_level]
+    decision.difference, guard = difference_intervals(challenger, production, settings, levels)
+    decision.abort_interval = guard
     base = _hit_rate(production)
     if base <= 0:
         decision.action, decision.reason = "wait", "production's hit rate is 0: nothing to compare"
@@ -309,8 +314,6 @@ def _judge(
         f"({drop:+.2%} relative drop; abort beyond {cfg.max_relative_drop:.0%})"
     )
     beyond_interval = decision.difference.high < 0
-    guard = difference_interval(challenger, production, settings, cfg.abort_ci_level)
-    decision.abort_interval = guard
     if drop > cfg.max_relative_drop and guard.high < 0:
         return _move(
             settings,

@@ -49,6 +49,11 @@ def settings(shop):
     )
 
 
+def _canary(settings, **changes):  # type: ignore[no-untyped-def]
+    """`settings` with some canary.* values changed."""
+    return settings.model_copy(update={"canary": settings.canary.model_copy(update=changes)})
+
+
 def _started(settings, shop_):  # type: ignore[no-untyped-def]
     root, pointer, _, v2 = shop_
     return start_canary(
@@ -147,9 +152,7 @@ def test_a_few_sessions_never_abort_however_many_impressions_they_have(settings,
     assert canary_arm.sessions < settings.canary.min_sessions
     assert read_canary(pointer).status == "running"
     # the same shoppers judged without the session floor: the impressions read as a drop
-    bare = settings.model_copy(
-        update={"canary": settings.canary.model_copy(update={"min_sessions": 1})}
-    )
+    bare = _canary(settings, min_sessions=1)
     assert step_canary(bare, "shop", impressions, timelines, dry_run=True).action == (
         "would abort (dry run)"
     )
@@ -166,9 +169,7 @@ def test_a_drop_inside_the_aborts_interval_waits_and_a_95_percent_rule_would_abo
     assert decision.difference.high < 0 <= decision.abort_interval.high
     assert "not beyond the guard" in decision.reason
     assert read_canary(pointer).status == "running"
-    at_95 = settings.model_copy(
-        update={"canary": settings.canary.model_copy(update={"abort_ci_level": 0.95})}
-    )
+    at_95 = _canary(settings, abort_ci_level=0.95)
     assert step_canary(at_95, "shop", impressions, timelines, dry_run=True).action == (
         "would abort (dry run)"
     )
@@ -226,9 +227,7 @@ def test_a_dry_run_moves_nothing(settings, shop):
 
 def test_the_last_step_promotes(settings, shop):
     root, pointer, _, v2 = shop
-    settings = settings.model_copy(
-        update={"canary": settings.canary.model_copy(update={"steps": [0.5, 1.0]})}
-    )
+    settings = _canary(settings, steps=[0.5, 1.0])
     state, _ = _started(settings, shop)
     decision = step_canary(settings, "shop", *_traffic(state, 0.3, 0.3, 4000))
     assert decision.action == "promote", decision.reason
