@@ -26,6 +26,9 @@ time:
 Writes `reports/benchmarks/new_items.json` and `new_items.md`. The replicas learn catalogue
 changes from Redis on their catalogue watch (`serving.catalogue_sync_s`), so that interval
 is the floor of both figures; the table says which it was.
+
+One module on purpose: one benchmark run whose steps share the processes it starts (Redis,
+the broker, tritonserver, the consumer, two replicas) and the report they fill.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Shared by `benchmarks/swap_under_load.py` (the figures) and
   loaded as serving loads it) on every request of the pool; every 2xx reply must name one
   of the two versions and list exactly that version's offline items. A reply that mixed the
   two models would match neither.
+
+One module on purpose: the bundles, the stack, the load and the proof are one harness
+shared by a benchmark and a test, which must measure exactly the same thing.
 """
 
 from __future__ import annotations

@@ -48,12 +48,12 @@ from serving.stages import (
     explore_request,
     fallback_answer,
     last_resort,
-    query_history,
+    request_vector,
     rules_length,
     run_stages,
     young_items,
 )
-from serving.user_vectors import TritonUserTower, session_vector
+from serving.user_vectors import TritonUserTower
 from state.session_store import SessionSnapshot, SessionStore
 
 log = get_logger(__name__)
@@ -165,25 +165,10 @@ class RailService(ServedModel):
         trace: Trace,
     ) -> tuple[StageOutput, np.ndarray | None]:
         since = time.perf_counter()
-        vector = None
-        if loaded.towers is not None:
-            # The stored vector encodes the session alone: a product page or a cart adds to
-            # the history, so those rails encode their own (and do not store it).
-            session_only = query.anchor is None and not query.cart
-            cached = snapshot.vector if snapshot is not None and session_only else None
-            triton = self.triton if self.settings.serving.request_encoder == "triton" else None
-            history = query_history(query)
-            version = loaded.towers.triton_version
-            result = session_vector(
-                loaded.towers, history, query.context, cached, triton, version, query.anchor
-            )
-            trace.reasons += result.degraded
-            trace.vector_source = result.source
-            if result.degraded:
-                self.metrics.fallbacks.labels(reason="triton").inc()
-            vector = result.vector
-            if session_only and result.source != "redis" and snapshot is not None:
-                put_vector(self.store, request.session_id, loaded, vector, snapshot, trace)  # type: ignore[arg-type]
+        triton = self.triton if self.settings.serving.request_encoder == "triton" else None
+        vector, fresh = request_vector(loaded, query, snapshot, triton, trace, self.metrics)
+        if fresh:
+            put_vector(self.store, request.session_id, loaded, vector, snapshot, trace)  # type: ignore[arg-type]
         trace.lap("user_vector", since)
 
         def rank(table: CandidateTable) -> np.ndarray:

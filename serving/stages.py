@@ -29,8 +29,9 @@ from ranking.rail_inputs import rail_query
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
 from serving.api_models import RailRequest, ServedBy
+from serving.metrics import Metrics
 from serving.rail_service import LoadedRails
-from serving.user_vectors import VectorTowerSource, session_vector
+from serving.user_vectors import TritonUserTower, VectorTowerSource, session_vector
 from state.session_store import SessionSnapshot
 from towers.session_features import HistoryEvent, history_of
 
@@ -152,6 +153,41 @@ def in_process_vector(loaded: LoadedRails, query: Query) -> np.ndarray | None:
     return session_vector(
         loaded.towers, history, query.context, None, None, anchor=query.anchor
     ).vector
+
+
+def request_vector(
+    loaded: LoadedRails,
+    query: Query,
+    snapshot: SessionSnapshot | None,
+    triton: TritonUserTower | None,
+    trace: Trace,
+    metrics: Metrics,
+) -> tuple[np.ndarray | None, bool]:
+    """The session vector a computed rail reads (None without towers): Redis, Triton or the
+    in-process tower (serving.user_vectors), with its source and any degradation in
+    `trace`. Also says whether it is new and should be stored: the stored vector encodes
+    the session alone, and a product page or a cart adds to the history, so those rails
+    encode their own and never store it."""
+    if loaded.towers is None:
+        return None, False
+    session_only = query.anchor is None and not query.cart
+    cached = snapshot.vector if snapshot is not None and session_only else None
+    history = query_history(query)
+    result = session_vector(
+        loaded.towers,
+        history,
+        query.context,
+        cached,
+        triton,
+        loaded.towers.triton_version,
+        query.anchor,
+    )
+    trace.reasons += result.degraded
+    trace.vector_source = result.source
+    if result.degraded:
+        metrics.fallbacks.labels(reason="triton").inc()
+    fresh = session_only and result.source != "redis" and snapshot is not None
+    return result.vector, fresh
 
 
 def run_stages(

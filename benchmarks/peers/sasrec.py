@@ -16,6 +16,10 @@ Usage:
 `--epochs` caps SASRec's epochs (RecBole early-stops on its own validation; default: the
 towers' `training.max_epochs`, so both get the same cap). The towers train as configured
 (`RAILTOWER_TRAINING__…` variables apply), exactly as `python -m training.towers_eval`.
+
+One module on purpose: one comparison whose steps (the shared split, the peer's fit
+through files, scoring every row on the same cases, the table) must agree on the same
+cases; the RecBole side lives apart in benchmarks/peers/recbole_sasrec.py.
 """
 
 from __future__ import annotations
