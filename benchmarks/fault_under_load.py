@@ -1,25 +1,30 @@
-"""Faults under load: Redis and tritonserver SIGKILLed and restarted while clients ask for
-every rail, and what the shoppers saw in each phase.
+"""Faults under load: Redis, tritonserver, the broker and the refresh consumer SIGKILLed
+and restarted while clients ask for every rail and events stream in, and what the shoppers
+saw and what became of every event in each phase.
 
 Usage:
     python benchmarks/fault_under_load.py --bundle artifacts/<run>-rees46-rails
 
 The real stack on loopback (benchmarks.live_stack: Redis with its append-only file,
-tritonserver when the bundle has towers, the API as its own process). Closed-loop clients
-send homepage, product-page and cart requests for seeded sessions without pause while the
-phases run one after another:
+tritonserver when the bundle has towers, the API as its own process) and the event side
+(benchmarks.fault_stream: a Kafka-protocol broker, one `railtower consume` process and a
+producer at `--events-per-s`). Closed-loop clients send homepage, product-page and cart
+requests for seeded sessions without pause while the phases run one after another:
 
 1. steady: nothing is wrong;
 2. redis killed: Redis gets SIGKILL, stays down `down_s`, and starts again on its port from
    its append-only file;
 3. triton killed: tritonserver gets SIGKILL and starts again after `down_s`;
-4. recovered: nothing is wrong again.
+4. broker killed: the broker gets SIGKILL; an empty one starts on its port after `down_s`;
+5. consumer killed: the consumer gets SIGKILL mid-batch; a new member joins after `down_s`;
+6. recovered: nothing is wrong again.
 
 Per phase: requests, 5xx, transport errors, empty rails, the degraded share (answers carrying
-a reason), p99 and how the rails were served. After the Redis restart every seeded
-session's events are read back (the sessions lost to the crash are counted). Writes
-`reports/benchmarks/fault_under_load.json` and `.md`; tests/serving/test_fault_under_load.py
-runs it briefly in CI.
+a reason), p99 and how the rails were served; events sent, acknowledged, applied and lost.
+After the Redis restart every seeded session's events are read back (the sessions lost to
+the crash are counted); after the last phase every event is accounted for (applied,
+duplicated, lost, and why). Writes `reports/benchmarks/fault_under_load.json` and `.md`;
+tests/serving/test_fault_under_load.py runs it briefly in CI.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import httpx
 import numpy as np
 import orjson
 
+from benchmarks.fault_stream import EventStream
 from benchmarks.live_stack import Stack, private_artifacts, start_stack
 from devstack.local_services import LocalServer
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
@@ -43,7 +49,14 @@ from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
-PHASES = ("steady", "redis killed", "triton killed", "recovered")
+PHASES = (
+    "steady",
+    "redis killed",
+    "triton killed",
+    "broker killed",
+    "consumer killed",
+    "recovered",
+)
 
 
 @dataclass
@@ -64,6 +77,8 @@ class FaultRun:
     sessions_seeded: int = 0
     sessions_lost: int = 0
     phases: list[str] = field(default_factory=list)
+    events: dict[str, Any] = field(default_factory=dict)  # fault_stream's accounting
+    phase_starts: dict[str, float] = field(default_factory=dict)  # wall clock
 
     def table(self) -> list[dict[str, Any]]:
         rows = []
@@ -130,8 +145,13 @@ def run_faults(
     phase_s: float = 6.0,
     down_s: float = 2.0,
     sessions: int = 30,
+    stream: EventStream | None = None,
 ) -> FaultRun:
-    """The four phases against a started stack; returns every reply and the sessions lost."""
+    """The phases against a started stack; returns every reply and the sessions lost.
+
+    With `stream` (started: broker, consumer, producer) the broker and the consumer are
+    killed too, and every event it produced is accounted for at the end; without it those
+    phases are left out."""
     run = FaultRun(phases=list(PHASES))
     names = seed(stack.redis_url, items, sessions)
     run.sessions_seeded = len(names)
@@ -139,6 +159,12 @@ def run_faults(
     bodies = requests_for(names, items)
     phase = [PHASES[0]]
     began = [time.perf_counter()]  # when the current phase began
+    run.phase_starts[PHASES[0]] = time.time()
+
+    def enter(name: str) -> None:
+        phase[0], began[0] = name, time.perf_counter()
+        run.phase_starts[name] = time.time()
+
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -175,8 +201,10 @@ def run_faults(
         worker.start()
     try:
         time.sleep(phase_s)
-        phase[0], began[0] = PHASES[1], time.perf_counter()
+        enter(PHASES[1])
         redis = _server(stack, "redis")
+        if stream is not None:
+            stream.mark_redis_kill()
         redis.kill()
         time.sleep(down_s)
         redis.start()
@@ -184,19 +212,32 @@ def run_faults(
         run.sessions_lost = lost_sessions(stack.redis_url, names)
         triton = _server(stack, "triton")
         if triton is not None:
-            phase[0], began[0] = PHASES[2], time.perf_counter()
+            enter(PHASES[2])
             triton.kill()
             time.sleep(down_s)
             triton.start()
             time.sleep(max(phase_s - down_s, 0.0))
         else:
             run.phases.remove(PHASES[2])
-        phase[0], began[0] = PHASES[3], time.perf_counter()
+        if stream is not None:
+            enter(PHASES[3])
+            stream.kill_broker(down_s)
+            time.sleep(max(phase_s - down_s, 0.0))
+            enter(PHASES[4])
+            stream.kill_consumer(down_s)
+            time.sleep(max(phase_s - down_s, 0.0))
+        else:
+            run.phases.remove(PHASES[3])
+            run.phases.remove(PHASES[4])
+        enter(PHASES[5])
         time.sleep(phase_s)
     finally:
         stop.set()
         for worker in workers:
             worker.join(timeout=15)
+    if stream is not None:
+        run.events = stream.finish()
+        run.events["per_phase"] = stream.per_phase(run.phase_starts)
     return run
 
 
@@ -222,6 +263,7 @@ def markdown(run: FaultRun, bundle: str) -> str:
             f"{row['other_errors']} | {row['transport_errors']} | {row['empty']} | "
             f"{row['degraded_share']:.1%} | {row['p99_ms']:.0f} | {served} |"
         )
+    lines += events_markdown(run.events)
     lines += ["", "Reasons on the answers, per phase (last degraded answer, seconds into it):", ""]
     for row in run.table():
         reasons = "; ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "none"
@@ -230,6 +272,40 @@ def markdown(run: FaultRun, bundle: str) -> str:
             f"- {row['phase']}: {reasons}" + ("" if last is None else f" (last at {last:.1f} s)")
         )
     return "\n".join(lines) + "\n"
+
+
+def events_markdown(events: dict[str, Any]) -> list[str]:
+    """The event side's accounting (benchmarks.fault_stream), or nothing without it."""
+    if not events:
+        return []
+    lines = [
+        "",
+        "Events through the broker and the consumer, by the phase they were sent in:",
+        "",
+        "| phase | sent | acknowledged by the broker | applied | lost |",
+        "|---|---|---|---|---|",
+    ]
+    for row in events["per_phase"]:
+        lines.append(
+            f"| {row['phase']} | {row['sent']} | {row['acknowledged']} | {row['applied']} | "
+            f"{row['lost']} |"
+        )
+    recovery = ", ".join(
+        f"{kind} {'never' if s is None else f'{s:.1f} s'}"
+        for kind, s in events["recovery_s"].items()
+    )
+    exits = [code for code in events["consumer_exits"] if code not in (None, -9, 0)]
+    lines += [
+        "",
+        f"Produced {events['produced']}: acknowledged {events['acknowledged']}, refused to "
+        f"the producer {events['refused_to_producer']}, unanswered {events['unanswered']}; "
+        f"applied {events['applied']}, duplicated {events['duplicated']}, lost "
+        f"{events['lost']} (with the broker's memory {events['lost_with_broker_memory']}, "
+        f"with Redis's last second {events['lost_with_redis_last_second']}, other "
+        f"{events['lost_other']}). First batch applied after each restart: {recovery}. "
+        f"Consumers that exited by themselves: {len(exits)}.",
+    ]
+    return lines
 
 
 def catalogue_items(bundle: Path, settings: Settings) -> list[str]:
@@ -246,6 +322,9 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=10.0)
     parser.add_argument("--down-seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--events-per-s", type=float, default=20.0, help="0: no broker, consumer or events"
+    )
     args = parser.parse_args()
     settings = load_settings(log_level="WARNING")
     bundle = args.bundle.resolve()
@@ -257,9 +336,19 @@ def main() -> None:
         shutil.rmtree(root)
     artifacts, copy = private_artifacts(bundle, settings.artifacts_dir, root)
     stack = start_stack(artifacts, settings.serving.triton_repository, root / "work", copy)
+    stream = None
     try:
-        run = run_faults(stack, items, args.clients, args.phase_seconds, args.down_seconds)
+        if args.events_per_s > 0:
+            local = settings.model_copy(update={"artifacts_dir": artifacts})
+            stream = EventStream(local, copy, stack.redis_url, root / "stream", items)
+            stream.rate_per_s = args.events_per_s
+            stream.start()
+        run = run_faults(
+            stack, items, args.clients, args.phase_seconds, args.down_seconds, stream=stream
+        )
     finally:
+        if stream is not None:
+            stream.stop()
         stack.stop()
     OUT.mkdir(parents=True, exist_ok=True)
     result = {
@@ -267,6 +356,7 @@ def main() -> None:
         "phases": run.table(),
         "sessions_seeded": run.sessions_seeded,
         "sessions_lost": run.sessions_lost,
+        "events": run.events,
         "replies": [asdict(r) for r in run.replies],
     }
     (OUT / "fault_under_load.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

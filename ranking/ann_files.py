@@ -21,6 +21,8 @@ META = "index.json"
 IDS = "ids.npy"
 HNSW_FILE = "hnsw.bin"
 VECTORS_FILE = "vectors.npy"
+# HnswIndex: the graph node of each item, written only when identical vectors share nodes.
+NODES_FILE = "nodes.npy"
 SPACE = "ip"
 
 # hnswlib's file header: offsetLevel0, max_elements, count, size_per_element, label_offset,

@@ -312,6 +312,10 @@ class SessionStore:
                 latest[event.item_id] = max(event.time_s, latest.get(event.item_id, event.time_s))
         return latest
 
+    def applied_event_ids(self, session_id: str) -> set[str]:
+        """The ids of every event applied to this session so far (its idempotence set)."""
+        return {_text(x) for x in self.client.smembers(self._key(session_id, "seen"))}
+
     def user_sessions(self, user_id: str) -> list[str]:
         """The session ids linked to `user_id` (those whose events carried it)."""
         return sorted(_text(m) for m in self.client.smembers(self._user_key(user_id)))

@@ -22,10 +22,11 @@ from ranking.ann import (
     HnswIndex,
     build_hnsw,
     load_index,
+    recall_at_k,
     smallest_ef_reaching,
     tune_ef,
 )
-from ranking.ann_files import HNSW_FILE, IDS, META, VECTORS_FILE
+from ranking.ann_files import HNSW_FILE, IDS, META, NODES_FILE, VECTORS_FILE
 
 PAIRS, DIM = 150, 16
 
@@ -360,3 +361,92 @@ def test_a_querys_answer_does_not_depend_on_the_rest_of_its_batch(random_32d):
         np.vstack([queries, queries[:1]]), 12, [{ids[i]} for i in range(20)] + [big_exclude]
     )
     assert batched[:20] == alone
+
+
+# ---------------------------------------------------------- identical vectors share a node
+
+
+@pytest.fixture(scope="module")
+def with_a_cold_block() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2,000 random 16-d items of which 600 share one vector (an item tower without content
+    gives every item it has no id embedding for the same vector), pairs of hashed-id
+    collisions among the rest, and queries near the shared vector and elsewhere."""
+    rng = np.random.default_rng(21)
+    vectors = _normalised(rng.standard_normal((2000, 16)))
+    vectors[1400:] = vectors[1400]
+    vectors[1:100:2] = vectors[0:100:2]  # 50 pairs
+    near = _normalised(vectors[1400] + 0.3 * rng.standard_normal((50, 16)))
+    queries = np.vstack([near, _normalised(rng.standard_normal((150, 16)))])
+    return np.array([f"i{i}" for i in range(2000)]), vectors, queries.astype(np.float32)
+
+
+def test_identical_vectors_share_one_graph_node(with_a_cold_block):
+    ids, vectors, _ = with_a_cold_block
+    index = HnswIndex(m=8, ef_construction=64, num_threads=1, seed=1)
+    index.build(ids, vectors)
+    assert index.nodes == 2000 - 599 - 50 and len(index) == 2000
+    np.testing.assert_array_equal(index.vectors, vectors)  # every item keeps its own vector
+    np.testing.assert_array_equal(index.vector("i1999"), vectors[1400])
+
+
+def test_shared_nodes_answer_like_exact_search(with_a_cold_block):
+    # (the failure that motivated them, a plain graph of Amazon-M2's 26,841 tower vectors
+    # with 2,868 equal ones at recall 0.79-0.83, is measured in the HnswIndex docstring)
+    ids, vectors, queries = with_a_cold_block
+    exact = exact_index(ids, vectors)
+    truth, truth_scores = exact.search(queries, 120)
+    index = HnswIndex(m=8, ef_construction=64, ef=128, num_threads=1, seed=1)
+    index.build(ids, vectors)
+    found, scores = index.search(queries, 120)
+    assert recall_at_k(found, truth, scores, truth_scores) >= 0.99
+    # every list is full, best first, and each score is the item's own inner product
+    row = {item: i for i, item in enumerate(ids)}
+    for q, f, s in zip(queries, found, scores, strict=True):
+        assert len(f) == 120 and np.all(np.diff(s) <= 1e-6)
+        np.testing.assert_allclose(s, vectors[[row[x] for x in f]] @ q, atol=1e-5)
+    # a shared node's items come back together, in catalogue order (exact's tie order)
+    block = [x for x in found[0] if int(x[1:]) >= 1400]
+    assert block == [f"i{i}" for i in range(1400, 1400 + len(block))]
+
+
+def test_excluded_items_of_a_shared_node_are_left_out_and_the_list_stays_full(
+    with_a_cold_block,
+):
+    ids, vectors, queries = with_a_cold_block
+    index = HnswIndex(m=8, ef_construction=64, ef=128, num_threads=1, seed=1)
+    index.build(ids, vectors)
+    excluded = {f"i{i}" for i in range(1400, 1900)}
+    found, _ = index.search(queries[:5], 120, exclude=[excluded] * 5)
+    assert all(len(f) == 120 and not excluded & set(f) for f in found)
+
+
+def test_shared_nodes_save_and_load_and_a_bad_node_file_is_refused(with_a_cold_block, tmp_path):
+    ids, vectors, queries = with_a_cold_block
+    index = HnswIndex(m=8, ef_construction=64, ef=128, num_threads=1, seed=1)
+    index.build(ids, vectors)
+    index.save(tmp_path)
+    assert json.loads((tmp_path / META).read_text())["nodes"] == index.nodes
+    loaded = load_index(tmp_path)
+    assert isinstance(loaded, HnswIndex) and loaded.nodes == index.nodes
+    assert loaded.search(queries, 50)[0] == index.search(queries, 50)[0]
+    np.save(tmp_path / NODES_FILE, np.zeros(5, dtype=np.int64))
+    with pytest.raises(ArtifactMismatch, match="graph nodes"):
+        load_index(tmp_path)
+
+
+def test_an_index_without_duplicates_writes_no_node_file(toy_catalogue, tmp_path):
+    # the folders written before shared nodes existed load unchanged
+    ids, vectors = toy_catalogue
+    hnsw_index(ids, vectors).save(tmp_path)
+    assert not (tmp_path / NODES_FILE).exists()
+    assert "nodes" not in json.loads((tmp_path / META).read_text())
+    assert HnswIndex.load(tmp_path).nodes == len(ids)
+
+
+def test_recall_counts_an_equal_score_as_found():
+    truth, truth_scores = [["a", "b"]], [np.array([0.9, 0.5], np.float32)]
+    found, found_scores = [["a", "c"]], [np.array([0.9, 0.5], np.float32)]  # c ties b
+    assert recall_at_k(found, truth) == 0.5
+    assert recall_at_k(found, truth, found_scores, truth_scores) == 1.0
+    lower = [np.array([0.9, 0.4], np.float32)]
+    assert recall_at_k(found, truth, lower, truth_scores) == 0.5
