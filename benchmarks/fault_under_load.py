@@ -299,7 +299,8 @@ def events_markdown(events: dict[str, Any]) -> list[str]:
         "",
         f"Produced {events['produced']}: acknowledged {events['acknowledged']}, refused to "
         f"the producer {events['refused_to_producer']}, unanswered {events['unanswered']}; "
-        f"applied {events['applied']}, duplicated {events['duplicated']}, lost "
+        f"applied {events['applied']}, read again and skipped {events['redelivered']}, "
+        f"duplicated {events['duplicated']}, lost "
         f"{events['lost']} (with the broker's memory {events['lost_with_broker_memory']}, "
         f"with Redis's last second {events['lost_with_redis_last_second']}, other "
         f"{events['lost_other']}). First batch applied after each restart: {recovery}. "
