@@ -113,8 +113,10 @@ def replays(
     check_minutes: float,
     horizon: float,
     salts: int,
-    after: pd.Timestamp | None,
+    window: dict[str, Any],
 ) -> dict[str, Any]:
+    """The popularity and equal replays and the A/A analysis on the sessions `window`
+    names (`training.shadow_replay.held_out_sessions`'s keywords)."""
     local = settings.model_copy(
         update={"monitor": settings.monitor.model_copy(update={"horizon_minutes": horizon})}
     )
@@ -127,11 +129,11 @@ def replays(
             ("equal", challengers.equal),
         ):
             result = run_canary_replay(
-                local, dataset, bundle, challenger, root / name, 0, check_minutes, after
+                local, dataset, bundle, challenger, root / name, 0, check_minutes, **window
             )
             out[name] = _replay(result)
             if name == "equal":
-                out["aa"] = aa_rate(local, dataset, result, salts, check_minutes, after)
+                out["aa"] = aa_rate(local, dataset, result, salts, check_minutes, window)
     return out
 
 
@@ -141,14 +143,14 @@ def aa_rate(
     equal: CanaryReplay,
     salts: int,
     check_minutes: float,
-    after: pd.Timestamp | None,
+    window: dict[str, Any],
 ) -> dict[str, Any]:
     """How often the rule aborts a challenger that serves production's answers: the equal
     replay's impressions (both arms served the same answers) as production's, split at the
     first step's share by each of `salts` salts (training.canary_balance.salt_trials), and
     judged at every look the replay makes (every `check_minutes` of the sessions' time, on
     what had matured by then), at the evaluation's 95% interval and at the abort's."""
-    events = held_out_sessions(settings, dataset, 0, after)
+    events = held_out_sessions(settings, dataset, 0, **window)
     frame = events.assign(event_time=pd.to_datetime(events["event_time"], utc=True))
     grades = settings.ranking.ranker.label_grades
     as_production = [i.model_copy(update={"arm": PRODUCTION_ARM}) for i in equal.impressions]
@@ -319,10 +321,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--replay",
-        choices=("test-split", "after-cut"),
+        choices=("test-split", "after-cut", "later-window"),
         default="test-split",
-        help="the test split's sessions, or every session that ends after the bundle's "
-        "training data (a later-window bundle's cut: about twice as many on REES46)",
+        help="the test split's sessions, every session that ends after the bundle's "
+        "training data (a later-window bundle's cut: about twice as many on REES46), or "
+        "the later-window protocol's sessions (the only choice on data without a clock)",
+    )
+    parser.add_argument(
+        "--arrivals-per-minute",
+        type=float,
+        default=60.0,
+        help="data without a clock (Amazon-M2): one session starts every 60/N seconds",
     )
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-replays", action="store_true")
@@ -360,8 +369,13 @@ def main() -> None:
         shipped = load_settings(log_level="WARNING", **({"serving": serving} if serving else {}))
         result["ramp"] = ramp_under_load(shipped, bundle, args.clients, args.phase_s, args.sessions)
     if not args.skip_replays:
-        after = _bundle_cut(bundle) if args.replay == "after-cut" else None
+        window = {
+            "after": _bundle_cut(bundle) if args.replay == "after-cut" else None,
+            "later_window": args.replay == "later-window",
+            "arrivals_per_minute": args.arrivals_per_minute,
+        }
         result["replay_sessions"] = args.replay
+        result["arrivals_per_minute"] = args.arrivals_per_minute
         result["replays"] = replays(
             settings,
             bundle,
@@ -369,7 +383,7 @@ def main() -> None:
             args.check_minutes,
             args.horizon_minutes,
             args.salts,
-            after,
+            window,
         )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "canary.json").write_bytes(

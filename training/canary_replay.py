@@ -92,6 +92,8 @@ def run_canary_replay(
     sessions: int = 0,
     check_minutes: float = 10.0,
     after: pd.Timestamp | None = None,
+    later_window: bool = False,
+    arrivals_per_minute: float = 0.0,
 ) -> CanaryReplay:
     """Replay held-out sessions of `dataset` with `challenger` ramped against `production`.
 
@@ -103,6 +105,9 @@ def run_canary_replay(
         check_minutes: minutes of the sessions' own time between two decisions.
         after: replay the sessions that end after this time (the production bundle's
             cut) instead of the test split (`training.shadow_replay.held_out_sessions`).
+        later_window, arrivals_per_minute: replay the later-window protocol's sessions
+            instead; data without a clock gets synthesised session starts (the same
+            function's arguments).
     """
     link_tower_bundle(production, settings.artifacts_dir, root / "artifacts")
     settings = with_lifted_budgets(settings).model_copy(
@@ -112,7 +117,9 @@ def run_canary_replay(
     switch(pointer, production)
     record_promotion(pointer, {"promote": True, "by": "canary-replay"}, production, None)
     served = load_rails(production, settings)
-    events = held_out_sessions(settings, dataset, sessions, after)
+    events = held_out_sessions(
+        settings, dataset, sessions, after, later_window, arrivals_per_minute
+    )
     first = events["event_time"].min().to_pydatetime()
     start_canary(
         settings.artifacts_dir,

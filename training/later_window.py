@@ -139,6 +139,14 @@ def split_later(dataset: Dataset, settings: Settings) -> LaterWindow:
     )
 
 
+def later_events(dataset: Dataset, settings: Settings) -> pd.DataFrame:
+    """The later window's events: every session `split_later` keeps out of the history."""
+    assert dataset.events is not None
+    history = split_later(dataset, settings).history.events
+    assert history is not None
+    return dataset.events[~dataset.events["session_id"].isin(set(history["session_id"]))]
+
+
 def evaluate_later_window(
     dataset: Dataset, settings: Settings, run: str, towers: bool
 ) -> LaterWindowResult:

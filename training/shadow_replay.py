@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from devstack.local_services import LocalServer, free_port, redis_server
@@ -68,7 +69,12 @@ class ReplayResult:
 
 
 def held_out_sessions(
-    settings: Settings, dataset: str, sessions: int, after: pd.Timestamp | None = None
+    settings: Settings,
+    dataset: str,
+    sessions: int,
+    after: pd.Timestamp | None = None,
+    later_window: bool = False,
+    arrivals_per_minute: float = 0.0,
 ) -> pd.DataFrame:
     """The test split's events of the first `sessions` sessions (by start; 0 = all) with at
     least two events (one event has nothing after it to evaluate), in time order.
@@ -77,21 +83,54 @@ def held_out_sessions(
         after: instead of the test split, the sessions that end after this time (a
             later-window bundle's cut: everything it was not fitted on, as the later-window
             protocol scores it).
+        later_window: instead, the later-window protocol's own sessions
+            (`training.later_window.split_later`): on data with a clock the sessions after
+            its cut, on data without one (Amazon-M2) its seeded session hash.
+        arrivals_per_minute: data without a clock has every session start at one synthetic
+            instant; a replay walks time, so each session is given a start instead
+            (`with_arrivals`). Required for such data, ignored otherwise.
     """
     data = load_dataset(load_dataset_spec(dataset, settings), settings)
-    if data.events is None or not data.has_time:
-        raise RailtowerError(f"data set {dataset!r} has no timed events to replay")
-    if after is None:
+    if data.events is None:
+        raise RailtowerError(f"data set {dataset!r} has no events to replay")
+    if later_window:
+        from training.later_window import later_events  # noqa: PLC0415 - the protocol's cut
+
+        test = later_events(data, settings)
+    elif not data.has_time:
+        raise RailtowerError(
+            f"data set {dataset!r} has no clock: replay its later window (later_window) with "
+            "synthesised session starts (arrivals_per_minute)"
+        )
+    elif after is None:
         test = split_events(data.events, data.has_time, settings.split, settings.seed).test
     else:
         ends = data.events.groupby("session_id")["event_time"].transform("max")
         test = data.events[ends > after]
     sizes = test.groupby("session_id")["event_id"].transform("size")
     test = test[sizes >= 2]
+    if not data.has_time:
+        test = with_arrivals(test, arrivals_per_minute, settings.seed)
     starts = test.groupby("session_id")["event_time"].min().sort_values(kind="stable")
     chosen = starts.index if sessions <= 0 else starts.index[:sessions]
     picked = test[test["session_id"].isin(set(chosen))]
     return picked.sort_values(["event_time", "session_id", "position"], kind="stable")
+
+
+def with_arrivals(events: pd.DataFrame, per_minute: float, seed: int) -> pd.DataFrame:
+    """Clockless sessions (every one starting at the same synthetic instant, its events one
+    synthetic second apart) given starts: a seeded order, one session every 60 / per_minute
+    seconds, each keeping its own spacing. A traffic model, stated as such wherever a
+    replay on it is reported."""
+    if per_minute <= 0:
+        raise RailtowerError("sessions without a clock need arrivals_per_minute > 0 to replay")
+    names = events["session_id"].unique()
+    order = np.random.default_rng(seed).permutation(len(names))
+    offset = pd.Series(pd.to_timedelta(order * 60.0 / per_minute, unit="s"), index=names)
+    first = events.groupby("session_id")["event_time"].transform("min")
+    start = events["event_time"].min()
+    moved = start + events["session_id"].map(offset) + (events["event_time"] - first)
+    return events.assign(event_time=moved.to_numpy())
 
 
 def _context(event: pd.Series) -> str | None:
