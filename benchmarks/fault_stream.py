@@ -76,20 +76,17 @@ class EventStream:
     # (what restarted, when), for the recovery times
     _restarts: list[tuple[str, float]] = field(default_factory=list)
     applied_ids: set[str] = field(default_factory=set)  # filled by `finish`
-    _streaming: StreamingSettings | None = None
+    _streaming: StreamingSettings = field(init=False)
     _broker: LocalServer | None = None
     _members: list[Member] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> EventStream:
-        """Broker up, topics made, one consumer holding every partition, producer running."""
-        port = free_port()
-        self._broker = kafka_broker(port, self.work / "kafka-0").start()
+    def __post_init__(self) -> None:
         self._streaming = self.settings.streaming.model_copy(
             update={
-                "bootstrap_servers": f"127.0.0.1:{port}",
+                "bootstrap_servers": f"127.0.0.1:{free_port()}",
                 "events_topic": "fault-events",
                 "catalogue_topic": "fault-catalogue",
                 "dead_letter_topic": "fault-dlq",
@@ -98,6 +95,11 @@ class EventStream:
                 "partitions": 2,
             }
         )
+
+    def start(self) -> EventStream:
+        """Broker up, topics made, one consumer holding every partition, producer running."""
+        port = int(self._streaming.bootstrap_servers.rsplit(":", 1)[1])
+        self._broker = kafka_broker(port, self.work / "kafka-0").start()
         ensure_topics(self._streaming)
         self._start_consumer("consumer-a")
         wait_for_assignment(self._members, self._streaming.events_topic, 2, timeout_s=300)
