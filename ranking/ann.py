@@ -208,8 +208,8 @@ class HnswIndex(_IdMap):
     every item it has no id embedding for the same vector (Amazon-M2's untrained items, a
     hashed-id collision), and thousands of equal points wreck an HNSW graph: on Amazon-M2's
     catalogue recall@120 against exact search stalled at 0.79-0.83 whatever the beam, and
-    reached 0.992 at ef 256 (0.999 at 400) once the duplicates shared a node. A node's items come back together, in
-    catalogue order (the exact index's tie order).
+    reached 0.992 at ef 256 (0.999 at 400) once the duplicates shared a node. A node's items
+    come back together, in catalogue order (the exact index's tie order).
 
     Args:
         m: graph degree (hnswlib `M`).
