@@ -8,6 +8,8 @@ stale vectors.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +60,12 @@ class EmbeddingCache:
             if self._vectors
             else np.zeros((0, self.dim), np.float32)
         )
-        # write-then-rename so a crash mid-save never leaves a half-written cache
+        # Write-then-rename so a crash mid-save never leaves a half-written cache; the
+        # temporary name is the writer's own, so processes that share the cache folder (two
+        # trainings started at once) never rename each other's file away. A reader that
+        # finds keys and vectors of different writers sees unequal lengths and starts empty.
+        writer = f"{os.getpid()}-{threading.get_ident()}"
         for name, array in (("keys", keys), ("vectors", vectors)):
-            tmp = self.path / f"{name}.tmp.npy"
+            tmp = self.path / f"{name}.{writer}.tmp.npy"
             np.save(tmp, array, allow_pickle=False)
             tmp.replace(self.path / f"{name}.npy")
