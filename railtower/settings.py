@@ -230,7 +230,7 @@ class TrainingSettings(_Section):
     # Subtract log(sampling probability) from in-batch logits (popularity correction).
     logq_correction: bool = True
     # Extra uniformly sampled negatives per batch (0 = in-batch only).
-    random_negatives: int = Field(0, ge=0)
+    random_negatives: int = Field(1024, ge=0)
     # Validation epochs without a better Recall@candidates before stopping.
     patience: int = Field(3, ge=1)
     # "auto" uses a GPU where there is one; "cpu" forces the CPU.

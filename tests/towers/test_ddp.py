@@ -123,9 +123,10 @@ def test_each_ranks_share_of_the_softmax_averages_to_the_single_process_loss():
     torch.manual_seed(0)
     users, positives = torch.randn(8, 4), torch.randn(8, 4)
     targets = torch.tensor([0, 1, 2, 3, 1, 5, 6, 0])
-    # the real method with only the attributes it reads: no trainer is attached here
+    # the real method with only the attributes it reads: no trainer is attached here. The
+    # uniform random negatives are drawn per rank, so the equivalence is the in-batch part's.
     module = SimpleNamespace(
-        training_cfg=TrainingSettings(),
+        training_cfg=TrainingSettings(random_negatives=0),
         log_q=torch.log(torch.rand(10)),
         device=torch.device("cpu"),
         catalogue=range(10),
