@@ -24,7 +24,10 @@ the API under uvicorn as its own process):
    false and a reason, FAIL in the markdown, exit status 1);
 5. a 5x spike: concurrency jumps from the base to five times it; the fallback rate (answers
    with a degraded reason) and latency before and during;
-6. Triton user tower vs the in-process TorchScript encoder, batch 1 and 64.
+6. Triton user tower vs the in-process TorchScript encoder, batch 1 and 64;
+7. the heap settle (serving.settle_heap, railtower.heap): the sustained row's open loop on
+   the same app with and without it, A B A B, with each process's generation-2 collector
+   pauses read from its /metrics.
 
 The goals of issue 21 (GOALS_* constants) are evaluated from these measurements and put
 first in the markdown and under "goals" in the JSON, with the commit (short hash,
@@ -59,6 +62,7 @@ import httpx
 import numpy as np
 import orjson
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.local_services import (
     LocalServer,
@@ -503,13 +507,22 @@ def rail_ttl_s(settings: Settings, args: argparse.Namespace) -> int:
     return max(settings.serving.prewarm_ttl_s, needed)
 
 
+@dataclass
+class Stack:
+    """What `stack` started: the API (shipped settings), the same app on uvicorn's h11
+    parser, the same app without the heap settle, Redis, and a Triton client."""
+
+    api: str
+    api_h11: str
+    api_unsettled: str
+    redis_url: str
+    triton: TritonUserTower | None
+
+
 @contextlib.contextmanager
-def stack(
-    settings: Settings, bundle: Path, has_towers: bool, ttl_s: int
-) -> Iterator[tuple[str, str, str, TritonUserTower | None]]:
-    """Redis, Triton (when the bundle has towers) and the API, on loopback: yields the
-    API's base URL, the same API's on the h11 parser, the Redis URL and a Triton client;
-    stops them all on exit."""
+def stack(settings: Settings, bundle: Path, has_towers: bool, ttl_s: int) -> Iterator[Stack]:
+    """Redis, Triton (when the bundle has towers) and the API processes of `Stack`, on
+    loopback; stops them all on exit."""
     work = settings.cache_dir / "bench-api"
     started: list[LocalServer] = []
     try:
@@ -539,11 +552,18 @@ def stack(
         h11_port = free_port()
         h11 = api_command(h11_port, http="h11")
         started.append(LocalServer("api-h11", h11, h11_port, work, env, 120).start())
-        bases = [f"http://127.0.0.1:{port}" for port in (api_port, h11_port)]
+        # and once more without the heap settle, for its comparison
+        loose_port = free_port()
+        loose_env = env | {"RAILTOWER_SERVING__SETTLE_HEAP": "false"}
+        loose = LocalServer(
+            "api-unsettled", api_command(loose_port), loose_port, work, loose_env, 120
+        )
+        started.append(loose.start())
+        bases = [f"http://127.0.0.1:{port}" for port in (api_port, h11_port, loose_port)]
         for base in bases:
             while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
                 time.sleep(0.5)
-        yield bases[0], bases[1], env["RAILTOWER_SERVING__REDIS_URL"], triton
+        yield Stack(bases[0], bases[1], bases[2], env["RAILTOWER_SERVING__REDIS_URL"], triton)
     finally:
         for server in reversed(started):
             server.stop()
@@ -586,6 +606,60 @@ def measure_http(
         "during": asyncio.run(closed_loop(base, pdp, 5 * low, args.seconds)),
     }
     return out
+
+
+def gen2_pauses(base: str) -> dict[str, float]:
+    """The API process's generation-2 collector runs so far, read from its /metrics
+    (serving.metrics.GcPauseCollector): count, seconds in all, the longest."""
+    wanted = {
+        "railtower_gc_pauses": "runs",
+        "railtower_gc_pause_seconds": "seconds",
+        "railtower_gc_pause_longest_seconds": "longest_s",
+    }
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=5).text):
+        for sample in family.samples:
+            if family.name in wanted and sample.labels.get("generation") == "2":
+                out[wanted[family.name]] = sample.value
+    return out
+
+
+def compare_heap_settle(
+    settled: str,
+    unsettled: str,
+    sessions: list[list[HistoryEvent]],
+    rate: float,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """The sustained open loop (pdp_fbt at `rate`) on the same app with the heap settled
+    at load (the shipped default) and without, interleaved A B A B so drift of a shared
+    machine falls on both: per arm the rounds' median p50 and p99, their worst p99, and the
+    generation-2 collector runs during the rounds with their time and the longest."""
+    pdp = pdp_bodies(sessions)
+    arms = {"settled": settled, "not settled": unsettled}
+    before = {arm: gen2_pauses(base) for arm, base in arms.items()}
+    rounds: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for _ in range(2):
+        for arm, base in arms.items():
+            rounds[arm].append(asyncio.run(open_loop(base, pdp, rate, 2 * args.seconds)))
+    rows = []
+    for arm, base in arms.items():
+        after, measured = gen2_pauses(base), rounds[arm]
+        rows.append(
+            {
+                "arm": arm,
+                "offered_rps": rate,
+                "p50_ms": float(np.median([r["p50"] for r in measured])),
+                "p99_ms": float(np.median([r["p99"] for r in measured])),
+                "worst_p99_ms": float(max(r["p99"] for r in measured)),
+                "degraded": float(np.mean([r["degraded_share"] for r in measured])),
+                "errors": int(sum(r["errors"] for r in measured)),
+                "gen2_runs": int(after["runs"] - before[arm]["runs"]),
+                "gen2_seconds": after["seconds"] - before[arm]["seconds"],
+                "gen2_longest_ms": 1000 * after["longest_s"],
+            }
+        )
+    return rows
 
 
 def compare_parsers(
@@ -637,16 +711,19 @@ def main() -> None:
         },
     }
     towers = loaded.towers is not None
-    with stack(settings, bundle, towers, ttl_s) as (base, h11_base, redis_url, triton):
-        store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
+    with stack(settings, bundle, towers, ttl_s) as started:
+        store = SessionStore(started.redis_url, 2.0, 50, 3600, 3600)
         for n, history in enumerate(sessions):
             store.append_events(f"b{n}", [(f"b{n}-{k}", e, None) for k, e in enumerate(history)])
         result["compute_floor_ms"] = compute_floor(loaded, sessions, 200)
         result["physical_floor_ms"] = physical_floor(loaded, sessions, 200)
-        result |= measure_http(base, sessions, args)
-        result["parsers"] = compare_parsers(base, h11_base, sessions, args.seconds)
-        if triton is not None:
-            result["triton_ms"] = triton_vs_in_process(loaded, triton, 200)
+        result |= measure_http(started.api, sessions, args)
+        result["heap_settle"] = compare_heap_settle(
+            started.api, started.api_unsettled, sessions, result["sustained"]["offered_rps"], args
+        )
+        result["parsers"] = compare_parsers(started.api, started.api_h11, sessions, args.seconds)
+        if started.triton is not None:
+            result["triton_ms"] = triton_vs_in_process(loaded, started.triton, 200)
     result["goals"] = evaluate_goals(result)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "rails_api.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
@@ -831,6 +908,37 @@ def parsers_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def heap_markdown(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "Heap settle (serving.settle_heap): the sustained open loop, pdp_fbt, on the same app "
+        "with and without it, A B A B; collector runs of generation 2 during the rounds "
+        "(the longest: since the process started, its load included):",
+        "",
+    ]
+    lines += _head(
+        ["heap", "offered req/s", "p50 ms", "p99 ms", "worst p99 ms", "degraded", "errors"]
+        + ["gen-2 runs", "gen-2 time ms", "longest gen-2 ms"]
+    )
+    for row in r["heap_settle"]:
+        lines.append(
+            _row(
+                [
+                    row["arm"],
+                    f"{row['offered_rps']:.1f}",
+                    f"{row['p50_ms']:.1f}",
+                    f"{row['p99_ms']:.1f}",
+                    f"{row['worst_p99_ms']:.1f}",
+                    f"{row['degraded']:.1%}",
+                    row["errors"],
+                    row["gen2_runs"],
+                    f"{1000 * row['gen2_seconds']:.0f}",
+                    f"{row['gen2_longest_ms']:.0f}",
+                ]
+            )
+        )
+    return lines
+
+
 def spike_markdown(r: dict[str, Any]) -> list[str]:
     lines = _head(
         ["spike (pdp_fbt)", "concurrency", "req/s", "p50 ms", "p99 ms", "degraded", "errors"]
@@ -876,6 +984,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [""] + sustained_markdown(r)
     lines += [""] + cached_markdown(r)
     lines += [""] + spike_markdown(r)
+    if "heap_settle" in r:
+        lines += [""] + heap_markdown(r)
     lines += [""] + parsers_markdown(r)
     if "triton_ms" in r:
         lines += [""] + triton_markdown(r)

@@ -635,6 +635,10 @@ class ServingSettings(_Section):
     redis_maxmemory_mb: int = Field(512, ge=0)
     budgets: StageBudgets = StageBudgets()
     exclusions: ExclusionSettings = ExclusionSettings()
+    # Collect once after every model load and freeze what survived (railtower.heap): the
+    # cycle collector then never walks the model's ~600k objects again, which otherwise
+    # cost a 300-500 ms pause with the GIL held every so often under load.
+    settle_heap: bool = True
 
     @field_validator("bundle", "triton_repository")
     @classmethod

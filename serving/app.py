@@ -80,7 +80,10 @@ def build_service(settings: Settings) -> RailService:
     PublishedRules.for_settings(settings, service.metrics).sync(service)
     # every served impression is logged; sampled sessions also get the shadow arms
     # (its challenger first takes every catalogue record production replayed at load)
-    service.watch_catalogue(build_shadow(settings, service.metrics))
+    shadow = build_shadow(settings, service.metrics)
+    service.watch_catalogue(shadow)
+    if isinstance(shadow, ShadowRunner):
+        service.settle("shadow challenger loaded")  # the second model's objects, once
     return service
 
 

@@ -19,6 +19,7 @@ import redis
 
 from railtower.canary import CANARY_ARM, read_canary
 from railtower.errors import ArtifactMismatch
+from railtower.heap import settle_heap
 from railtower.logs import get_logger
 from railtower.settings import RAILS, Settings
 from ranking.engine import compute
@@ -113,9 +114,16 @@ class ServedModel:
             with self._catalogue_lock:
                 self._catalogue_version = self._replay_catalogue(fresh)
                 self.loaded, self.source = fresh, folder.resolve()
+            self.settle("model loaded")
             self.metrics.model_info.info({"version": fresh.version})
             log.info("serving model", version=fresh.version, folder=str(folder))
             return True
+
+    def settle(self, reason: str) -> None:
+        """One full collection now, then the loaded models are out of the collector's way
+        (railtower.heap): the pause is paid here, on the loading thread, not by requests."""
+        if self.settings.serving.settle_heap:
+            settle_heap(reason)
 
     def reload_if_moved(self, pointer: Path) -> bool:
         """Hot-swap when the production pointer now names another bundle."""
@@ -175,6 +183,7 @@ class ServedModel:
                 self.canary = CanaryRoute(
                     fresh.version, state.share, state.salt, fresh, source, state
                 )
+            self.settle("challenger loaded")
         log.info("canary serving", version=fresh.version, share=state.share)
         return True
 

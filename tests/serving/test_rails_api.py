@@ -7,6 +7,7 @@ fails the test: nothing here is skipped.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -215,6 +216,27 @@ def test_a_broken_bundle_keeps_the_last_good_model_serving(trained, redis_url, t
     assert reply.status_code == 200 and reply.json()["model_version"] == "api-rees46-rails"
     assert ready["ready"] and ready["rankers"] and ready["index"]
     assert 'railtower_errors_total{kind="bundle_load"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_a_loaded_model_is_out_of_the_cycle_collectors_walks(trained, redis_url, settle):
+    """serving.settle_heap (railtower.heap): the served model's objects are frozen at load,
+    so the collector's full passes under load never walk them."""
+    settings, bundle = trained
+    gc.unfreeze()
+    serving = settings.serving.model_copy(
+        update={"bundle": bundle, "redis_url": redis_url[1], "settle_heap": settle}
+    )
+    service = RailService(
+        settings.model_copy(update={"serving": serving}), None, None, None, Metrics()
+    )
+    try:
+        assert service.load(bundle)
+        walked = any(o is service.loaded for o in gc.get_objects())
+        assert walked is not settle
+        assert (gc.get_freeze_count() > 0) is settle
+    finally:
+        gc.unfreeze()
 
 
 def test_service_without_a_model_is_not_ready(trained):
