@@ -248,11 +248,6 @@ def _apply_attributes(
     return listed
 
 
-def index_new_item(loaded: LoadedRails, item_id: str, record: Mapping[str, object]) -> bool:
-    """`index_new_items` of one listing; True when it (re-)encoded it."""
-    return index_new_items(loaded, {item_id: record}) == 1
-
-
 def index_new_items(loaded: LoadedRails, listings: Mapping[str, Mapping[str, object]]) -> int:
     """Encode new items' content with the model's item tower in one batch and put them into
     the model's delta index by one copy-on-write swap; returns how many it (re-)encoded.
@@ -298,10 +293,11 @@ def _encode_batch(new: NewItems, rows: pd.DataFrame) -> tuple[list[str], np.ndar
     ids = rows["item_id"].astype(str).tolist()
     try:
         return ids, new.encode(rows)
-    except Exception as exc:  # noqa: BLE001 - retried below, or by the next sync
-        # not recorded as encoded: the next sync of the hash tries again
-        log.error("new items not encoded", count=len(ids), error=f"{type(exc).__name__}: {exc}")
-        if len(ids) == 1:
+    except Exception as exc:  # noqa: BLE001 - retried item by item below
+        log.error(
+            "new items not encoded as a batch", count=len(ids), error=f"{type(exc).__name__}: {exc}"
+        )
+        if len(ids) == 1:  # not recorded as encoded: the next sync tries again
             return [], np.zeros((0, 0), np.float32)
     kept, vectors = [], []
     for i, item_id in enumerate(ids):
