@@ -2,8 +2,11 @@
 
 A bundle holds the exported user tower (TorchScript, with the catalogue's item vectors
 inside), the item tower (for new items), the item vectors, the HNSW index and the item
-featurizer's state. Loading verifies every file hash and the feature-spec hash of the
-running code, so a corrupt or mismatched bundle is refused with a clear error.
+featurizer's state; a bundle trained on photos also ships the image encoder that embedded
+them (`image_encoder.pt`, its settings in `towers.json`), so a new item's photo is embedded
+by the same weights wherever the bundle is served. Loading verifies every file hash and the
+feature-spec hash of the running code, so a corrupt or mismatched bundle is refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from railtower.errors import ArtifactMismatch
 from railtower.manifest import Manifest
-from railtower.settings import TowerSettings
+from railtower.settings import ImageSettings, TowerSettings
 from ranking.ann import DeltaIndex, HnswIndex, load_index
 from towers.item_features import ItemFeaturizer, item_feature_specs, spec_hash
 from towers.session_features import HistoryEvent, collate, session_features
@@ -30,6 +33,9 @@ ITEM_IDS = "item_ids.npy"
 FEATURIZER = "featurizer.json"
 TOWERS = "towers.json"
 INDEX_DIR = "index"
+IMAGE_ENCODER = "image_encoder.pt"
+# the ImageSettings fields that decide a photo's vector (recorded beside the weights)
+IMAGE_FIELDS = ("architecture", "image_size", "patch_size")
 
 
 @dataclass
@@ -49,6 +55,9 @@ class TowerBundle:
     triton_version: str = ""
     # the Triton item-tower version exported from this bundle ("" = none recorded)
     triton_item_version: str = ""
+    # the image encoder the item tower was trained with, weights_path inside the bundle
+    # (None: trained without photos, or exported before bundles shipped it)
+    image: ImageSettings | None = None
 
     @property
     def version(self) -> str:
@@ -93,6 +102,7 @@ class TowerBundle:
             featurizer,
             str(meta.get("triton", {}).get("version", "")),
             str(meta.get("triton", {}).get("item_version", "")),
+            _image_settings(folder, meta.get("image")),
         )
 
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
@@ -129,3 +139,17 @@ class TowerBundle:
     ) -> np.ndarray:
         """(B, D) float32 session vectors, the same way training built its inputs."""
         return self.encode_inputs(self.session_inputs(histories, contexts))
+
+
+def _image_settings(folder: Path, recorded: object) -> ImageSettings | None:
+    """The shipped image encoder's settings, weights_path in `folder`; None when the bundle
+    records none. Raises ArtifactMismatch when it records one but lacks the weights."""
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict) or not (folder / IMAGE_ENCODER).is_file():
+        raise ArtifactMismatch(
+            f"{folder / TOWERS} records an image encoder but {IMAGE_ENCODER} is missing or the "
+            "record is malformed; rebuild the bundle"
+        )
+    fields = {f: recorded[f] for f in IMAGE_FIELDS if f in recorded}
+    return ImageSettings(**fields, weights_path=(folder / IMAGE_ENCODER).resolve())

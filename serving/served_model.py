@@ -1,6 +1,6 @@
 """The model an API process serves, and what keeps it current: loading and hot swaps, the
 live canary's challenger (serving.canary_route), the catalogue changes (stock, price,
-retirements, new items: serving.new_items) and
+retirements, new items: serving.new_items; a sync's changes applied as one batch) and
 the price stream other processes publish to Redis.
 
 The request path (serving.service.RailService) builds on it; the refresh consumer drives it
@@ -26,7 +26,7 @@ from ranking.engine import compute
 from ranking.rail_inputs import RAIL_INPUTS, rail_parts, rail_query
 from serving.canary_route import CanaryRoute
 from serving.metrics import Metrics
-from serving.new_items import apply_record
+from serving.new_items import apply_records
 from serving.price_follower import PriceFollower
 from serving.rail_service import LoadedRails, load_rails
 from serving.user_vectors import TritonUserTower
@@ -41,9 +41,10 @@ PRODUCTION_ARM = "production"
 
 class CatalogueWatcher(Protocol):
     """Sees every catalogue change this process applies (the shadow arms' challenger must
-    see the same stock, retirements and new items as production)."""
+    see the same stock, retirements and new items as production), a sync's changes at once
+    (item -> record), so its new listings are encoded in one batch too."""
 
-    def catalogue_changed(self, item_id: str, record: Mapping[str, object]) -> None: ...
+    def catalogue_changed(self, records: Mapping[str, Mapping[str, object]]) -> None: ...
 
 
 class ServedModel:
@@ -197,8 +198,7 @@ class ServedModel:
             version, changes = self.store.catalogue_changes(-1)
         except redis.RedisError:
             return -1
-        for item_id, change in changes.items():
-            apply_record(fresh, item_id, change)
+        apply_records(fresh, changes)  # new listings: one encoding batch, one index swap
         return version
 
     def watch_catalogue(self, observer: CatalogueWatcher) -> None:
@@ -213,8 +213,7 @@ class ServedModel:
                 _, changes = self.store.catalogue_changes(-1)
             except redis.RedisError:
                 return  # the next sync after a change brings that item only; logged there
-            for item_id, change in changes.items():
-                observer.catalogue_changed(item_id, change)
+            observer.catalogue_changed(changes)
 
     def apply_catalogue_change(self, item_id: str, price: float | None, stock: int | None) -> bool:
         """Apply a price/stock change to the served model's item attributes.
@@ -229,13 +228,21 @@ class ServedModel:
 
         Returns False when the production model neither knows the item nor gets a listing.
         """
+        return self.apply_catalogue_records({item_id: record}) == 1
+
+    def apply_catalogue_records(self, records: Mapping[str, Mapping[str, object]]) -> int:
+        """Apply many catalogue records (item -> record) to every model this process serves,
+        each model's new listings encoded in one batch and indexed by one swap
+        (serving.new_items.apply_records). Returns how many the production model applied."""
+        if not records:
+            return 0
         if self.observer is not None:  # a shadowed challenger must see the same stock
-            self.observer.catalogue_changed(item_id, record)
+            self.observer.catalogue_changed(records)
         canary = self.canary  # so must the canary's: an item out of stock leaves both arms
         if canary is not None:
-            apply_record(canary.loaded, item_id, record)
+            apply_records(canary.loaded, records)
         loaded = self.loaded
-        return loaded is not None and apply_record(loaded, item_id, record)
+        return 0 if loaded is None else apply_records(loaded, records)
 
     def sync_catalogue(self) -> int:
         """Pull the catalogue changes other processes published to Redis; return how many."""
@@ -248,8 +255,7 @@ class ServedModel:
                     self.prices.sync(self.loaded)
             except redis.RedisError:
                 return 0  # Redis down: keep the attributes we have
-            for item_id, change in changes.items():
-                self.apply_catalogue_record(item_id, change)
+            self.apply_catalogue_records(changes)
             self._catalogue_version = version
             return len(changes)
 

@@ -48,7 +48,7 @@ from ranking.exploration import Explored
 from ranking.rule_set import RuleSet, load_rule_set
 from serving.impressions import ImpressionCounts, ImpressionSink, make_sink
 from serving.metrics import Metrics
-from serving.new_items import apply_record
+from serving.new_items import apply_records
 from serving.observer import ServedRequest
 from serving.rail_service import LoadedRails, load_rails
 from serving.stages import Trace, in_process_vector, run_stages
@@ -252,12 +252,12 @@ class ShadowRunner:
             self._jobs["queued"] += 1
         self.metrics.shadow_jobs.labels(outcome="queued").inc()
 
-    def catalogue_changed(self, item_id: str, record: Mapping[str, object]) -> None:
+    def catalogue_changed(self, records: Mapping[str, Mapping[str, object]]) -> None:
         """Keep the challenger's stock, prices, retirements and new items current, as
-        production's are (serving.new_items)."""
+        production's are (serving.new_items: a sync's new listings in one batch)."""
         challenger = self.challenger
         if challenger is not None:
-            apply_record(challenger, item_id, record)
+            apply_records(challenger, records)
 
     # ------------------------------------------------------------------ runtime control
 

@@ -2,12 +2,16 @@
 
 One preprocessing serves training and encoding alike: decode → RGB → letterbox onto white →
 resize to `image_size` → (3, S, S) uint8, then `normalise` with the architecture's mean/std.
-Training augments the uint8 tensors between the two steps; encoding does not.
+Training augments the uint8 tensors between the two steps; encoding does not. Training
+encodes catalogue photos through `ImageEncoder` (content-cached); serving encodes a new
+listing's photo through `uncached_images` with the weights its tower bundle ships: the same
+decode, model and batching, no cache.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -190,6 +194,31 @@ def _timm_backbone_state(state: dict, model: ImageEmbedder) -> dict:
 
 
 # ---------------------------------------------------------------- encoder
+
+# photo paths -> ((N, D) float32 unit vectors, zero rows where unreadable; (N,) bool has_image)
+PhotoEmbedder = Callable[[Sequence[str | None]], tuple[np.ndarray, np.ndarray]]
+
+
+def uncached_images(settings: ImageSettings, weights_path: Path) -> PhotoEmbedder:
+    """Photo embeddings straight from `weights_path` (loaded now, once per model load), with
+    no embedding-cache reads or writes: what an API process uses for a new listing's photo.
+
+    The same decode, normalisation and batching as `ImageEncoder.encode`, so a photo gets the
+    vector training gave it. Raises ConfigError as `load_image_embedder` does.
+    """
+    model = load_image_embedder(settings, weights_path)
+
+    def embed(paths: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        blobs = [_read_bytes(p) for p in paths]
+        decoded = [None if b is None else decode_image(b, settings.image_size) for b in blobs]
+        has_image = np.array([d is not None for d in decoded], dtype=bool)
+        vectors = np.zeros((len(paths), model.dim), np.float32)
+        if has_image.any():
+            images = torch.stack([d for d in decoded if d is not None])
+            vectors[has_image] = embed_images(model, images, settings)
+        return vectors, has_image
+
+    return embed
 
 
 class ImageEncoder:

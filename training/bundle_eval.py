@@ -24,7 +24,7 @@ from railtower.logs import get_logger
 from railtower.manifest import DataWindow, new_version, now_iso
 from railtower.settings import EvaluationSettings, Settings, load_dataset_spec
 from ranking.rails import STAGES, ranked_ids
-from serving.new_items import apply_record
+from serving.new_items import apply_records
 from serving.rail_service import LoadedRails, load_rails
 from training.evaluate import DatasetResult, TaskResult, score, score_ranked
 from training.fit_pipeline import STAGE_ROWS
@@ -285,15 +285,17 @@ def evaluate_bundle(
 
 def list_items(loaded: LoadedRails, items: pd.DataFrame) -> int:
     """List every row of `items` the bundle does not know through the serving path
-    (`apply_record`, one `item_upsert` each); returns how many it listed."""
-    fields = [c for c in ("title", "category_path", "brand", "price") if c in items.columns]
-    listed = 0
+    (`apply_records`, one `item_upsert` each, encoded as one batch, as a catalogue sync
+    does); returns how many it listed."""
+    fields = [
+        c for c in ("title", "category_path", "brand", "price", "image_path") if c in items.columns
+    ]
+    records: dict[str, Mapping[str, object]] = {}
     for row in items.itertuples(index=False):
         item_id = str(row.item_id)  # type: ignore[attr-defined]
-        if item_id in loaded.catalogue.index:
-            continue
-        record: dict[str, object] = {f: _present(getattr(row, f)) for f in fields}
-        listed += apply_record(loaded, item_id, record)
+        if item_id not in loaded.catalogue.index:
+            records[item_id] = {f: _present(getattr(row, f)) for f in fields}
+    listed = apply_records(loaded, records)
     log.info("items listed before scoring", bundle=loaded.version, listed=listed)
     return listed
 

@@ -1,7 +1,10 @@
-"""Write trained towers as one versioned bundle: TorchScript, vectors, index, manifest."""
+"""Write trained towers as one versioned bundle: TorchScript, vectors, index, manifest, and
+the image encoder that embedded the catalogue's photos when the towers were trained on any.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ from railtower.settings import Settings
 from ranking.ann import build_hnsw
 from ranking.bundle import (
     FEATURIZER,
+    IMAGE_ENCODER,
+    IMAGE_FIELDS,
     INDEX_DIR,
     ITEM_IDS,
     ITEM_TOWER,
@@ -61,6 +66,28 @@ def export_session_encoder(encoder: SessionEncoder, max_history: int, path: Path
     traced.save(str(path))
 
 
+def ship_image_encoder(trained: TrainedTowers, settings: Settings, folder: Path) -> dict | None:
+    """Copy the image encoder into the bundle when the towers saw any photo; returns what
+    towers.json records of it (None: trained without photos).
+
+    Serving embeds a new listing's photo with these weights: copied, not referenced, so a
+    later distillation writing other weights cannot change what this bundle's photos mean.
+
+    Raises:
+        ArtifactMismatch: photos were embedded but `image.weights_path` names no file.
+    """
+    if not bool(trained.features.has_image.any()):
+        return None
+    weights = settings.image.weights_path
+    if weights is None or not Path(weights).is_file():
+        raise ArtifactMismatch(
+            f"the towers were trained on photos but image.weights_path {weights} is not a "
+            "file: the bundle cannot ship the image encoder new items need"
+        )
+    shutil.copyfile(weights, folder / IMAGE_ENCODER)
+    return {f: getattr(settings.image, f) for f in IMAGE_FIELDS}
+
+
 def write_bundle(
     trained: TrainedTowers,
     settings: Settings,
@@ -69,8 +96,10 @@ def write_bundle(
     data: list[DataWindow],
     has_time: bool,
 ) -> Path:
-    """Export towers, item vectors and the HNSW index into `folder` with its manifest."""
+    """Export towers, item vectors, the HNSW index and (trained on photos) the image encoder
+    into `folder` with its manifest."""
     folder.mkdir(parents=True, exist_ok=True)
+    image = ship_image_encoder(trained, settings, folder)
     module = trained.module.eval()
     item_vectors = module.catalogue_vectors().numpy().astype(np.float32)
     np.save(folder / ITEM_VECTORS, item_vectors, allow_pickle=False)
@@ -110,6 +139,7 @@ def write_bundle(
                 "towers": settings.towers.model_dump(mode="json"),
                 "feature_spec": spec_hash(item_feature_specs(settings.towers)),
                 "has_time": has_time,
+                "image": image,
                 "triton": {
                     "model": settings.serving.triton_model,
                     "version": triton_version,

@@ -1,5 +1,6 @@
 """serving.new_items.apply_record on one model, with a stand-in item tower: which records
-list, update, retire and encode, and that re-applying a record encodes nothing again."""
+list, update, retire and encode, and that re-applying a record encodes nothing again; a
+catalogue sync of many listings encodes them in one call and swaps the index once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ranking.ann import DeltaIndex, ExactIndex
 from ranking.item_attributes import ItemAttributes
@@ -24,25 +26,31 @@ SHOP = pd.DataFrame(
 
 
 class CountingEncoder:
-    """Stands in for the item tower: a vector from the title's hash, counting calls (the
-    "features" are the rows themselves)."""
+    """Stands in for the item tower: a vector per row from its title's hash, counting calls
+    (the "features" are the rows themselves)."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    photos = None  # no image encoder: listings are encoded without their photos
 
-    def features(self, items: pd.DataFrame) -> pd.DataFrame:
-        return items
+    def __init__(self, dim: int = 4) -> None:
+        self.calls, self.dim = 0, dim
 
-    def run_tower(self, items: pd.DataFrame) -> np.ndarray:
+    def features(self, items: pd.DataFrame) -> SimpleNamespace:
+        return SimpleNamespace(rows=items, has_image=torch.zeros(len(items), dtype=torch.bool))
+
+    def run_tower(self, features: SimpleNamespace) -> np.ndarray:
         self.calls += 1
-        seed = abs(hash((items["title"][0], items["price"][0]))) % 2**32
-        vector = np.random.default_rng(seed).standard_normal((1, 4))
-        return (vector / np.linalg.norm(vector)).astype(np.float32)
+        items = features.rows
+        vectors = [
+            np.random.default_rng(abs(hash((title, price))) % 2**32).standard_normal(self.dim)
+            for title, price in zip(items["title"], items["price"], strict=True)
+        ]
+        out = np.stack(vectors)
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _model(encoder: CountingEncoder | None) -> SimpleNamespace:
+def _model(encoder: CountingEncoder | None, dim: int = 4) -> SimpleNamespace:
     main = ExactIndex()
-    main.build(np.array(["phone", "case"]), np.eye(4, dtype=np.float32)[:2])
+    main.build(np.array(["phone", "case"]), np.eye(dim, dtype=np.float32)[:2])
     return SimpleNamespace(
         version="v1",
         titles={},
@@ -125,8 +133,8 @@ class RecordingWatcher:
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, object]]] = []
 
-    def catalogue_changed(self, item_id: str, record: dict[str, object]) -> None:
-        self.seen.append((item_id, record))
+    def catalogue_changed(self, records: dict[str, dict[str, object]]) -> None:
+        self.seen.extend(records.items())
 
 
 class OneVersionStore:
@@ -152,11 +160,8 @@ def test_an_attached_watcher_first_takes_every_published_record():
     assert watcher.seen[-1] == ("phone", {"stock": 0})
 
 
-class FailingEncoder:
-    def features(self, items: pd.DataFrame) -> pd.DataFrame:
-        return items
-
-    def run_tower(self, items: pd.DataFrame) -> np.ndarray:
+class FailingEncoder(CountingEncoder):
+    def run_tower(self, features: SimpleNamespace) -> np.ndarray:
         raise RuntimeError("tower exploded")
 
 
@@ -168,3 +173,73 @@ def test_an_encoder_failure_leaves_the_item_listed_and_is_retried():
     model.new_items.encoder = CountingEncoder()
     assert apply_record(model, "new", LISTING)  # type: ignore[arg-type]
     assert "new" in model.towers.index and "new" in model.new_items.encoded
+
+
+class ManyListingsStore:
+    """The catalogue hash after a bulk upload of `count` listings (version 1)."""
+
+    def __init__(self, count: int) -> None:
+        self.records = {
+            f"bulk-{i}": {**LISTING, "title": f"listing {i}", "price": 10.0 + i}
+            for i in range(count)
+        }
+
+    def catalogue_changes(self, since: int) -> tuple[int, dict[str, dict[str, object]]]:
+        return 1, {} if since == 1 else dict(self.records)
+
+
+def _served(model: SimpleNamespace, store: object):  # type: ignore[no-untyped-def]
+    from railtower.settings import load_settings
+    from serving.metrics import Metrics
+    from serving.served_model import ServedModel
+
+    served = ServedModel(load_settings(), model, None, None, Metrics())  # type: ignore[arg-type]
+    served.store = store  # type: ignore[assignment]
+    return served
+
+
+def test_a_sync_of_200_listings_encodes_once_and_swaps_the_index_once(monkeypatch):
+    encoder = CountingEncoder(dim=32)
+    model = _model(encoder, dim=32)
+    rebuilds = []
+    with_items = DeltaIndex.with_items
+
+    def counted(self, ids, vectors):  # type: ignore[no-untyped-def]
+        rebuilds.append(len(ids))
+        return with_items(self, ids, vectors)
+
+    monkeypatch.setattr(DeltaIndex, "with_items", counted)
+    served = _served(model, ManyListingsStore(200))
+    assert served.sync_catalogue() == 200
+    assert encoder.calls == 1 and rebuilds == [200]
+    index = model.towers.index
+    assert isinstance(index, DeltaIndex) and len(index) == 202
+    # every listing is retrievable: its own vector finds it first, beside the bundle's items
+    ids = [f"bulk-{i}" for i in range(200)]
+    found, _ = index.search(np.stack([index.vector(i) for i in ids]), k=1)
+    assert [hits[0] for hits in found] == ids
+    assert all(model.pipeline.attributes[i].price == 10.0 + n for n, i in enumerate(ids))
+    # the next sync brings nothing new; a model load's replay of the same hash encodes nothing
+    assert served.sync_catalogue() == 0
+    assert served._replay_catalogue(model) == 1  # type: ignore[arg-type]
+    assert encoder.calls == 1 and rebuilds == [200] and model.towers.index is index
+
+
+def test_a_bad_listing_in_a_batch_keeps_the_others_and_is_retried():
+    class PoisonEncoder(CountingEncoder):
+        def run_tower(self, features: SimpleNamespace) -> np.ndarray:
+            if (features.rows["title"] == "poison").any():
+                self.calls += 1
+                raise ValueError("cannot encode this listing")
+            return super().run_tower(features)
+
+    encoder = PoisonEncoder()
+    model = _model(encoder)
+    records = {"a": LISTING, "bad": {**LISTING, "title": "poison"}, "b": {**LISTING, "price": 5}}
+    from serving.new_items import apply_records
+
+    assert apply_records(model, records) == 3  # type: ignore[arg-type]
+    assert 1 + 3 == encoder.calls  # the batch, then one call per listing
+    assert "a" in model.towers.index and "b" in model.towers.index
+    assert "bad" not in model.towers.index and "bad" not in model.new_items.encoded
+    assert "bad" in model.pipeline.attributes  # listed for the rules all the same
