@@ -43,7 +43,7 @@ from kafka.errors import KafkaError
 
 from railtower.errors import RailtowerError
 from railtower.logs import get_logger
-from railtower.schemas import Impression, encode
+from railtower.schemas import Impression, decode_impression, encode
 from railtower.settings import Settings, StreamingSettings
 from serving.metrics import Metrics
 from state.redis_client import RedisClient
@@ -274,28 +274,34 @@ class MemoryImpressionSink(_BufferedSink):
         queue_size: int = 10_000,
         keep: int = 100_000,
     ) -> None:
-        self._kept: deque[Impression] = deque(maxlen=keep)
+        # Kept encoded: bytes are invisible to the cycle collector, while 100,000 kept
+        # Impression objects (with their lists and dicts) made every full collection of an
+        # API process walk about a million more objects, a pause of 100-200 ms under load.
+        self._kept: deque[bytes] = deque(maxlen=keep)
         self._lock = threading.Lock()
         super().__init__(metrics, counts, queue_size, "impressions-memory")
 
     def _publish(self, batch: Sequence[Impression]) -> None:
+        encoded = [encode(impression) for impression in batch]
         with self._lock:
-            self._kept.extend(batch)
+            self._kept.extend(encoded)
         for kind, n in Counter(arm_kind(i.arm) for i in batch).items():
             self.metrics.impressions.labels(arm=kind, outcome="logged").inc(n)
 
     def impressions(self) -> list[Impression]:
         """The impressions published so far (call `flush()` first for the latest)."""
         with self._lock:
-            return list(self._kept)
+            kept = list(self._kept)
+        return [decode_impression(raw) for raw in kept]
 
     def dump_jsonl(self, path: Path) -> int:
         """Write the kept impressions to `path`, one encoded impression a line; return how many."""
-        kept = self.impressions()
+        with self._lock:
+            kept = list(self._kept)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as out:
-            for impression in kept:
-                out.write(encode(impression) + b"\n")
+            for raw in kept:
+                out.write(raw + b"\n")
         return len(kept)
 
 

@@ -7,6 +7,7 @@ reads the impressions back from the topic. A server that cannot start fails the 
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -209,6 +210,20 @@ def test_a_stalled_sink_drops_and_counts_instead_of_blocking():
     release.set()
     assert sink.flush()
     assert [i.request_id for i in sink.impressions()] == ["r0", "r1", "r2"]
+    sink.close()
+
+
+def test_the_memory_sink_keeps_impressions_out_of_the_cycle_collectors_walks():
+    """An API process without a broker keeps up to 100,000 impressions in memory: kept as
+    objects they made every full collection walk about a million more (a p99 of pauses)."""
+    sink = MemoryImpressionSink(Metrics())
+    sent = [_impression(f"g{n}") for n in range(200)]
+    tracked = len(gc.get_objects())
+    for impression in sent:
+        assert sink.log(impression)
+    assert sink.flush()
+    assert len(gc.get_objects()) - tracked < 50  # not 200 impressions' worth of objects
+    assert sink.impressions() == sent  # and they come back exactly as logged
     sink.close()
 
 
