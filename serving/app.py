@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -137,6 +138,8 @@ def create_app(settings: Settings | None = None, service: RailService | None = N
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # the pool `run_in_threadpool` takes request threads from (one per event loop)
+        to_thread.current_default_thread_limiter().total_tokens = settings.serving.request_threads
         follow_model(settings, service, watchers, rules)
         yield
         stop.set()

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from anyio import to_thread
 from fastapi.testclient import TestClient
 
 from devstack.local_services import LocalServer, free_port, redis_server, triton_server
@@ -237,6 +238,23 @@ def test_a_loaded_model_is_out_of_the_cycle_collectors_walks(trained, redis_url,
         assert (gc.get_freeze_count() > 0) is settle
     finally:
         gc.unfreeze()
+
+
+def test_the_request_pool_has_the_configured_threads(trained, redis_url):
+    """serving.request_threads sizes the pool rail requests run in (anyio's default 40)."""
+    settings, bundle = trained
+    serving = settings.serving.model_copy(
+        update={
+            "bundle": bundle,
+            "redis_url": redis_url[1],
+            "triton_url": None,
+            "request_threads": 3,
+        }
+    )
+    with TestClient(create_app(settings.model_copy(update={"serving": serving}))) as client:
+        pool = client.portal.call(to_thread.current_default_thread_limiter)
+        assert client.post("/v1/rails/homepage_hero", json={"session_id": "t1"}).status_code == 200
+    assert pool.total_tokens == 3
 
 
 def test_service_without_a_model_is_not_ready(trained):
