@@ -580,8 +580,8 @@ class ServingSettings(_Section):
     # Rail requests an API process runs at once in its thread pool (anyio's default is 40);
     # the rest wait in the event loop, first come first served. Every request thread holds
     # the GIL while it computes, so more threads than cores only take turns at it: at 16-20
-    # concurrent computed requests 4 threads cut the p99 by about a third against 40 and
-    # left no request over its budget (benchmarks/request_threads.py, README).
+    # concurrent computed requests 4 threads cut the p99 by 40-50% against 40 and left no
+    # request over its budget (benchmarks/request_threads.py, README).
     request_threads: int = Field(4, ge=1, le=1000)
     # Data set whose production bundle is served (artifacts/<promotion.pointer_dir>/<name>).
     dataset: str = "rees46"
