@@ -17,6 +17,7 @@ from serving.api_models import RailRequest
 from serving.rail_cache import rail_payload
 from serving.stages import build_query, rules_length
 from serving.user_vectors import VectorTowerSource, encode_sessions
+from state.session_store import WarmState
 from towers.session_features import history_of
 
 if TYPE_CHECKING:  # the service calls this module; only its type is needed here
@@ -59,7 +60,7 @@ def _prewarm(
 ) -> int:
     """`prewarm` for the sessions one model serves."""
     pipeline, slots = loaded.pipeline, service.settings.evaluation.slots
-    snapshots = [store.snapshot(s, loaded.version, None, users.get(s)) for s in session_ids]
+    snapshots = store.snapshots(session_ids, loaded.version, None, users)
     exclusions = service.settings.serving.exclusions
     queries = [
         build_query(
@@ -87,6 +88,7 @@ def _prewarm(
         sources["two_tower"] = VectorTowerSource(loaded.towers, vectors)
     length = rules_length(service.settings.ranking.exploration, slots, pipeline.depth)
     done = compute(pipeline, "homepage_hero", queries, sources=sources, slots=slots, length=length)
+    warmed = []
     for n, (session_id, snap, ruled) in enumerate(
         zip(session_ids, snapshots, done.ruled, strict=True)  # type: ignore[arg-type]
     ):
@@ -96,8 +98,8 @@ def _prewarm(
         request = RailRequest(session_id=session_id, slots=slots)
         explored = service.explore("homepage_hero", request, snap, items, loaded)
         items = explored.items if explored is not None else items
-        if vectors is not None:
-            store.put_vector(session_id, loaded.version, vectors[n], snap.marker)
+        vector = None if vectors is None else vectors[n]
         payload = rail_payload(snap.marker, items, explored)
-        store.put_rail(session_id, loaded.version, "homepage_hero", payload)
+        warmed.append(WarmState(session_id, vector, snap.marker, payload))
+    store.put_warm(loaded.version, "homepage_hero", warmed)  # one round trip for the batch
     return len(session_ids)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +52,9 @@ import orjson
 from railtower.settings import ServingSettings
 from state.redis_client import RedisClient, connect, connect_url, is_cluster
 from towers.session_features import HistoryEvent
+
+# (event id, event, context): one event as `append_events` takes it
+AppendedEvent = tuple[str, HistoryEvent, str | None]
 
 # what `_key(session, "events")` writes, read back by `scan_sessions`
 _SESSION_OF_KEY = re.compile(rb"^rt:\{s:(.+)\}:events$")
@@ -127,6 +130,18 @@ class SessionSnapshot:
     rail: dict[str, object] | None
     # the user's purchases across sessions (item -> last purchase time), when asked for
     purchased: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WarmState:
+    """One session's pre-warmed state for `SessionStore.put_warm`: its vector (None when the
+    model has no towers) with the marker it was computed from, and the rail's payload
+    (which carries its own marker)."""
+
+    session_id: str
+    vector: np.ndarray | None
+    vector_marker: str
+    rail: dict[str, object]
 
 
 class SessionStore:
@@ -227,32 +242,63 @@ class SessionStore:
         Raises:
             redis.RedisError: Redis is down or slower than the timeout.
         """
+        return self.snapshots([session_id], version, rail, {session_id: user_id})[0]
+
+    def snapshots(
+        self,
+        session_ids: Sequence[str],
+        version: str,
+        rail: str | None,
+        users: Mapping[str, str | None] | None = None,
+    ) -> list[SessionSnapshot]:
+        """`snapshot` of many sessions in one pipelined round trip (the consumer's batch: a
+        round trip per session cost it as much as a rail's ranking). `users` names the user
+        of a session, whose purchases it then reads.
+
+        Raises:
+            redis.RedisError: Redis is down or slower than the timeout.
+        """
+        users = users or {}
         pipe = self.client.pipeline(transaction=False)
-        pipe.lrange(self._key(session_id, "events"), 0, -1)
-        pipe.get(self._key(session_id, "n"))
-        pipe.hgetall(self._key(session_id, "vec", version))
+        shapes = [self._queue_snapshot(pipe, s, version, rail, users.get(s)) for s in session_ids]
+        replies = iter(pipe.execute())
+        return [self._read_snapshot(replies, rail, purchases) for purchases in shapes]
+
+    def _queue_snapshot(
+        self, pipe: object, session_id: str, version: str, rail: str | None, user_id: str | None
+    ) -> bool:
+        """Queue one session's snapshot reads on `pipe`; returns whether it reads purchases."""
+        pipe.lrange(self._key(session_id, "events"), 0, -1)  # type: ignore[attr-defined]
+        pipe.get(self._key(session_id, "n"))  # type: ignore[attr-defined]
+        pipe.hgetall(self._key(session_id, "vec", version))  # type: ignore[attr-defined]
         if rail is not None:
-            pipe.get(self._key(session_id, "rail", version, rail))
+            pipe.get(self._key(session_id, "rail", version, rail))  # type: ignore[attr-defined]
         with_purchases = bool(user_id) and self.purchase_ttl_s is not None
         if with_purchases:
-            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type]
-        raw_events, raw_n, raw_vector, *rest = pipe.execute()
-        raw_purchases = rest.pop() if with_purchases else []
-        raw_rail = rest
-        count = (raw_n or b"0").decode()
+            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type,attr-defined]
+        return with_purchases
+
+    def _read_snapshot(
+        self, replies: Iterator[object], rail: str | None, with_purchases: bool
+    ) -> SessionSnapshot:
+        """One session's snapshot from the next replies `_queue_snapshot` queued."""
+        raw_events, raw_n, raw_vector = next(replies), next(replies), next(replies)
+        raw_rail = next(replies) if rail is not None else None
+        raw_purchases = next(replies) if with_purchases else []
+        count = (raw_n or b"0").decode()  # type: ignore[union-attr]
         marker = count if self.rules_epoch is None else f"{count}@{self.rules_epoch}"
         events, context = [], None
-        for raw in raw_events:
+        for raw in raw_events:  # type: ignore[union-attr]
             event = orjson.loads(raw)
             events.append(HistoryEvent(event["item_id"], event["event_type"], event["time_s"]))
             context = event.get("context") or context
         vector = None
-        if raw_vector.get(b"marker", b"").decode() == count and b"vector" in raw_vector:
-            vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)
-        cached = orjson.loads(raw_rail[0]) if raw_rail and raw_rail[0] is not None else None
+        if raw_vector.get(b"marker", b"").decode() == count and b"vector" in raw_vector:  # type: ignore[union-attr]
+            vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)  # type: ignore[index]
+        cached = orjson.loads(raw_rail) if raw_rail is not None else None  # type: ignore[arg-type]
         if cached is not None and cached.get("marker") != marker:
             cached = None
-        purchased = {_text(item): float(t) for item, t in raw_purchases}
+        purchased = {_text(item): float(t) for item, t in raw_purchases}  # type: ignore[union-attr]
         return SessionSnapshot(events, context, marker, vector, cached, purchased)
 
     def append_events(
@@ -277,28 +323,69 @@ class SessionStore:
         exists its user can reach it, including after a crash between the two and the
         redelivery that follows.
         """
+        return self.append_many({session_id: (events, user_ids)})[session_id]
+
+    def append_many(
+        self,
+        sessions: Mapping[str, tuple[Sequence[AppendedEvent], Iterable[str]]],
+    ) -> dict[str, int]:
+        """`append_events` for many sessions (session -> (events, user ids)): one pipelined
+        round trip on one Redis, in the order given; session -> how many events were new.
+
+        A round trip per session cost the consumer's batch more than its Redis work. Each
+        session's script is still atomic on its own; on a cluster (no scripts in a pipeline)
+        the sessions go one at a time.
+        """
+        if self.cluster:
+            return {s: self._append_one(s, *appended) for s, appended in sessions.items()}
+        pipe = self.client.pipeline(transaction=False)
+        scripts: dict[str, int] = {}
+        for session_id, (events, user_ids) in sessions.items():
+            if events:
+                keys, args = self._queue_append(pipe, session_id, events, user_ids)
+                self._append(keys=keys, args=args, client=pipe)
+                scripts[session_id] = len(pipe) - 1
+        replies = pipe.execute() if len(pipe) else []
+        return {s: int(replies[scripts[s]]) if s in scripts else 0 for s in sessions}
+
+    def _append_one(
+        self,
+        session_id: str,
+        events: Sequence[tuple[str, HistoryEvent, str | None]],
+        user_ids: Iterable[str],
+    ) -> int:
+        """One session's append on a cluster: the user's sets, then the script."""
         if not events:
             return 0
+        pipe = self.client.pipeline(transaction=False)
+        keys, args = self._queue_append(pipe, session_id, events, user_ids)
+        if len(pipe):
+            pipe.execute()
+        return int(self._append(keys=keys, args=args))
+
+    def _queue_append(
+        self,
+        pipe: object,
+        session_id: str,
+        events: Sequence[tuple[str, HistoryEvent, str | None]],
+        user_ids: Iterable[str],
+    ) -> tuple[list[str], list[object]]:
+        """Queue the user-set writes of one session's append on `pipe`; returns the script's
+        keys and arguments."""
         args: list[object] = [self.max_events, self.state_ttl_s]
         for event_id, event, context in events:
             payload = {"item_id": event.item_id, "event_type": event.event_type}
             payload.update(time_s=event.time_s, context=context)
             args += [event_id, orjson.dumps(payload)]
         keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
-        pipe = self.client.pipeline(transaction=False)
         purchases = self._purchases(events)
         for user_id in dict.fromkeys(u for u in user_ids if u):
-            pipe.sadd(self._user_key(user_id), session_id)
-            pipe.expire(self._user_key(user_id), self.state_ttl_s)
+            pipe.sadd(self._user_key(user_id), session_id)  # type: ignore[attr-defined]
+            pipe.expire(self._user_key(user_id), self.state_ttl_s)  # type: ignore[attr-defined]
             if purchases:  # GT: a redelivered older purchase never moves the time back
-                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)
-                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)
-        if self.cluster:  # a cluster pipeline carries no script (state/redis_client.py)
-            if len(pipe):
-                pipe.execute()
-            return int(self._append(keys=keys, args=args))
-        self._append(keys=keys, args=args, client=pipe)
-        return int(pipe.execute()[-1])
+                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)  # type: ignore[attr-defined]
+                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)  # type: ignore[attr-defined]
+        return keys, args
 
     def _purchases(
         self, events: Sequence[tuple[str, HistoryEvent, str | None]]
@@ -321,19 +408,47 @@ class SessionStore:
         return sorted(_text(m) for m in self.client.smembers(self._user_key(user_id)))
 
     def put_vector(self, session_id: str, version: str, vector: np.ndarray, marker: str) -> None:
-        key = self._key(session_id, "vec", version)
-        blob = np.asarray(vector, dtype=np.float32).tobytes()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping={"marker": marker, "vector": blob})
-        pipe.expire(key, self.state_ttl_s)
+        pipe = self.client.pipeline(transaction=True)  # never a vector without its expiry
+        self._queue_vector(pipe, session_id, version, vector, marker)
         pipe.execute()
 
     def put_rail(
         self, session_id: str, version: str, rail: str, payload: dict[str, object]
     ) -> None:
         """Store a pre-warmed rail; `payload` carries the marker of the state it came from."""
+        self._queue_rail(self.client, session_id, version, rail, payload)
+
+    def _queue_vector(
+        self, pipe: object, session_id: str, version: str, vector: np.ndarray, marker: str
+    ) -> None:
+        key = self._key(session_id, "vec", version)
+        blob = np.asarray(vector, dtype=np.float32).tobytes()
+        pipe.hset(key, mapping={"marker": marker, "vector": blob})  # type: ignore[attr-defined]
+        pipe.expire(key, self.state_ttl_s)  # type: ignore[attr-defined]
+
+    def _queue_rail(
+        self, pipe: object, session_id: str, version: str, rail: str, payload: dict[str, object]
+    ) -> None:
         key = self._key(session_id, "rail", version, rail)
-        self.client.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)
+        pipe.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)  # type: ignore[attr-defined]
+
+    def put_warm(self, version: str, rail: str, warmed: Sequence[WarmState]) -> None:
+        """Store many sessions' vectors and pre-warmed rails in one pipelined round trip
+        (the consumer's batch). On one Redis the batch is one MULTI/EXEC, so a vector never
+        lands without its expiry; on a cluster each session's writes go on their own."""
+        if self.cluster:
+            for w in warmed:
+                if w.vector is not None:
+                    self.put_vector(w.session_id, version, w.vector, w.vector_marker)
+                self.put_rail(w.session_id, version, rail, w.rail)
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for w in warmed:
+            if w.vector is not None:
+                self._queue_vector(pipe, w.session_id, version, w.vector, w.vector_marker)
+            self._queue_rail(pipe, w.session_id, version, rail, w.rail)
+        if len(pipe):
+            pipe.execute()
 
     # Catalogue changes (price, stock) shared by the consumer (writes) and every API process
     # (polls): one hash of the latest state per item and a version counter, one hash tag so

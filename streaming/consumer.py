@@ -156,8 +156,8 @@ def read_session_event(raw: bytes | None) -> SessionEvent:
 
 
 class SessionBatch:
-    """Events grouped by session, appended to the store one session at a time (one Lua
-    script each: idempotent by event id, atomic), in the order they were added."""
+    """Events grouped by session, appended to the store in one pipeline (one Lua script per
+    session: idempotent by event id, atomic), in the order they were added."""
 
     def __init__(self) -> None:
         self.events: dict[str, list[tuple[str, HistoryEvent, str | None]]] = defaultdict(list)
@@ -170,16 +170,15 @@ class SessionBatch:
             self.users[event.session_id].add(event.user_id)
 
     def append_to(self, store: SessionStore) -> dict[str, int]:
-        """Append every session's events; session id -> how many were new (the rest had
-        been applied before).
+        """Append every session's events (one pipelined round trip on one Redis); session id
+        -> how many were new (the rest had been applied before).
 
         Raises:
-            redis.RedisError: Redis is down (nothing after the failing session is written).
+            redis.RedisError: Redis is down (the batch is not committed and is read again).
         """
-        return {
-            session_id: store.append_events(session_id, events, self.users.get(session_id, ()))
-            for session_id, events in self.events.items()
-        }
+        return store.append_many(
+            {s: (events, self.users.get(s, ())) for s, events in self.events.items()}
+        )
 
 
 def consumer_settings(settings: Settings) -> Settings:

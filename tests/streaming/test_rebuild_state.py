@@ -158,8 +158,8 @@ class FakeReader:
 
 
 class FakeStore:
-    """`SessionStore.append_events`' contract in memory: appends the events whose ids it
-    has not seen, returns how many."""
+    """`SessionStore.append_events` / `append_many`'s contract in memory: appends the
+    events whose ids it has not seen, returns how many."""
 
     def __init__(self) -> None:
         self.events: dict[str, list[tuple[str, str, str, float, str | None]]] = defaultdict(list)
@@ -177,6 +177,9 @@ class FakeStore:
                 self.events[session_id].append(row)
                 added += 1
         return added
+
+    def append_many(self, sessions) -> dict[str, int]:  # type: ignore[no-untyped-def]
+        return {s: self.append_events(s, events, users) for s, (events, users) in sessions.items()}
 
     def state(self) -> tuple[dict, dict]:  # type: ignore[type-arg]
         return dict(self.events), dict(self.users)
