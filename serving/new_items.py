@@ -40,6 +40,7 @@ import orjson
 import pandas as pd
 
 from railtower.logs import get_logger
+from railtower.schemas import has_listing
 from railtower.settings import Settings
 from ranking.ann import DeltaIndex
 from ranking.bundle import ITEM_TOWER, TowerBundle
@@ -60,14 +61,6 @@ LISTING_FIELDS = ("title", "description", "category_path", "brand", "image_path"
 ENCODED_FIELDS = ("title", "category_path", "brand", "price", "image_path")
 # How many item ids a log line of a batch names.
 LOGGED_IDS = 10
-
-
-def has_listing(record: Mapping[str, object]) -> bool:
-    """Whether the record carries content a new item can be encoded from."""
-    return any(
-        isinstance(record.get(f), str) and record.get(f)
-        for f in ("title", "category_path", "brand")
-    )
 
 
 @dataclass
