@@ -184,7 +184,7 @@ def _fill_content(frame: pd.DataFrame, row: int, record: Mapping[str, object]) -
     A cell the table fills is left alone even when a re-listing brings other text: the
     data set's table is what its events were recorded against and what the towers were
     trained and validated on, and serving keeps a known item's trained vector too (it
-    encodes listings only for items its bundle lacks), so bundle and serving agree. An
+    encodes listings only for items its towers lack), so bundle and serving agree. An
     empty cell is a gap, not trained content: an item that arrived in the table only
     through its events (railtower.datasets joins those without attributes) gets its
     listing's title, category and brand, which serving would otherwise never apply to it
