@@ -7,6 +7,7 @@ same :class:`Event` on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -260,6 +261,17 @@ class ItemUpsert(BaseModel):
             mode="json", exclude={"schema_version", "kind", "update_id", "item_id", "time"}
         )
         return {**fields, "retired": False}
+
+
+def has_listing(record: Mapping[str, object]) -> bool:
+    """Whether a catalogue record (the merged fields of an item's messages, as the
+    catalogue hash in Redis keeps them) carries content a new item can be listed and
+    encoded from: a title, category path or brand. Serving (serving.new_items) and the
+    nightly fold (training.catalogue_fold) list new items by this one rule."""
+    return any(
+        isinstance(record.get(f), str) and record.get(f)
+        for f in ("title", "category_path", "brand")
+    )
 
 
 class ItemRetire(BaseModel):

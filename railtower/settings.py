@@ -429,6 +429,13 @@ class NightlySettings(_Section):
     # on by `railtower canary step`). Either way a live canary is never overtaken: the run
     # is refused until that canary is aborted or finished.
     release: Literal["promote", "canary"] = "promote"
+    # Fold the catalogue records in Redis (items listed, repriced or retired on the
+    # catalogue topic since the data set's item table was written) into each data set's
+    # item table before training (training/catalogue_fold.py). Without it a new item lives
+    # only in serving's small exact delta index, beside the bundle's HNSW graph, forever;
+    # with it tonight's bundle has it in its item table, index and attributes. A Redis that
+    # cannot be reached only leaves the fold out (logged): serving still lists the items.
+    fold_catalogue: bool = True
 
 
 class DriftSettings(_Section):

@@ -11,10 +11,14 @@ A new item (an id the model's catalogue lacks, with a listing: title, category p
 brand) gets an attributes row and, where the model has towers, a vector from the bundle's
 own item tower (`towers.item_content`, content only, as training treats an unseen item),
 put into a small exact index searched beside the HNSW graph (`ranking.ann.DeltaIndex`),
-so tower retrieval can return it. A listing's photo (`image_path`) goes through the image
-encoder the bundle ships (`ranking.bundle.IMAGE_ENCODER`, loaded with the model), as the
-export embedded the catalogue's photos; a bundle trained without photos, or a photo that is
-missing or unreadable, gets the tower's "no image" input (logged). The item tower runs on
+so tower retrieval can return it. So does a listed item the model's catalogue knows but
+its towers have no vector for: the nightly job folds listings into the item table
+(training.catalogue_fold), and one listed after the towers' cut (the end of their
+retrieval window) reaches the bundle's attributes but not its HNSW graph. A listing's
+photo (`image_path`) goes through the image encoder the bundle ships
+(`ranking.bundle.IMAGE_ENCODER`, loaded with the model), as the export embedded the
+catalogue's photos; a bundle trained without photos, or a photo that is missing or
+unreadable, gets the tower's "no image" input (logged). The item tower runs on
 Triton where the bundle exported it (`serving.triton_item_tower`), in the process otherwise
 or when Triton fails.
 
@@ -40,6 +44,7 @@ import orjson
 import pandas as pd
 
 from railtower.logs import get_logger
+from railtower.schemas import has_listing
 from railtower.settings import Settings
 from ranking.ann import DeltaIndex
 from ranking.bundle import ITEM_TOWER, TowerBundle
@@ -60,14 +65,6 @@ LISTING_FIELDS = ("title", "description", "category_path", "brand", "image_path"
 ENCODED_FIELDS = ("title", "category_path", "brand", "price", "image_path")
 # How many item ids a log line of a batch names.
 LOGGED_IDS = 10
-
-
-def has_listing(record: Mapping[str, object]) -> bool:
-    """Whether the record carries content a new item can be encoded from."""
-    return any(
-        isinstance(record.get(f), str) and record.get(f)
-        for f in ("title", "category_path", "brand")
-    )
 
 
 @dataclass
@@ -195,7 +192,9 @@ def apply_records(loaded: LoadedRails, records: Mapping[str, Mapping[str, object
     for item_id, record in records.items():
         outcome = _apply_attributes(loaded, item_id, record)
         applied += outcome is not None
-        if outcome:
+        if outcome or (outcome is False and has_listing(record)):
+            # new, or known without a trained vector (see the module docstring):
+            # index_new_items encodes only items the towers lack
             listings[item_id] = record
     index_new_items(loaded, listings)
     return applied

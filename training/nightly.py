@@ -11,7 +11,10 @@ runs from overlapping.
 The default run name is derived from the data windows and the settings, so running the
 job twice on the same data is the same run and does nothing the second time; a run with
 another name on an already processed window reuses that run's outcome instead of
-training again.
+training again. With `nightly.fold_catalogue` a window includes the catalogue records in
+Redis folded into its item table (training.catalogue_fold): a new listing, price or
+retirement is new data. A run pins the snapshot it read (`catalogue.json` beside its
+state), so resuming it folds the same records whatever the catalogue did meanwhile.
 
 One module on purpose: the resumable job is its steps, its state file and its lock;
 splitting them would scatter the resume rules a crash must obey across modules.
@@ -41,6 +44,12 @@ from railtower.production import pointer_path
 from railtower.settings import Settings, load_dataset_spec
 from ranking.bundle import TowerBundle
 from ranking.rails_bundle import RailsBundle, load_evaluation
+from training.catalogue_fold import (
+    LOGGED_IDS,
+    CatalogueSnapshot,
+    fold_catalogue,
+    read_catalogue,
+)
 from training.evaluate import evaluate_dataset
 from training.fit_pipeline import staged_evaluation
 from training.harness import baseline_models
@@ -51,6 +60,9 @@ from training.tower_model import tower_factory
 log = get_logger(__name__)
 
 STEPS = ("window", "train", "verify", "gate", "promote")
+# The catalogue snapshot a run folded in, beside its state.json (see `_catalogue`).
+CATALOGUE_FILE = "catalogue.json"
+CATALOGUE_UNAVAILABLE = "Redis unreachable when the run read the catalogue"
 EXIT_PROMOTED, EXIT_REFUSED = 0, 3
 
 
@@ -92,9 +104,14 @@ def select_window(
 
 
 def window_record(
-    dataset: Dataset, events: pd.DataFrame, cut: pd.Timestamp | None, settings: Settings
+    dataset: Dataset,
+    events: pd.DataFrame,
+    cut: pd.Timestamp | None,
+    settings: Settings,
+    catalogue: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What identifies the window: source file hashes, cut, span, size, and the settings."""
+    """What identifies the window: source file hashes, cut, span, size, the settings and,
+    when the catalogue is folded in, what was folded (`fold_into`)."""
     spec = dataset.spec
     files = {
         str(spec.path(settings, m.path)): sha256_of(spec.path(settings, m.path))
@@ -112,6 +129,8 @@ def window_record(
         "sessions": int(events["session_id"].nunique()),
         "settings_fingerprint": settings.fingerprint(),
     }
+    if catalogue is not None:
+        record["catalogue"] = catalogue
     record["digest"] = hashlib.sha256(
         orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
     ).hexdigest()[:12]
@@ -306,7 +325,8 @@ def run_nightly(
                 update={"nightly": settings.nightly.model_copy(update={"window_days": window_days})}
             )
         names = datasets or settings.nightly.datasets or settings.datasets
-        windows = _windows(settings, names)
+        catalogue = _catalogue(settings, state_dir / run_name if run_name else None)
+        windows = _windows(settings, names, catalogue)
         if run_name is None:
             digest = hashlib.sha256("".join(w[1]["digest"] for w in windows.values()).encode())
             end = max((w[1]["end"] or "" for w in windows.values()), default="")[:10].replace(
@@ -328,6 +348,7 @@ def run_nightly(
                 f"these are {settings.fingerprint()}; restore them or start a new --run-name"
             )
         path = state_dir / run_name / "state.json"
+        _pin_catalogue(settings, state_dir / run_name, catalogue)
         log.info("nightly run", run=run_name, datasets=list(windows), resumed=previous is not None)
         for dataset, window in windows.values():
             _run_dataset(settings, run_name, dataset, window, state, path, state_dir)
@@ -337,7 +358,79 @@ def run_nightly(
         return _write_report(settings, run_name, state)
 
 
-def _windows(settings: Settings, names: list[str]) -> dict[str, tuple[Dataset, dict[str, Any]]]:
+def _catalogue(settings: Settings, run_folder: Path | None) -> CatalogueSnapshot | None:
+    """The catalogue snapshot this run folds in; None when the fold is off or Redis was
+    unreachable.
+
+    A run pins the snapshot it first read in its folder (`_pin_catalogue`), and resuming
+    or rerunning it folds that one again: the catalogue changes by the minute (prices,
+    stock), and a fresh read would change the windows' digests and refuse every resume as
+    "the data changed".
+    """
+    if not settings.nightly.fold_catalogue:
+        return None
+    pinned = None if run_folder is None else read_state(run_folder / CATALOGUE_FILE)
+    if pinned is None:
+        return read_catalogue(settings)
+    if "unavailable" in pinned:
+        return None
+    return CatalogueSnapshot(int(pinned["version"]), pinned["records"])
+
+
+def _pin_catalogue(
+    settings: Settings, run_folder: Path, catalogue: CatalogueSnapshot | None
+) -> None:
+    """Keep the snapshot the run folded (or that Redis was unreachable) beside its state."""
+    path = run_folder / CATALOGUE_FILE
+    if not settings.nightly.fold_catalogue or path.exists():
+        return
+    if catalogue is None:
+        write_state(path, {"unavailable": CATALOGUE_UNAVAILABLE})
+    else:
+        write_state(path, {"version": catalogue.version, "records": dict(catalogue.records)})
+
+
+def fold_into(
+    dataset: Dataset, catalogue: CatalogueSnapshot | None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The data set's item table with the catalogue folded in, and the window's
+    `catalogue` entry (what was folded; it enters the window's digest, so a new listing,
+    price or retirement makes a new run)."""
+    if catalogue is None:
+        log.warning(
+            "nightly trains without the catalogue fold",
+            dataset=dataset.name,
+            reason=CATALOGUE_UNAVAILABLE,
+        )
+        return dataset.items, {"unavailable": CATALOGUE_UNAVAILABLE}
+    # a record without `listed_at` was listed by the snapshot's last change at the latest;
+    # that time (not the clock) keeps a resumed run's folded table identical
+    folded = fold_catalogue(dataset.items, catalogue.records, catalogue.changed_at)
+    counts = folded.counts()
+    log.info(
+        "catalogue folded",
+        dataset=dataset.name,
+        version=catalogue.version,
+        records=len(catalogue.records),
+        listed_items=list(folded.listed[:LOGGED_IDS]),
+        **counts,
+    )
+    entry = {
+        "version": catalogue.version,
+        "records": len(catalogue.records),
+        "digest": catalogue.digest,
+        **counts,
+    }
+    return folded.items, entry
+
+
+def _windows(
+    settings: Settings, names: list[str], catalogue: CatalogueSnapshot | None
+) -> dict[str, tuple[Dataset, dict[str, Any]]]:
+    """Each data set's window and its record. With `nightly.fold_catalogue` the catalogue
+    snapshot is folded into every data set's item table: the catalogue topic is the shop's
+    one catalogue and carries no data set name, so a job that trains several data sets
+    (research, not a shop) lists each new id in each of them."""
     out = {}
     for name in names:
         spec = load_dataset_spec(name, settings)
@@ -353,8 +446,11 @@ def _windows(settings: Settings, names: list[str]) -> dict[str, tuple[Dataset, d
                 f"{name}: the newest {settings.nightly.window_days} days hold "
                 f"{events['session_id'].nunique()} sessions; widen nightly.window_days"
             )
-        windowed = Dataset(dataset.spec, events, dataset.items, dataset.reports)
-        out[name] = (windowed, window_record(dataset, events, cut, settings))
+        items, entry = dataset.items, None
+        if settings.nightly.fold_catalogue:
+            items, entry = fold_into(dataset, catalogue)
+        windowed = Dataset(dataset.spec, events, items, dataset.reports)
+        out[name] = (windowed, window_record(dataset, events, cut, settings, entry))
     if not out:
         raise NightlyError(f"none of {names} has events and rails to train on")
     return out

@@ -120,6 +120,20 @@ def test_retire_and_relist_go_through_the_record():
     assert "phone" not in model.new_items.encoded
 
 
+def test_a_listing_the_catalogue_knows_but_the_towers_lack_is_indexed():
+    # the nightly folded it into the item table after the towers' cut: the bundle's
+    # attributes have it, its HNSW graph does not
+    encoder = CountingEncoder()
+    model = _model(encoder)
+    model.catalogue.index["lamp"] = 2
+    model.pipeline.attributes.add("lamp", category_path="home > lighting", brand=None, price=20.0)
+    assert apply_record(model, "lamp", {**LISTING, "title": "desk lamp"})  # type: ignore[arg-type]
+    assert "lamp" in model.towers.index and encoder.calls == 1
+    # an item with a trained vector keeps it, whatever its listing says
+    assert apply_record(model, "phone", LISTING)  # type: ignore[arg-type]
+    assert encoder.calls == 1 and "phone" not in model.new_items.encoded
+
+
 def test_unknown_items_without_a_listing_and_models_without_an_encoder():
     model = _model(None)
     assert not apply_record(model, "ghost", {"price": 1.0, "stock": 2})  # type: ignore[arg-type]
