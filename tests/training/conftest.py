@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from devstack.local_services import free_port
 from railtower.settings import Settings, load_settings
 
 # Small but real: two tower epochs, the full ranking pipeline, fewer resamples and cases.
@@ -15,6 +16,11 @@ NIGHTLY_OVERRIDES = {
     "log_level": "WARNING",
 }
 
+# A port nothing listens on, one for the whole test session (it is part of the settings'
+# fingerprint, which a resumed run checks): the catalogue fold finds no Redis, so a
+# developer's devstack Redis on the default port cannot leak its catalogue into these runs.
+NO_REDIS = f"redis://127.0.0.1:{free_port()}/0"
+
 
 def nightly_settings(root, **changes) -> Settings:  # type: ignore[no-untyped-def]
     """Settings for nightly runs under `root`; `changes` replace whole sections."""
@@ -22,7 +28,7 @@ def nightly_settings(root, **changes) -> Settings:  # type: ignore[no-untyped-de
         **NIGHTLY_OVERRIDES,
         "artifacts_dir": root / "artifacts",
         "reports_dir": root / "reports",
-        "serving": {"triton_repository": root / "triton_models"},
+        "serving": {"triton_repository": root / "triton_models", "redis_url": NO_REDIS},
         **changes,
     }
     return load_settings(**overrides)
