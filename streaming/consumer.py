@@ -5,12 +5,14 @@ One micro-batch (`step`):
 1. poll up to `streaming.max_batch` records from the events and catalogue topics;
 2. decode each; a malformed one goes to the dead-letter topic with its reason and its
    original bytes (flushed before anything is committed: a rejected message is kept too);
-3. append each session's new events to Redis (idempotent by event id, atomic), publish
-   catalogue changes (price, stock; item_upsert listings and item_retire) for every API
-   process, and append the batch's prices (events' prices and price updates) to the price
-   stream (state.price_store, idempotent by event / update id), then extend the served
-   model's price history from it, so deals and the re-ranker's price features see them
-   before the rails are re-warmed;
+3. publish the batch's catalogue changes (price, stock; item_upsert listings and
+   item_retire) for every API process and apply them here, merged per item (a batch's new
+   listings are encoded together and indexed by one swap), append each session's new events
+   to Redis (idempotent by event id, atomic; one pipelined round trip), and append the
+   batch's prices (events' prices and price updates) to the price stream
+   (state.price_store, idempotent by event / update id), then extend the served model's
+   price history from it, so deals and the re-ranker's price features see them before the
+   rails are re-warmed;
 4. recompute the session vector (Triton or in-process) and the homepage rail of every
    session in the batch, redelivered ones included, in one batch (`RailRefresher.prewarm`,
    the API's serving.prewarm: the rail engine's stages, the rules and the state markers), so
@@ -181,6 +183,18 @@ class SessionBatch:
         )
 
 
+def merge_changes(
+    changes: Sequence[tuple[str, Mapping[str, object]]],
+) -> dict[str, dict[str, object]]:
+    """Item -> its changes merged in order, as the catalogue hash in Redis merges them (a
+    null field keeps the earlier value; state.session_store)."""
+    merged: dict[str, dict[str, object]] = {}
+    for item_id, change in changes:
+        record = merged.setdefault(item_id, {})
+        record.update({k: v for k, v in change.items() if v is not None or k not in record})
+    return merged
+
+
 def consumer_settings(settings: Settings) -> Settings:
     """`settings` as the consumer's service uses them: its Redis client waits
     `streaming.redis_timeout_ms`, not the API's per-request Redis budget."""
@@ -223,7 +237,7 @@ class RailRefresher(Protocol):
         self, session_ids: Sequence[str], users: Mapping[str, str] | None = None
     ) -> int: ...
 
-    def apply_catalogue_record(self, item_id: str, record: Mapping[str, object]) -> bool: ...
+    def apply_catalogue_records(self, records: Mapping[str, Mapping[str, object]]) -> int: ...
 
 
 class RefreshConsumer:
@@ -296,6 +310,7 @@ class RefreshConsumer:
         batch = SessionBatch()
         produced_at: dict[str, list[float]] = defaultdict(list)
         prices: list[PricePoint] = []
+        catalogue: list[tuple[str, dict[str, object]]] = []  # (item, change), in topic order
         for partition, records in polled.items():
             if records:
                 report.offsets[f"{partition.topic}:{partition.partition}"] = (
@@ -307,7 +322,7 @@ class RefreshConsumer:
                 report.records += 1
                 try:
                     if partition.topic == s.catalogue_topic:
-                        self._catalogue(record.value, report, prices)
+                        catalogue.append(self._catalogue(record.value, report, prices))
                         continue
                     event = read_session_event(record.value)
                 except MalformedMessage as exc:
@@ -337,8 +352,14 @@ class RefreshConsumer:
             for future in self._pending_letters:
                 future.get(timeout=10)  # raises if the broker did not take it: no commit
             self._pending_letters = []
-        touched, redelivered = [], []
         store = self.service.store
+        if catalogue:
+            # published first (every API process then applies the batch's changes), then
+            # applied here merged per item, as Redis merged them: one encoding batch and one
+            # index swap for a batch's new listings, whatever their number
+            store.put_catalogue_records(catalogue)  # type: ignore[union-attr]
+            self.service.apply_catalogue_records(merge_changes(catalogue))
+        touched, redelivered = [], []
         for session_id, added in batch.append_to(store).items():  # type: ignore[arg-type]
             report.new_events += added
             report.duplicates += len(batch.events[session_id]) - added
@@ -406,9 +427,12 @@ class RefreshConsumer:
         ends = self.consumer.end_offsets(assigned)
         return int(sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned))
 
-    def _catalogue(self, raw: bytes | None, report: BatchReport, prices: list[PricePoint]) -> None:
-        """Publish one catalogue message as a merge into the item's record in Redis (every
-        API process and every model load applies it from there), then apply it here."""
+    def _catalogue(
+        self, raw: bytes | None, report: BatchReport, prices: list[PricePoint]
+    ) -> tuple[str, dict[str, object]]:
+        """One catalogue message as (item, the change to merge into its record in Redis,
+        from where every API process and every model load applies it); its price joins
+        the batch's price observations."""
         message = decode_catalogue_message(raw)
         record: dict[str, object]
         if isinstance(message, ItemRetire):
@@ -424,10 +448,8 @@ class RefreshConsumer:
             prices.append(
                 PricePoint(message.update_id, message.item_id, message.time.timestamp(), price)
             )
-        store = self.service.store
-        store.put_catalogue_record(message.item_id, record)  # type: ignore[union-attr]
-        self.service.apply_catalogue_record(message.item_id, record)
         report.catalogue_updates += 1
+        return message.item_id, record
 
     def _dead_letter(self, record, reason: str, report: BatchReport) -> None:  # type: ignore[no-untyped-def]
         headers = [

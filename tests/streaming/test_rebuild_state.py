@@ -335,8 +335,8 @@ class _StoreOnly:
     def prewarm(self, session_ids, users=None) -> int:  # type: ignore[no-untyped-def]
         return 0
 
-    def apply_catalogue_record(self, item_id, record) -> bool:  # type: ignore[no-untyped-def]
-        return False
+    def apply_catalogue_records(self, records) -> int:  # type: ignore[no-untyped-def]
+        return 0
 
 
 @pytest.fixture(scope="module")

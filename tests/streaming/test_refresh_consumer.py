@@ -33,13 +33,14 @@ from ranking.rail_inputs import rail_query
 from serving.api_models import RailRequest
 from serving.impressions import MemoryImpressionSink
 from serving.metrics import Metrics
+from serving.new_items import NewItems
 from serving.rail_service import load_rails
 from serving.service import RailService
 from serving.shadow import ShadowRunner
 from serving.user_vectors import VectorTowerSource, session_vector
 from state.session_store import SessionStore
 from streaming import consumer as consumer_module
-from streaming.consumer import RefreshConsumer
+from streaming.consumer import RefreshConsumer, merge_changes
 from streaming.topics import ensure_topics
 
 T0 = datetime(2019, 10, 1, 2, 0, tzinfo=UTC)
@@ -678,3 +679,58 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
         assert challenger.pipeline.attributes[new_id].retired
     finally:
         service.observer = None
+
+
+def test_a_batch_of_listings_is_encoded_together_and_merged_as_redis_merges_it(stack, monkeypatch):
+    settings, service, _ = stack
+    _, _, source, content = _retrieved_cold_item(service)
+    calls: list[int] = []
+    encode_rows = NewItems.encode
+
+    def counted(self, rows):  # type: ignore[no-untyped-def]
+        calls.append(len(rows))
+        return encode_rows(self, rows)
+
+    monkeypatch.setattr(NewItems, "encode", counted)
+    listings = [
+        ItemUpsert(update_id=f"b{k}", item_id=f"bulk-{k}", time=T0, stock=k + 1, **content)
+        for k in range(12)
+    ]
+    later = [
+        CatalogueUpdate(update_id="b-price", item_id="bulk-3", time=T0, price=99.0),
+        ItemRetire(update_id="b-retire", item_id="bulk-5", time=T0),
+    ]
+    consumer = RefreshConsumer(settings, service)
+    try:
+        messages = [(b"catalogue", encode(m)) for m in listings + later]  # one partition
+        _produce(settings, messages, settings.streaming.catalogue_topic)
+        reports = _drain(consumer, lambda r: sum(x.catalogue_updates for x in r) >= 14)
+    finally:
+        consumer.close()
+    batches = sum(1 for r in reports if r.upserts)
+    # one encoding per batch that carried listings, never one per listing
+    assert len(calls) == batches and sum(calls) == 12
+    attributes = service.loaded.pipeline.attributes
+    assert attributes["bulk-3"].price == 99.0 and attributes["bulk-4"].stock == 5
+    assert attributes["bulk-5"].retired and not attributes["bulk-6"].retired
+    index = service.loaded.towers.index
+    assert isinstance(index, DeltaIndex)
+    twin = service.loaded.towers.item_vectors[service.loaded.towers.item_row[source]]
+    # encoded from the listing's own content (bulk-3 before its price change, as encoded)
+    assert all(np.allclose(index.vector(f"bulk-{k}"), twin, atol=1e-4) for k in (0, 4, 11))
+    _, records = service.store.catalogue_changes(-1)
+    assert records["bulk-3"]["price"] == 99.0 and records["bulk-3"]["title"] == content.get("title")
+    assert records["bulk-5"]["retired"] is True and records["bulk-5"]["brand"] == content["brand"]
+
+
+def test_merged_changes_keep_earlier_fields_a_later_change_leaves_null():
+    changes = [
+        ("a", {"price": 1.0, "stock": 5, "title": "phone", "retired": False}),
+        ("b", {"price": 2.0, "stock": None}),
+        ("a", {"price": None, "stock": 0}),
+        ("a", {"retired": True}),
+    ]
+    assert merge_changes(changes) == {
+        "a": {"price": 1.0, "stock": 0, "title": "phone", "retired": True},
+        "b": {"price": 2.0, "stock": None},
+    }
