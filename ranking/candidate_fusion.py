@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from ranking.candidates import Candidate
+from ranking.candidates import Candidate, candidates_of
 from ranking.retriever import Query
 
 # Every source the ranker's feature contract knows, in a fixed order; a source that is not
@@ -119,17 +119,17 @@ class CandidateTable:
 
     def ranked(self, score_column: str = "fused") -> list[list[Candidate]]:
         """Per query, its candidates ordered by `score_column` (ties keep the fused order)."""
-        out: list[list[Candidate]] = [[] for _ in range(self.queries)]
         query = self.columns["query"]
         score = np.asarray(self.columns[score_column], dtype=float)
         # lexsort is stable: equal scores keep the fused order; NaN sorts last
         order = np.lexsort((-score, query))
-        items = self.columns["item_id"]
-        for q, item, value in zip(
-            query[order].tolist(), items[order].tolist(), score[order].tolist(), strict=True
-        ):
-            out[q].append(Candidate(str(item), value))
-        return out
+        items = [str(i) for i in self.columns["item_id"][order].tolist()]
+        values = score[order].tolist()
+        bounds = np.searchsorted(query[order], np.arange(self.queries + 1)).tolist()
+        return [
+            candidates_of(items[lo:hi], values[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     def item_lists(self) -> list[list[str]]:
         return [[c.item_id for c in row] for row in self.ranked()]

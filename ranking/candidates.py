@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 
@@ -23,6 +24,23 @@ class Candidate(NamedTuple):
 
     item_id: str
     score: float
+
+
+# tuple.__new__ bound to Candidate: builds the very same named tuple without the Python-level
+# __new__ a named tuple's constructor runs, half the cost per candidate, and a rail builds
+# a few thousand of them.
+_new_candidate = partial(tuple.__new__, Candidate)
+
+
+def candidates_of(items: Iterable[str], scores: Iterable[float]) -> list[Candidate]:
+    """`[Candidate(i, s) for i, s in zip(items, scores)]`, at half the cost (the stages'
+    hot path). `items` must already be strings and `scores` floats: nothing is converted.
+
+    Example:
+        >>> candidates_of(["a", "b"], [0.5, 0.25])
+        [Candidate(item_id='a', score=0.5), Candidate(item_id='b', score=0.25)]
+    """
+    return list(map(_new_candidate, zip(items, scores, strict=True)))
 
 
 def unique_by_item(candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -39,7 +39,7 @@ from ranking.candidate_fusion import (
     source_order,
     with_pair_columns,
 )
-from ranking.candidates import Candidate
+from ranking.candidates import Candidate, candidates_of
 from ranking.item_attributes import ItemAttributes
 from ranking.mmr import mmr
 from ranking.price_history import column, deal_strength
@@ -259,7 +259,7 @@ class RailPipeline:
         # position takes the score of the same rank in the ranker's order: MMR's order
         # stands and a boost still weighs against the ranker's own scale.
         scores = sorted((c.score for c in ordered), reverse=True)
-        return [Candidate(c.item_id, s) for c, s in zip(ordered, scores, strict=True)]
+        return candidates_of([c.item_id for c in ordered], scores)
 
     def explain_rules(
         self,

@@ -15,7 +15,7 @@ import torch
 
 from ranking.ann import DeltaIndex
 from ranking.bundle import TowerBundle
-from ranking.candidates import Candidate
+from ranking.candidates import Candidate, candidates_of
 from ranking.retriever import Query
 from serving.triton_client import TritonModelClient
 from towers.session_features import SESSION_INPUT_NAMES, HistoryEvent
@@ -129,7 +129,7 @@ class VectorTowerSource:
             vectors = np.repeat(vectors[:1], len(queries), axis=0)
         ids, scores = self.towers.index.search(vectors, k, [q.exclude for q in queries])
         return [
-            [Candidate(i, float(s)) for i, s in zip(row, row_scores, strict=True)]
+            candidates_of(row, np.asarray(row_scores, dtype=float).tolist())
             for row, row_scores in zip(ids, scores, strict=True)
         ]
 
