@@ -29,7 +29,13 @@ import numpy as np
 import orjson
 
 from benchmarks.rails_api import percentiles, synthetic_sessions
-from devstack.local_services import LocalServer, api_command, free_port, redis_server
+from devstack.local_services import (
+    LocalServer,
+    api_command,
+    free_port,
+    load_test_env,
+    redis_server,
+)
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
@@ -115,18 +121,8 @@ def main() -> None:
         redis_port, api_port = free_port(), free_port()
         started.append(redis_server(redis_port, work).start())
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        env = {
-            "RAILTOWER_SERVING__BUNDLE": str(bundle),
-            "RAILTOWER_SERVING__REDIS_URL": redis_url,
-            "RAILTOWER_SERVING__TRITON_URL": "",
-            "RAILTOWER_LOG_LEVEL": "WARNING",
-            "RAILTOWER_SHADOW__SHARE": "0",
-            # explain=true is for operators: the benchmark sends the admin key it sets here
-            "RAILTOWER_SECURITY__ADMIN_API_KEY": BENCH_KEY,
-            # load test: one client is many shoppers; the per-client rate limit
-            # (on by default) is off
-            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
-        }
+        # explain=true is for operators: the benchmark sends the admin key it sets here
+        env = load_test_env(bundle, redis_url, shadow__share=0, security__admin_api_key=BENCH_KEY)
         started.append(LocalServer("api", api_command(api_port), api_port, work, env, 120).start())
         base = f"http://127.0.0.1:{api_port}"
         store = SessionStore(redis_url, 2.0, 50, 3600, 3600)

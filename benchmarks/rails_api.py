@@ -68,6 +68,7 @@ from devstack.local_services import (
     LocalServer,
     api_command,
     free_port,
+    load_test_env,
     redis_server,
     triton_server,
 )
@@ -528,16 +529,8 @@ def stack(settings: Settings, bundle: Path, has_towers: bool, ttl_s: int) -> Ite
     try:
         redis_port, grpc, api_port = free_port(), free_port(), free_port()
         started.append(redis_server(redis_port, work).start())
-        env = {
-            "RAILTOWER_SERVING__BUNDLE": str(bundle),
-            "RAILTOWER_SERVING__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "RAILTOWER_SERVING__PREWARM_TTL_S": str(ttl_s),
-            "RAILTOWER_LOG_LEVEL": "WARNING",
-            "RAILTOWER_SERVING__TRITON_URL": "",
-            # load test: one client is many shoppers; the per-client rate limit
-            # (on by default) is off
-            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
-        }
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        env = load_test_env(bundle, redis_url, serving__prewarm_ttl_s=ttl_s)
         triton = None
         if has_towers:
             started.append(
@@ -563,7 +556,7 @@ def stack(settings: Settings, bundle: Path, has_towers: bool, ttl_s: int) -> Ite
         for base in bases:
             while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
                 time.sleep(0.5)
-        yield Stack(bases[0], bases[1], bases[2], env["RAILTOWER_SERVING__REDIS_URL"], triton)
+        yield Stack(bases[0], bases[1], bases[2], redis_url, triton)
     finally:
         for server in reversed(started):
             server.stop()

@@ -35,7 +35,13 @@ from benchmarks.rails_api import (
     synthetic_sessions,
     warm_cache,
 )
-from devstack.local_services import LocalServer, api_command, free_port, redis_server
+from devstack.local_services import (
+    LocalServer,
+    api_command,
+    free_port,
+    load_test_env,
+    redis_server,
+)
 from railtower.settings import load_settings
 from serving.rail_service import load_rails
 from state.session_store import SessionStore
@@ -61,14 +67,7 @@ def start_apis(
     redis_port = free_port()
     servers = [redis_server(redis_port, work).start()]
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {
-        "RAILTOWER_SERVING__BUNDLE": str(bundle),
-        "RAILTOWER_SERVING__REDIS_URL": redis_url,
-        "RAILTOWER_SERVING__PREWARM_TTL_S": "3600",
-        "RAILTOWER_SERVING__TRITON_URL": "",
-        "RAILTOWER_LOG_LEVEL": "WARNING",
-        "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",  # one client stands for many shoppers
-    }
+    env = load_test_env(bundle, redis_url, serving__prewarm_ttl_s=3600)
     bases = {}
     for n in threads:
         port = free_port()

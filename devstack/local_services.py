@@ -121,6 +121,21 @@ def api_command(
     ]
 
 
+def load_test_env(bundle: Path, redis_url: str, **settings: object) -> dict[str, str]:
+    """The environment of an API a benchmark loads: the bundle, its Redis, no Triton (a
+    benchmark that measures Triton sets its URL), quiet logs, and no per-client rate limit
+    (one load-generating client stands for many shoppers). `settings` adds or replaces
+    variables: `serving__prewarm_ttl_s=3600` becomes RAILTOWER_SERVING__PREWARM_TTL_S."""
+    env = {
+        "RAILTOWER_SERVING__BUNDLE": str(bundle),
+        "RAILTOWER_SERVING__REDIS_URL": redis_url,
+        "RAILTOWER_SERVING__TRITON_URL": "",
+        "RAILTOWER_LOG_LEVEL": "WARNING",
+        "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",
+    }
+    return env | {f"RAILTOWER_{name.upper()}": str(value) for name, value in settings.items()}
+
+
 # What Redis evicts at maxmemory. Every key Railtower writes has a TTL, the idempotence
 # markers included (a session's seen set lives as long as its events; the price stream's
 # per-point markers serving.state_ttl_s), so a volatile-* policy can reach every key and
