@@ -45,9 +45,16 @@ def events_of(frame: pd.DataFrame) -> Iterator[Event]:
 
 
 def producer(settings: StreamingSettings) -> KafkaProducer:
-    # acks=all and retries: an event the producer was told is sent is on the broker.
+    # acks=all and retries: an event the producer was told is sent is on the broker. One
+    # request in flight per connection: with several, a retried batch can land after the
+    # next one and a session's events reach the consumer out of order (a duplicate from a
+    # retry is harmless: the session store drops an event id it has applied).
     return KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", retries=5, linger_ms=5
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        retries=5,
+        linger_ms=5,
+        max_in_flight_requests_per_connection=1,
     )
 
 
