@@ -107,7 +107,9 @@ class FoldedCatalogue:
 def fold_catalogue(
     items: pd.DataFrame, records: Mapping[str, Mapping[str, object]], now: pd.Timestamp
 ) -> FoldedCatalogue:
-    """`items` with `records` folded in (see the module docstring), sorted by item id.
+    """`items` with `records` folded in (see the module docstring): the table's rows in
+    their order (nothing a fit reads in table order moves when no item is listed), then the
+    new items by id.
 
     Args:
         items: a canonical item table (railtower.schemas.ITEM_COLUMNS), one row per item.
@@ -135,7 +137,6 @@ def fold_catalogue(
             retired.append(item_id)
         elif changed and item_id in known:  # a new row is listed, not updated
             updated.append(item_id)
-    frame = frame.sort_values("item_id", kind="stable").reset_index(drop=True)
     return FoldedCatalogue(frame, tuple(new_ids), tuple(updated), tuple(retired), tuple(ignored))
 
 

@@ -43,7 +43,7 @@ def test_a_new_listing_is_appended_with_its_listing_time_and_the_tables_columns(
     folded = fold_catalogue(_items(), {"b": LISTING}, NOW)
 
     items = folded.items
-    assert items["item_id"].tolist() == ["a", "b", "c"]  # sorted by id
+    assert items["item_id"].tolist() == ["a", "c", "b"]  # the table's order, then the new
     new = items.set_index("item_id").loc["b"]
     assert (new["title"], new["category_path"], new["brand"]) == (
         "Desk lamp",
