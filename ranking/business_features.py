@@ -16,8 +16,10 @@ side are what keeps the column order and the two sides from skewing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,8 @@ class ItemStats:
 
     def __post_init__(self) -> None:
         self.row: dict[str, int] = {item: i for i, item in enumerate(self.item_ids.tolist())}
+        # the complement lifts as sorted (a * leaves + b) keys: one search per row and seed
+        self.complement_keys = _pair_keys(self.complement)
 
     @classmethod
     def fit(
@@ -285,7 +289,7 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     # a dict lookup per row: Series.map(dict) would copy the whole catalogue's dict per call
     index = stats.row
     ids = table["item_id"]
-    rows = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
+    rows = np.fromiter(map(index.get, ids, repeat(-1)), np.int64, len(ids))
     known = rows >= 0
     r = rows[known]
 
@@ -308,12 +312,7 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     put("margin", stats.margin[r])
 
     query_of = table["query"]
-    bounds = np.searchsorted(query_of, np.arange(len(queries) + 1))
-    for q, query in enumerate(queries):
-        lo, hi = bounds[q], bounds[q + 1]
-        if lo == hi:
-            continue
-        _session_features(out[lo:hi], rows[lo:hi], query, stats, col)
+    _session_features(out, rows, query_of, queries, stats, col)
     # Point in time: each row sees only the prices known before its own request.
     nows = stats.request_times(queries)[query_of] if len(queries) else np.zeros(0)
     start = col[PRICE_FEATURES[0]]
@@ -321,72 +320,177 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
     return out
 
 
-def _session_features(
-    out: np.ndarray, rows: np.ndarray, query: Query, stats: ItemStats, col: dict[str, int]
-) -> None:
-    """Fill one query's rows: how each candidate relates to this session and request."""
-    seeds = [stats.row[i] for i in (*query.session_items, *query.cart) if i in stats.row]
-    if query.anchor is not None and query.anchor in stats.row:
-        seeds.append(stats.row[query.anchor])
-    focus_ids = (
-        [query.anchor] if query.anchor else list(query.cart) or list(query.session_items[-1:])
+@dataclass
+class _Sessions:
+    """What each query of a batch contributes to its rows' session features: one value
+    per query (NaN where it has none), seed codes padded with `_PAD` to a common width."""
+
+    now: np.ndarray
+    hour: np.ndarray
+    context: np.ndarray
+    length: np.ndarray
+    cart: np.ndarray
+    anchor: np.ndarray
+    has_seeds: np.ndarray
+    price_median: np.ndarray
+    band_median: np.ndarray
+    seeds: np.ndarray  # (Q, K) catalogue rows of the session, cart and anchor items
+    focus: np.ndarray  # (Q, K) rows of the item the request is about (anchor, cart, newest)
+    seed_leaves: np.ndarray  # (Q, K) distinct leaf codes of the seeds, _NONE left out
+
+
+_PAD = -2  # pads seed lists; never a code (codes are _NONE or >= 0) nor a row
+
+
+def _sessions(queries: Sequence[Query], stats: ItemStats) -> _Sessions:
+    """The per-query values, in one pass over the queries (cheap: a few items each)."""
+    n = len(queries)
+    out = _Sessions(
+        *(np.full(n, np.nan) for _ in range(9)),
+        *(np.full((n, 1), _PAD, dtype=np.int64) for _ in range(3)),
     )
-    focus = np.array([stats.row[i] for i in focus_ids if i in stats.row], dtype=np.int64)
-    seed_rows = np.array(seeds, dtype=np.int64)
-    now = max(query.session_times) if query.session_times else stats.end_time
+    seeds, focus, leaves = [], [], []
+    for q, query in enumerate(queries):
+        seed = [stats.row[i] for i in (*query.session_items, *query.cart) if i in stats.row]
+        if query.anchor is not None and query.anchor in stats.row:
+            seed.append(stats.row[query.anchor])
+        focus_ids = (
+            [query.anchor] if query.anchor else list(query.cart) or list(query.session_items[-1:])
+        )
+        focus.append([stats.row[i] for i in focus_ids if i in stats.row])
+        seeds.append(seed)
+        seed_rows = np.array(seed, dtype=np.int64)
+        out.now[q] = max(query.session_times) if query.session_times else stats.end_time
+        if query.session_times:
+            out.hour[q] = (out.now[q] % 86400) / 3600.0
+        if query.context:
+            out.context[q] = stable_bucket([query.context], _CONTEXT_BUCKETS, "context")[0]
+        out.length[q], out.cart[q] = len(query.session_items), len(query.cart)
+        out.anchor[q] = float(query.anchor is not None)
+        out.has_seeds[q] = float(len(seed) > 0)
+        if not seed:
+            leaves.append([])
+            continue
+        prices = [p for p in stats.price[seed_rows].tolist() if not math.isnan(p)]
+        if any(math.isfinite(p) for p in prices) and _median(prices) > 0:
+            out.price_median[q] = _median(prices)  # np.nanmedian: NaN left out
+        bands = [b for b in stats.price_band[seed_rows].tolist() if b > 0]
+        if bands:
+            out.band_median[q] = _median(bands)
+        leaves.append(sorted({c for c in stats.leaf[seed_rows].tolist() if c != _NONE}))
+    out.seeds, out.focus, out.seed_leaves = (_padded(x) for x in (seeds, focus, leaves))
+    return out
+
+
+def _median(values: Sequence[float]) -> float:
+    """numpy's median of a short list, in plain Python (a numpy call per query cost more
+    than the arithmetic): the middle value, or the mean of the two middle ones, computed
+    as numpy computes it, so the features are bit for bit what np.median gave."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (float(ordered[middle - 1]) + float(ordered[middle])) / 2.0
+
+
+def _padded(lists: Sequence[Sequence[int]]) -> np.ndarray:
+    """(len(lists), longest) int64 with each list left-aligned, `_PAD` after it."""
+    out = np.full((len(lists), max((len(x) for x in lists), default=0) or 1), _PAD, np.int64)
+    for q, values in enumerate(lists):
+        out[q, : len(values)] = values
+    return out
+
+
+def _session_features(
+    out: np.ndarray,
+    rows: np.ndarray,
+    query_of: np.ndarray,
+    queries: Sequence[Query],
+    stats: ItemStats,
+    col: dict[str, int],
+) -> None:
+    """Fill every row's features of how its candidate relates to its query's session and
+    request, for the whole batch at once: numpy over the rows, with each query's values
+    (`_sessions`) spread to its rows; this ran once per query and was a third of the
+    re-ranker stage. A query without seed items (no known session, cart or anchor item)
+    leaves the seed-based features NaN."""
+    per = _sessions(queries, stats)
     known = rows >= 0
     r = np.where(known, rows, 0)
+    now = per.now[query_of]
 
-    def put(name: str, values: np.ndarray) -> None:
-        out[:, col[name]] = np.where(known, values, np.nan)
+    def put(name: str, values: np.ndarray, where: np.ndarray = known) -> None:
+        out[:, col[name]] = np.where(where, values, np.nan)
 
     put("age_hours_log", np.log1p(np.maximum(now - stats.first_seen[r], 0.0) / 3600.0))
     put("idle_hours_log", np.log1p(np.maximum(now - stats.last_seen[r], 0.0) / 3600.0))
-    out[:, col["hour"]] = (now % 86400) / 3600.0 if query.session_times else np.nan
-    out[:, col["context"]] = (
-        float(stable_bucket([query.context], _CONTEXT_BUCKETS, "context")[0])
-        if query.context
-        else np.nan
-    )
-    out[:, col["session_length"]] = len(query.session_items)
-    out[:, col["cart_size"]] = len(query.cart)
-    out[:, col["has_anchor"]] = float(query.anchor is not None)
-    if len(seed_rows) == 0:
-        return
-    seed_prices = stats.price[seed_rows]
-    if np.isfinite(seed_prices).any():
-        median = float(np.nanmedian(seed_prices))
-        if median > 0:
-            put("price_vs_session", np.log((stats.price[r] + 1e-6) / median))
-    seed_bands = stats.price_band[seed_rows]
-    if (seed_bands > 0).any():
-        band = float(np.median(seed_bands[seed_bands > 0]))
-        put("band_gap", np.where(stats.price_band[r] > 0, stats.price_band[r] - band, np.nan))
-    put("leaf_match", _match_share(stats.leaf[r], stats.leaf[seed_rows]))
-    put("top_match", _match_share(stats.top[r], stats.top[seed_rows]))
-    put("brand_match", _match_share(stats.brand[r], stats.brand[seed_rows]))
-    if len(focus):
-        put("focus_same_leaf", _match_share(stats.leaf[r], stats.leaf[focus]))
-    seed_leaves = np.unique(stats.leaf[seed_rows])
-    seed_leaves = seed_leaves[seed_leaves != _NONE]
-    cand_leaves = stats.leaf[r]
-    if len(seed_leaves) and stats.complement.nnz:
-        has_leaf = cand_leaves != _NONE
-        lift = np.full(len(r), np.nan)
-        block = stats.complement[seed_leaves][:, np.where(has_leaf, cand_leaves, 0)].toarray()
-        stored = block != 0
-        best = np.where(stored.any(axis=0), np.where(stored, block, -np.inf).max(axis=0), np.nan)
-        lift[has_leaf] = best[has_leaf]
-        put("complement_lift", lift)
+    for name, values in (
+        ("hour", per.hour),
+        ("context", per.context),
+        ("session_length", per.length),
+        ("cart_size", per.cart),
+        ("has_anchor", per.anchor),
+    ):
+        out[:, col[name]] = values[query_of]
+    seeded = known & (per.has_seeds[query_of] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        put("price_vs_session", np.log((stats.price[r] + 1e-6) / per.price_median[query_of]))
+    band = stats.price_band[r]
+    put("band_gap", np.where(band > 0, band - per.band_median[query_of], np.nan))
+    seeds, focus = per.seeds[query_of], per.focus[query_of]
+    put("leaf_match", _match_share(stats.leaf[r], _codes_at(stats.leaf, seeds)), seeded)
+    put("top_match", _match_share(stats.top[r], _codes_at(stats.top, seeds)), seeded)
+    put("brand_match", _match_share(stats.brand[r], _codes_at(stats.brand, seeds)), seeded)
+    put("focus_same_leaf", _match_share(stats.leaf[r], _codes_at(stats.leaf, focus)), seeded)
+    put("complement_lift", _complement(stats, stats.leaf[r], per.seed_leaves[query_of]), seeded)
+
+
+def _codes_at(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The codes of padded rows (`_PAD` stays `_PAD`)."""
+    return np.where(rows >= 0, codes[np.maximum(rows, 0)], _PAD)
+
+
+def _complement(stats: ItemStats, leaves: np.ndarray, seed_leaves: np.ndarray) -> np.ndarray:
+    """Per row, the largest stored complement lift from any of its seed leaves to the
+    candidate's leaf; NaN when none is stored or the candidate has no leaf."""
+    lift = np.full(len(leaves), np.nan)
+    matrix = stats.complement
+    if not matrix.nnz:
+        return lift
+    keys, values = stats.complement_keys
+    width = matrix.shape[1]
+    best = np.full(len(leaves), -np.inf)
+    for j in range(seed_leaves.shape[1]):
+        seed = seed_leaves[:, j]
+        ask = (seed >= 0) & (leaves >= 0)
+        key = seed * width + leaves
+        at = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+        # a stored lift is never 0 (_complement_lift nudges a neutral one), an explicit zero
+        # is treated as not stored, as the sparse matrix's nonzeros are
+        found = ask & (keys[at] == key) & (values[at] != 0)
+        best = np.where(found, np.maximum(best, values[at]), best)
+    lift[np.isfinite(best)] = best[np.isfinite(best)]
+    return lift
+
+
+def _pair_keys(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(row * columns + column, value) of every stored entry, keys ascending."""
+    coo = matrix.tocoo()
+    keys = coo.row.astype(np.int64) * matrix.shape[1] + coo.col.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], coo.data[order]
 
 
 def _match_share(candidate_codes: np.ndarray, seed_codes: np.ndarray) -> np.ndarray:
-    """Share of the seed items whose code equals the candidate's (NaN: candidate has none)."""
-    seeds = seed_codes[seed_codes != _NONE]
-    if len(seeds) == 0:
-        return np.full(len(candidate_codes), np.nan)
-    share = (candidate_codes[:, None] == seeds[None, :]).mean(axis=1)
-    return np.where(candidate_codes != _NONE, share, np.nan)
+    """Per row, the share of its seed codes (one row of `seed_codes`, `_PAD` padded) equal
+    to its candidate's code, `_NONE` seeds left out; NaN where the candidate has no code or
+    no seed has one."""
+    counted = (seed_codes != _NONE) & (seed_codes != _PAD)
+    seeds = counted.sum(axis=1)
+    same = ((candidate_codes[:, None] == seed_codes) & counted).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = same / seeds
+    return np.where((candidate_codes != _NONE) & (seeds > 0), share, np.nan)
 
 
 def _complement_lift(

@@ -19,7 +19,7 @@ from ranking.business_features import (
     ItemStats,
     build_features,
 )
-from ranking.candidate_fusion import fuse
+from ranking.candidate_fusion import CandidateTable, fuse
 from ranking.candidates import Candidate
 from ranking.price_history import PRICE_FEATURES
 from ranking.retriever import Catalogue, Query
@@ -370,3 +370,20 @@ def test_saved_and_loaded_stats_give_bit_identical_features(tmp_path, timed):
         # the features actually carry information (not an all-NaN comparison)
         assert np.isfinite(before[:, COL["complement_lift"]]).any()
         assert np.isfinite(before[:, COL["age_hours_log"]]).any()
+
+
+def test_a_batch_gives_each_query_the_rows_it_gets_alone():
+    """The session features run over the whole batch at once; no query's values may leak
+    into another's rows (a request is served alone, a consumer batch is many)."""
+    table, queries = many_queries_table()
+    batch = build_features(table, queries, STATS)
+    alone = []
+    for q, query in enumerate(queries):
+        rows = table["query"] == q
+        if rows.any():
+            one = CandidateTable(
+                {k: (v[rows] * 0 if k == "query" else v[rows]) for k, v in table.columns.items()},
+                1,
+            )
+            alone.append(build_features(one, [query], STATS))
+    np.testing.assert_array_equal(batch, np.concatenate(alone))
