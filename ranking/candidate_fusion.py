@@ -164,11 +164,17 @@ def fuse(
     source = np.repeat(
         np.arange(len(names), dtype=np.int64), [sum(map(len, per_source[n])) for n in names]
     )
-    rank = np.concatenate([np.arange(1, n + 1) for n in lengths] or [np.zeros(0, np.int64)])
-    items = [c.item_id for name in names for r in per_source[name] for c in r]
-    score = np.fromiter(
-        (c.score for name in names for r in per_source[name] for c in r), float, len(items)
-    )
+    starts = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths).astype(np.int64)
+    rank = np.arange(1, sum(lengths) + 1, dtype=np.int64) - starts  # 1.. within each list
+    items: list[str] = []
+    scores: list[float] = []
+    for name in names:
+        for r in per_source[name]:
+            if r:  # transposed in C: a generator per candidate cost more than the fusion
+                row_items, row_scores = zip(*r, strict=True)
+                items += row_items
+                scores += row_scores
+    score = np.array(scores, dtype=float)
     codes, ids = pd.factorize(np.asarray(items, dtype=object))
     key = query.astype(np.int64) * max(len(ids), 1) + codes
     # A source names an item once; should it repeat one, its best rank counts.
@@ -189,7 +195,10 @@ def fuse(
     # Best fused first; ties go to the item with the best single rank, then the id, so the
     # order never depends on dict or hash order.
     best_rank = np.nanmin(ranks, axis=1) if len(pairs) else np.zeros(0)
-    by_id = np.argsort(np.argsort(pair_item.astype(str), kind="stable"), kind="stable")
+    # each distinct id's rank in string order (a query names an item once, so ranking the
+    # distinct ids orders every query's items as ranking all pairs did, at a fraction)
+    id_rank = np.argsort(np.argsort(ids.astype(str), kind="stable"), kind="stable")
+    by_id = id_rank[pairs % max(len(ids), 1)] if len(ids) else np.zeros(0, np.int64)
     order = np.lexsort((by_id, best_rank, -fused, pair_query))
     starts = np.searchsorted(pair_query[order], np.arange(queries))
     position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
