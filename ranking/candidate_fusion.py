@@ -164,7 +164,7 @@ def fuse(
     source = np.repeat(
         np.arange(len(names), dtype=np.int64), [sum(map(len, per_source[n])) for n in names]
     )
-    starts = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths).astype(np.int64)
+    starts = np.repeat(np.cumsum([0, *lengths])[:-1], lengths).astype(np.int64)
     rank = np.arange(1, sum(lengths) + 1, dtype=np.int64) - starts  # 1.. within each list
     items: list[str] = []
     scores: list[float] = []
