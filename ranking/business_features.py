@@ -117,8 +117,6 @@ class ItemStats:
 
     def __post_init__(self) -> None:
         self.row: dict[str, int] = {item: i for i, item in enumerate(self.item_ids.tolist())}
-        # the complement lifts as sorted (a * leaves + b) keys: one search per row and seed
-        self.complement_keys = _pair_keys(self.complement)
 
     @classmethod
     def fit(
@@ -323,7 +321,9 @@ def build_features(table: CandidateTable, queries: Sequence[Query], stats: ItemS
 @dataclass
 class _Sessions:
     """What each query of a batch contributes to its rows' session features: one value
-    per query (NaN where it has none), seed codes padded with `_PAD` to a common width."""
+    per query (NaN where it has none), and its seed lists flattened as (query, value) pairs:
+    a wholesale basket names hundreds of items, so lists padded to the longest would cost
+    rows x longest basket (6 GB on a UCI batch)."""
 
     now: np.ndarray
     hour: np.ndarray
@@ -334,22 +334,22 @@ class _Sessions:
     has_seeds: np.ndarray
     price_median: np.ndarray
     band_median: np.ndarray
-    seeds: np.ndarray  # (Q, K) catalogue rows of the session, cart and anchor items
-    focus: np.ndarray  # (Q, K) rows of the item the request is about (anchor, cart, newest)
-    seed_leaves: np.ndarray  # (Q, K) distinct leaf codes of the seeds, _NONE left out
-
-
-_PAD = -2  # pads seed lists; never a code (codes are _NONE or >= 0) nor a row
+    # catalogue rows of the session, cart and anchor items (repeats kept), by query
+    seeds: tuple[np.ndarray, np.ndarray]
+    # rows of the item the request is about (the anchor, else the cart, else the newest)
+    focus: tuple[np.ndarray, np.ndarray]
+    # distinct leaf codes of the seeds, _NONE left out
+    seed_leaves: tuple[np.ndarray, np.ndarray]
 
 
 def _sessions(queries: Sequence[Query], stats: ItemStats) -> _Sessions:
     """The per-query values, in one pass over the queries (cheap: a few items each)."""
     n = len(queries)
-    out = _Sessions(
-        *(np.full(n, np.nan) for _ in range(9)),
-        *(np.full((n, 1), _PAD, dtype=np.int64) for _ in range(3)),
-    )
-    seeds, focus, leaves = [], [], []
+    values = [np.full(n, np.nan) for _ in range(9)]
+    now, hour, context, length, cart, anchor, has_seeds, price_median, band_median = values
+    seeds: list[list[int]] = []
+    focus: list[list[int]] = []
+    leaves: list[list[int]] = []
     for q, query in enumerate(queries):
         seed = [stats.row[i] for i in (*query.session_items, *query.cart) if i in stats.row]
         if query.anchor is not None and query.anchor in stats.row:
@@ -359,27 +359,26 @@ def _sessions(queries: Sequence[Query], stats: ItemStats) -> _Sessions:
         )
         focus.append([stats.row[i] for i in focus_ids if i in stats.row])
         seeds.append(seed)
-        seed_rows = np.array(seed, dtype=np.int64)
-        out.now[q] = max(query.session_times) if query.session_times else stats.end_time
+        now[q] = max(query.session_times) if query.session_times else stats.end_time
         if query.session_times:
-            out.hour[q] = (out.now[q] % 86400) / 3600.0
+            hour[q] = (now[q] % 86400) / 3600.0
         if query.context:
-            out.context[q] = stable_bucket([query.context], _CONTEXT_BUCKETS, "context")[0]
-        out.length[q], out.cart[q] = len(query.session_items), len(query.cart)
-        out.anchor[q] = float(query.anchor is not None)
-        out.has_seeds[q] = float(len(seed) > 0)
+            context[q] = stable_bucket([query.context], _CONTEXT_BUCKETS, "context")[0]
+        length[q], cart[q] = len(query.session_items), len(query.cart)
+        anchor[q] = float(query.anchor is not None)
+        has_seeds[q] = float(len(seed) > 0)
         if not seed:
             leaves.append([])
             continue
+        seed_rows = np.array(seed, dtype=np.int64)
         prices = [p for p in stats.price[seed_rows].tolist() if not math.isnan(p)]
         if any(math.isfinite(p) for p in prices) and _median(prices) > 0:
-            out.price_median[q] = _median(prices)  # np.nanmedian: NaN left out
+            price_median[q] = _median(prices)  # np.nanmedian: NaN left out
         bands = [b for b in stats.price_band[seed_rows].tolist() if b > 0]
         if bands:
-            out.band_median[q] = _median(bands)
+            band_median[q] = _median(bands)
         leaves.append(sorted({c for c in stats.leaf[seed_rows].tolist() if c != _NONE}))
-    out.seeds, out.focus, out.seed_leaves = (_padded(x) for x in (seeds, focus, leaves))
-    return out
+    return _Sessions(*values, _flat(seeds), _flat(focus), _flat(leaves))
 
 
 def _median(values: Sequence[float]) -> float:
@@ -393,12 +392,10 @@ def _median(values: Sequence[float]) -> float:
     return (float(ordered[middle - 1]) + float(ordered[middle])) / 2.0
 
 
-def _padded(lists: Sequence[Sequence[int]]) -> np.ndarray:
-    """(len(lists), longest) int64 with each list left-aligned, `_PAD` after it."""
-    out = np.full((len(lists), max((len(x) for x in lists), default=0) or 1), _PAD, np.int64)
-    for q, values in enumerate(lists):
-        out[q, : len(values)] = values
-    return out
+def _flat(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(query of each value, the values), int64, lists concatenated in query order."""
+    query = np.repeat(np.arange(len(lists), dtype=np.int64), [len(x) for x in lists])
+    return query, np.array([v for x in lists for v in x], dtype=np.int64)
 
 
 def _session_features(
@@ -437,60 +434,82 @@ def _session_features(
         put("price_vs_session", np.log((stats.price[r] + 1e-6) / per.price_median[query_of]))
     band = stats.price_band[r]
     put("band_gap", np.where(band > 0, band - per.band_median[query_of], np.nan))
-    seeds, focus = per.seeds[query_of], per.focus[query_of]
-    put("leaf_match", _match_share(stats.leaf[r], _codes_at(stats.leaf, seeds)), seeded)
-    put("top_match", _match_share(stats.top[r], _codes_at(stats.top, seeds)), seeded)
-    put("brand_match", _match_share(stats.brand[r], _codes_at(stats.brand, seeds)), seeded)
-    put("focus_same_leaf", _match_share(stats.leaf[r], _codes_at(stats.leaf, focus)), seeded)
-    put("complement_lift", _complement(stats, stats.leaf[r], per.seed_leaves[query_of]), seeded)
+    (seed_query, seed_rows), (focus_query, focus_rows) = per.seeds, per.focus
+    n = len(queries)
+    for name, codes, by, of in (
+        ("leaf_match", stats.leaf, seed_query, seed_rows),
+        ("top_match", stats.top, seed_query, seed_rows),
+        ("brand_match", stats.brand, seed_query, seed_rows),
+        ("focus_same_leaf", stats.leaf, focus_query, focus_rows),
+    ):
+        put(name, _match_share(codes[r], query_of, by, codes[of], n), seeded)
+    put("complement_lift", _complement(stats, stats.leaf[r], query_of, per.seed_leaves), seeded)
 
 
-def _codes_at(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The codes of padded rows (`_PAD` stays `_PAD`)."""
-    return np.where(rows >= 0, codes[np.maximum(rows, 0)], _PAD)
+def _complement(
+    stats: ItemStats,
+    leaves: np.ndarray,
+    query_of: np.ndarray,
+    seed_leaves: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Per row, the largest stored complement lift from any of its query's seed leaves to
+    the candidate's leaf; NaN when none is stored or the candidate has no leaf.
 
-
-def _complement(stats: ItemStats, leaves: np.ndarray, seed_leaves: np.ndarray) -> np.ndarray:
-    """Per row, the largest stored complement lift from any of its seed leaves to the
-    candidate's leaf; NaN when none is stored or the candidate has no leaf."""
+    Each (query, seed leaf) expands to the lifts stored in that leaf's row (few: pairs seen
+    in two sessions at least), the best per (query, leaf) is kept, and each row looks its
+    own up."""
     lift = np.full(len(leaves), np.nan)
     matrix = stats.complement
-    if not matrix.nnz:
+    seed_query, seed_leaf = seed_leaves
+    if not matrix.nnz or not len(seed_leaf):
         return lift
-    keys, values = stats.complement_keys
+    starts, ends = matrix.indptr[seed_leaf], matrix.indptr[seed_leaf + 1]
+    counts = (ends - starts).astype(np.int64)
+    offsets = np.repeat(starts - np.cumsum(np.r_[0, counts[:-1]]), counts)
+    entries = offsets + np.arange(int(counts.sum()), dtype=np.int64)
+    # a stored lift is never 0 (_complement_lift nudges a neutral one); an explicit zero
+    # counts as not stored, as the sparse matrix's nonzeros did
+    value = matrix.data[entries]
     width = matrix.shape[1]
-    best = np.full(len(leaves), -np.inf)
-    for j in range(seed_leaves.shape[1]):
-        seed = seed_leaves[:, j]
-        ask = (seed >= 0) & (leaves >= 0)
-        key = seed * width + leaves
-        at = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-        # a stored lift is never 0 (_complement_lift nudges a neutral one), an explicit zero
-        # is treated as not stored, as the sparse matrix's nonzeros are
-        found = ask & (keys[at] == key) & (values[at] != 0)
-        best = np.where(found, np.maximum(best, values[at]), best)
-    lift[np.isfinite(best)] = best[np.isfinite(best)]
+    key = np.repeat(seed_query, counts) * width + matrix.indices[entries].astype(np.int64)
+    key, value = key[value != 0], value[value != 0]
+    if not len(key):
+        return lift
+    order = np.lexsort((value, key))  # by key, largest value last within each key
+    last = np.r_[key[order][1:] != key[order][:-1], True]
+    keys, best = key[order][last], value[order][last]
+    ask = leaves >= 0
+    wanted = query_of * width + leaves
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    hit = ask & (keys[at] == wanted)
+    lift[hit] = best[at[hit]]
     return lift
 
 
-def _pair_keys(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(row * columns + column, value) of every stored entry, keys ascending."""
-    coo = matrix.tocoo()
-    keys = coo.row.astype(np.int64) * matrix.shape[1] + coo.col.astype(np.int64)
-    order = np.argsort(keys, kind="stable")
-    return keys[order], coo.data[order]
-
-
-def _match_share(candidate_codes: np.ndarray, seed_codes: np.ndarray) -> np.ndarray:
-    """Per row, the share of its seed codes (one row of `seed_codes`, `_PAD` padded) equal
-    to its candidate's code, `_NONE` seeds left out; NaN where the candidate has no code or
-    no seed has one."""
-    counted = (seed_codes != _NONE) & (seed_codes != _PAD)
-    seeds = counted.sum(axis=1)
-    same = ((candidate_codes[:, None] == seed_codes) & counted).sum(axis=1)
+def _match_share(
+    codes: np.ndarray,
+    query_of: np.ndarray,
+    seed_query: np.ndarray,
+    seed_codes: np.ndarray,
+    queries: int,
+) -> np.ndarray:
+    """Per row, the share of its query's seed codes (`seed_query` names each seed's query)
+    equal to the row's code, `_NONE` seeds left out; NaN where the row's code is `_NONE` or
+    none of its query's seeds has a code."""
+    counted = seed_codes != _NONE
+    seed_query, seed_codes = seed_query[counted], seed_codes[counted]
+    seeds = np.bincount(seed_query, minlength=queries)[query_of]
+    width = int(max(codes.max(initial=0), seed_codes.max(initial=0))) + 1
+    keys, same = np.unique(seed_query * width + seed_codes, return_counts=True)
+    wanted = query_of * width + codes
+    hits = np.zeros(len(codes), dtype=np.int64)
+    if len(keys):
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        found = (codes != _NONE) & (keys[at] == wanted)
+        hits[found] = same[at[found]]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = same / seeds
-    return np.where((candidate_codes != _NONE) & (seeds > 0), share, np.nan)
+        share = hits / seeds
+    return np.where((codes != _NONE) & (seeds > 0), share, np.nan)
 
 
 def _complement_lift(
