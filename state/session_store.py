@@ -45,6 +45,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -265,40 +266,40 @@ class SessionStore:
         return [self._read_snapshot(replies, rail, purchases) for purchases in shapes]
 
     def _queue_snapshot(
-        self, pipe: object, session_id: str, version: str, rail: str | None, user_id: str | None
+        self, pipe: Any, session_id: str, version: str, rail: str | None, user_id: str | None
     ) -> bool:
         """Queue one session's snapshot reads on `pipe`; returns whether it reads purchases."""
-        pipe.lrange(self._key(session_id, "events"), 0, -1)  # type: ignore[attr-defined]
-        pipe.get(self._key(session_id, "n"))  # type: ignore[attr-defined]
-        pipe.hgetall(self._key(session_id, "vec", version))  # type: ignore[attr-defined]
+        pipe.lrange(self._key(session_id, "events"), 0, -1)
+        pipe.get(self._key(session_id, "n"))
+        pipe.hgetall(self._key(session_id, "vec", version))
         if rail is not None:
-            pipe.get(self._key(session_id, "rail", version, rail))  # type: ignore[attr-defined]
+            pipe.get(self._key(session_id, "rail", version, rail))
         with_purchases = bool(user_id) and self.purchase_ttl_s is not None
         if with_purchases:
-            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type,attr-defined]
+            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type]
         return with_purchases
 
     def _read_snapshot(
-        self, replies: Iterator[object], rail: str | None, with_purchases: bool
+        self, replies: Iterator[Any], rail: str | None, with_purchases: bool
     ) -> SessionSnapshot:
         """One session's snapshot from the next replies `_queue_snapshot` queued."""
         raw_events, raw_n, raw_vector = next(replies), next(replies), next(replies)
         raw_rail = next(replies) if rail is not None else None
         raw_purchases = next(replies) if with_purchases else []
-        count = (raw_n or b"0").decode()  # type: ignore[union-attr]
+        count = (raw_n or b"0").decode()
         marker = count if self.rules_epoch is None else f"{count}@{self.rules_epoch}"
         events, context = [], None
-        for raw in raw_events:  # type: ignore[union-attr]
+        for raw in raw_events:
             event = orjson.loads(raw)
             events.append(HistoryEvent(event["item_id"], event["event_type"], event["time_s"]))
             context = event.get("context") or context
         vector = None
-        if raw_vector.get(b"marker", b"").decode() == count and b"vector" in raw_vector:  # type: ignore[union-attr]
-            vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)  # type: ignore[index]
-        cached = orjson.loads(raw_rail) if raw_rail is not None else None  # type: ignore[arg-type]
+        if raw_vector.get(b"marker", b"").decode() == count and b"vector" in raw_vector:
+            vector = np.frombuffer(raw_vector[b"vector"], dtype=np.float32)
+        cached = orjson.loads(raw_rail) if raw_rail is not None else None
         if cached is not None and cached.get("marker") != marker:
             cached = None
-        purchased = {_text(item): float(t) for item, t in raw_purchases}  # type: ignore[union-attr]
+        purchased = {_text(item): float(t) for item, t in raw_purchases}
         return SessionSnapshot(events, context, marker, vector, cached, purchased)
 
     def append_events(
@@ -365,7 +366,7 @@ class SessionStore:
 
     def _queue_append(
         self,
-        pipe: object,
+        pipe: Any,
         session_id: str,
         events: Sequence[tuple[str, HistoryEvent, str | None]],
         user_ids: Iterable[str],
@@ -380,11 +381,11 @@ class SessionStore:
         keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
         purchases = self._purchases(events)
         for user_id in dict.fromkeys(u for u in user_ids if u):
-            pipe.sadd(self._user_key(user_id), session_id)  # type: ignore[attr-defined]
-            pipe.expire(self._user_key(user_id), self.state_ttl_s)  # type: ignore[attr-defined]
+            pipe.sadd(self._user_key(user_id), session_id)
+            pipe.expire(self._user_key(user_id), self.state_ttl_s)
             if purchases:  # GT: a redelivered older purchase never moves the time back
-                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)  # type: ignore[attr-defined]
-                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)  # type: ignore[attr-defined]
+                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)
+                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)
         return keys, args
 
     def _purchases(
@@ -419,18 +420,18 @@ class SessionStore:
         self._queue_rail(self.client, session_id, version, rail, payload)
 
     def _queue_vector(
-        self, pipe: object, session_id: str, version: str, vector: np.ndarray, marker: str
+        self, pipe: Any, session_id: str, version: str, vector: np.ndarray, marker: str
     ) -> None:
         key = self._key(session_id, "vec", version)
         blob = np.asarray(vector, dtype=np.float32).tobytes()
-        pipe.hset(key, mapping={"marker": marker, "vector": blob})  # type: ignore[attr-defined]
-        pipe.expire(key, self.state_ttl_s)  # type: ignore[attr-defined]
+        pipe.hset(key, mapping={"marker": marker, "vector": blob})
+        pipe.expire(key, self.state_ttl_s)
 
     def _queue_rail(
-        self, pipe: object, session_id: str, version: str, rail: str, payload: dict[str, object]
+        self, pipe: Any, session_id: str, version: str, rail: str, payload: dict[str, object]
     ) -> None:
         key = self._key(session_id, "rail", version, rail)
-        pipe.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)  # type: ignore[attr-defined]
+        pipe.set(key, orjson.dumps(payload), ex=self.rail_ttl_s)
 
     def put_warm(self, version: str, rail: str, warmed: Sequence[WarmState]) -> None:
         """Store many sessions' vectors and pre-warmed rails in one pipelined round trip
