@@ -310,7 +310,8 @@ class RefreshConsumer:
         batch = SessionBatch()
         produced_at: dict[str, list[float]] = defaultdict(list)
         prices: list[PricePoint] = []
-        catalogue: list[tuple[str, dict[str, object]]] = []  # (item, change), in topic order
+        # (item, change, the message it came from), in topic order
+        catalogue: list[tuple[str, dict[str, object], Any]] = []
         for partition, records in polled.items():
             if records:
                 report.offsets[f"{partition.topic}:{partition.partition}"] = (
@@ -322,7 +323,7 @@ class RefreshConsumer:
                 report.records += 1
                 try:
                     if partition.topic == s.catalogue_topic:
-                        catalogue.append(self._catalogue(record.value, report, prices))
+                        catalogue.append((*self._catalogue(record.value, report, prices), record))
                         continue
                     event = read_session_event(record.value)
                 except MalformedMessage as exc:
@@ -347,18 +348,14 @@ class RefreshConsumer:
                     )
                 batch.add(event)
                 produced_at[event.session_id].append(record.timestamp / 1000)
+        store = self.service.store
+        if catalogue:
+            self._apply_catalogue(catalogue, report)
         if self._pending_letters:
             self.dead_letters.flush()
             for future in self._pending_letters:
                 future.get(timeout=10)  # raises if the broker did not take it: no commit
             self._pending_letters = []
-        store = self.service.store
-        if catalogue:
-            # published first (every API process then applies the batch's changes), then
-            # applied here merged per item, as Redis merged them: one encoding batch and one
-            # index swap for a batch's new listings, whatever their number
-            store.put_catalogue_records(catalogue)  # type: ignore[union-attr]
-            self.service.apply_catalogue_records(merge_changes(catalogue))
         touched, redelivered = [], []
         for session_id, added in batch.append_to(store).items():  # type: ignore[arg-type]
             report.new_events += added
@@ -426,6 +423,36 @@ class RefreshConsumer:
             return 0
         ends = self.consumer.end_offsets(assigned)
         return int(sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned))
+
+    def _apply_catalogue(
+        self, catalogue: Sequence[tuple[str, dict[str, object], Any]], report: BatchReport
+    ) -> None:
+        """Publish the batch's catalogue changes (every API process then applies them) and
+        apply them here merged per item, as Redis merged them: one encoding batch and one
+        index swap for a batch's new listings, whatever their number. Should applying fail
+        for a reason other than a part being down, each item is applied alone and the
+        messages of one that still fails go to the dead-letter topic with the reason (one
+        bad record must not make the batch fail for ever)."""
+        store = self.service.store
+        store.put_catalogue_records([(item, change) for item, change, _ in catalogue])  # type: ignore[union-attr]
+        merged = merge_changes([(item, change) for item, change, _ in catalogue])
+        try:
+            self.service.apply_catalogue_records(merged)
+            return
+        except (redis.RedisError, KafkaError):
+            raise  # a part is down, not the message: the batch is retried
+        except Exception as exc:  # noqa: BLE001 - find the item, keep the others
+            log.warning("catalogue batch not applied; applying item by item", error=str(exc))
+        for item_id, record in merged.items():
+            try:
+                self.service.apply_catalogue_records({item_id: record})
+            except (redis.RedisError, KafkaError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - this item's messages are dead letters
+                reason = f"cannot be applied: {type(exc).__name__}: {exc}"
+                for item, _, message in catalogue:
+                    if item == item_id:
+                        self._dead_letter(message, reason, report)
 
     def _catalogue(
         self, raw: bytes | None, report: BatchReport, prices: list[PricePoint]

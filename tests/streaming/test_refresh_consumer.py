@@ -734,3 +734,36 @@ def test_merged_changes_keep_earlier_fields_a_later_change_leaves_null():
         "a": {"price": 1.0, "stock": 0, "title": "phone", "retired": True},
         "b": {"price": 2.0, "stock": None},
     }
+
+
+def test_a_catalogue_record_that_cannot_be_applied_is_a_dead_letter_and_the_rest_apply(
+    stack, monkeypatch
+):
+    settings, service, _ = stack
+    apply = service.apply_catalogue_records
+
+    def refuse_one(records):  # type: ignore[no-untyped-def]
+        if ITEMS[4] in records:
+            raise ValueError("no such shelf")
+        return apply(records)
+
+    monkeypatch.setattr(service, "apply_catalogue_records", refuse_one)
+    updates = [
+        CatalogueUpdate(update_id=f"u{k}", item_id=item, time=T0, stock=k + 1)
+        for k, item in enumerate(ITEMS[3:6])
+    ]
+    consumer = RefreshConsumer(settings, service)
+    try:
+        messages = [(b"catalogue", encode(u)) for u in updates]
+        _produce(settings, messages, settings.streaming.catalogue_topic)
+        reports = _drain(consumer, lambda r: sum(x.records for x in r) >= 3)
+        # committed: the group does not read the batch again
+        assert not any(r.records for r in _drain(consumer, lambda r: len(r) >= 3, 30))
+    finally:
+        consumer.close()
+    assert sum(r.dead_letters for r in reports) == 1
+    (letter,) = _letters(settings, 1)
+    assert letter.value == encode(updates[1])
+    assert dict(letter.headers)["reason"].decode() == "cannot be applied: ValueError: no such shelf"
+    attributes = service.loaded.pipeline.attributes
+    assert attributes[ITEMS[3]].stock == 1 and attributes[ITEMS[5]].stock == 3
