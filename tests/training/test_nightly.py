@@ -99,6 +99,7 @@ def test_rerunning_the_same_window_neither_retrains_nor_promotes_again(nightly_r
         "RAILTOWER_ARTIFACTS_DIR": str(settings.artifacts_dir),
         "RAILTOWER_REPORTS_DIR": str(settings.reports_dir),
         "RAILTOWER_SERVING__TRITON_REPOSITORY": str(settings.serving.triton_repository),
+        "RAILTOWER_SERVING__REDIS_URL": settings.serving.redis_url,
         "RAILTOWER_EVALUATION__BOOTSTRAP_SAMPLES": "100",
         "RAILTOWER_EVALUATION__MAX_SESSIONS_PER_TASK": "300",
         "RAILTOWER_TRAINING__MAX_EPOCHS": "2",
