@@ -95,6 +95,7 @@ class EvaluationSettings(_Section):
         "covisitation",
         "transitions",
         "session_knn",
+        "buy_again",
     ]
     # Models, sources, re-ranker features and the ranked catalogue know only items seen
     # before the cut (or listed before it); false reproduces the leaky protocol side by side.
@@ -363,6 +364,7 @@ class RankingSettings(_Section):
             "session_knn",
             "category_popularity",
             "popularity",
+            "buy_again",
         ]
     ] = [
         "two_tower",
@@ -371,6 +373,7 @@ class RankingSettings(_Section):
         "session_knn",
         "category_popularity",
         "popularity",
+        "buy_again",
     ]
     # Reciprocal-rank-fusion constant: larger flattens the advantage of a source's top items.
     rrf_k: int = Field(60, ge=1)
@@ -541,6 +544,16 @@ class StageBudgets(_Section):
     admission_ms: float = Field(200.0, gt=0)
 
 
+class PurchaseMemorySettings(_Section):
+    # Each logged-in shopper's purchases, one entry per (session, item), kept in Redis by the
+    # consumer for the buy-again source and the purchased-items exclusion; the evaluator
+    # gives every case the same view of the user's earlier sessions. Order history is
+    # personal data: it expires `days` after the user's last purchase and the newest
+    # `max_entries` are kept. null days = no memory (guests alone, buy-again never fires).
+    days: float | None = Field(400.0, gt=0)
+    max_entries: int = Field(500, ge=1)
+
+
 class ExclusionSettings(_Section):
     # Items the shopper purchased within this many hours (of the session's newest event)
     # never appear on `rails`; derived from the session state the consumer keeps in Redis.
@@ -648,6 +661,7 @@ class ServingSettings(_Section):
     redis_maxmemory_mb: int = Field(512, ge=0)
     budgets: StageBudgets = StageBudgets()
     exclusions: ExclusionSettings = ExclusionSettings()
+    purchase_memory: PurchaseMemorySettings = PurchaseMemorySettings()
     # Collect once after every model load and freeze what survived (railtower.heap): the
     # cycle collector then never walks the model's ~600k objects again, which otherwise
     # cost a 300-500 ms pause with the GIL held every so often under load.

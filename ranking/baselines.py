@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from railtower.settings import Settings
+from ranking.buy_again import BuyAgainRetriever
 from ranking.category_popularity import CategoryPopularityRetriever
 from ranking.covisitation import CovisitationRetriever, TransitionRetriever
 from ranking.popularity import PopularityRetriever, RandomRetriever
@@ -27,4 +28,5 @@ BASELINES: dict[str, Callable[[Settings, bool], Retriever]] = {
     "session_knn": lambda s, _basket: SessionKnnRetriever(
         s.baselines.session_knn, s.event_weights, s.baselines.popularity
     ),
+    "buy_again": lambda s, _basket: BuyAgainRetriever(s.baselines.popularity, s.event_weights),
 }

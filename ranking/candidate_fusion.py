@@ -28,6 +28,7 @@ SOURCES: tuple[str, ...] = (
     "session_knn",
     "category_popularity",
     "popularity",
+    "buy_again",
 )
 
 # Sources that also weigh one item against another: for each, the candidate's weight with

@@ -62,9 +62,10 @@ def rail_query(
     session_times: Sequence[float] = (),
     context: str | None = None,
     also_exclude: Iterable[str] = (),
+    past_purchases: Sequence[str] = (),
 ) -> Query:
     """The pipeline's query with the rail's exclusions (plus `also_exclude`: the request's
-    own list, purchases in the exclusion window)."""
+    own list, purchases in the exclusion window) and the shopper's earlier purchases."""
     return Query(
         session_items=tuple(session_items),
         session_types=tuple(session_types),
@@ -73,4 +74,5 @@ def rail_query(
         anchor=anchor,
         cart=tuple(cart),
         exclude=rail_exclusions(anchor, cart, session_items) | frozenset(also_exclude),
+        past_purchases=tuple(past_purchases),
     )

@@ -31,6 +31,8 @@ class Query:
         exclude: items that must not be returned (the anchor, the cart, items already seen).
         session_times: epoch seconds of each session item (empty where there is no clock).
         context: device / locale / country of the request, if known.
+        past_purchases: what the shopper bought in earlier sessions, one entry per
+            (session, item), oldest first; empty for guests (the buy-again source reads it).
     """
 
     session_items: tuple[str, ...] = ()
@@ -40,6 +42,7 @@ class Query:
     anchor: str | None = None
     cart: tuple[str, ...] = ()
     exclude: frozenset[str] = field(default_factory=frozenset)
+    past_purchases: tuple[str, ...] = ()
 
 
 class Retriever(Protocol):

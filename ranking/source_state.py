@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from railtower.settings import Settings
 from ranking.baselines import BASELINES
+from ranking.buy_again import BuyAgainRetriever
 from ranking.category_popularity import CategoryPopularityRetriever
 from ranking.covisitation import CovisitationRetriever
 from ranking.popularity import PopularityRetriever
@@ -66,7 +67,7 @@ def load_sources(
                 np.load(path / "norm.npy", allow_pickle=False),
                 np.load(path / "idf.npy", allow_pickle=False),
             )
-        elif isinstance(source, CategoryPopularityRetriever):
+        elif isinstance(source, CategoryPopularityRetriever | BuyAgainRetriever):
             source.restore(catalogue)
         sources[path.name] = source  # type: ignore[assignment]
     return sources

@@ -22,13 +22,19 @@ from railtower.datasets import Dataset, load_dataset
 from railtower.errors import ArtifactMismatch
 from railtower.logs import get_logger
 from railtower.manifest import DataWindow, new_version, now_iso
-from railtower.settings import EvaluationSettings, Settings, load_dataset_spec
+from railtower.settings import (
+    EvaluationSettings,
+    PurchaseMemorySettings,
+    Settings,
+    load_dataset_spec,
+)
 from ranking.rails import STAGES, ranked_ids
 from serving.new_items import apply_records
 from serving.rail_service import LoadedRails, load_rails
 from training.evaluate import DatasetResult, TaskResult, score, score_ranked
 from training.fit_pipeline import STAGE_ROWS
 from training.harness import baseline_models
+from training.past_purchases import PastPurchases
 from training.records import (
     cases_fingerprint,
     evaluation_record,
@@ -111,17 +117,21 @@ def training_window(loaded: LoadedRails) -> DataWindow:
     return windows[0]
 
 
-def rebuild_cases(dataset: Dataset, held_out: Mapping[str, Any]) -> dict[str, list[EvalCase]]:
+def rebuild_cases(
+    dataset: Dataset, held_out: Mapping[str, Any], memory: PurchaseMemorySettings
+) -> dict[str, list[EvalCase]]:
     """The cases of every rail the data set supports on the held-out sessions `held_out`
-    names, sampled as the harness samples them (its evaluation settings and seed)."""
+    names, sampled as the harness samples them (its evaluation settings and seed), each
+    with its user's earlier purchases as `memory` keeps them."""
     if dataset.events is None:
         raise ValueError(f"{dataset.name} has no events: there is nothing to evaluate on")
     events = held_out_events(dataset.events, dataset.has_time, held_out)
     evaluation = EvaluationSettings.model_validate(held_out["evaluation"])
+    past = PastPurchases.of(dataset, memory)
     return {
         rail: cases
         for rail in dataset.spec.rails
-        if (cases := build_cases(rail, events, dataset.spec, evaluation, held_out["seed"]))
+        if (cases := build_cases(rail, events, dataset.spec, evaluation, held_out["seed"], past))
     }
 
 
@@ -218,7 +228,7 @@ def evaluate_bundle(
         raise ValueError(f"{data.name} has no events: there is nothing to evaluate on")
     window = training_window(loaded)
     held_out = dict(held_out or held_out_after(str(window.end), settings))
-    cases = rebuild_cases(data, held_out)
+    cases = rebuild_cases(data, held_out, settings.serving.purchase_memory)
     if not cases:
         raise ValueError(
             f"no held-out case on any rail of {data.name} in {held_out}: pass events that "
@@ -360,7 +370,7 @@ def rescore_on_cases_of(
         )
     dataset = str(candidate["dataset"])
     data = load_events(events if events is not None else dataset, dataset, settings)
-    cases = rebuild_cases(data, held_out)
+    cases = rebuild_cases(data, held_out, settings.serving.purchase_memory)
     rails = candidate.get("rails", {})
     for rail, record in rails.items():
         rebuilt = cases_fingerprint(cases.get(rail, []))

@@ -16,6 +16,7 @@ from railtower.settings import Settings, load_dataset_spec
 from ranking.rule_set import NO_RULES
 from ranking.rules import DryRunReport, dry_run, load_rule_set
 from training.fit_pipeline import fit_pipeline
+from training.past_purchases import PastPurchases
 from training.split import split_events
 from training.tasks import build_cases
 
@@ -42,8 +43,9 @@ def dry_run_rule_sets(
     split = split_events(dataset.events, dataset.has_time, settings.split, settings.seed)
     pipeline = fit_pipeline(dataset, split, settings, "test").pipeline
     sampled = []
+    past = PastPurchases.of(dataset, settings.serving.purchase_memory)
     for rail in spec.rails:
-        cases = build_cases(rail, split.test, spec, settings.evaluation, settings.seed)
+        cases = build_cases(rail, split.test, spec, settings.evaluation, settings.seed, past)
         queries = [c.query for c in itertools.islice(cases, requests_per_rail)]
         if not queries:
             continue

@@ -26,6 +26,7 @@ from training.metrics import (
     recall_at,
     reciprocal_rank,
 )
+from training.past_purchases import PastPurchases
 from training.point_in_time import catalogue_at
 from training.split import Split, SplitName, split_events
 from training.tasks import EvalCase, build_cases
@@ -124,7 +125,10 @@ def evaluate_dataset(
         return result
     split = split_events(dataset.events, dataset.has_time, settings.split, settings.seed)
     result = DatasetResult(dataset.name, split.summary(), [r.as_dict() for r in dataset.reports])
-    cases = {rail: _cases(rail, split, dataset, settings, target) for rail in dataset.spec.rails}
+    past = PastPurchases.of(dataset, settings.serving.purchase_memory)
+    cases = {
+        rail: _cases(rail, split, dataset, settings, target, past) for rail in dataset.spec.rails
+    }
     for rail, rail_cases in cases.items():
         if not rail_cases:
             result.skipped.append(f"{rail}: no held-out case in the {target} split")
@@ -165,10 +169,15 @@ def evaluate_dataset(
 
 
 def _cases(
-    rail: RailName, split: Split, dataset: Dataset, settings: Settings, target: SplitName
+    rail: RailName,
+    split: Split,
+    dataset: Dataset,
+    settings: Settings,
+    target: SplitName,
+    past: PastPurchases,
 ) -> list[EvalCase]:
     return build_cases(
-        rail, split.eval_events(target), dataset.spec, settings.evaluation, settings.seed
+        rail, split.eval_events(target), dataset.spec, settings.evaluation, settings.seed, past
     )
 
 

@@ -57,6 +57,7 @@ from ranking.retriever import CandidateSource, Catalogue
 from ranking.rules import load_rule_set
 from training.evaluate import TaskResult, per_case_metrics, score_ranked
 from training.metrics import bootstrap_ci
+from training.past_purchases import PastPurchases
 from training.point_in_time import catalogue_at
 from training.ranker import RankerFit, choose_order, fit_ranker, graded_labels
 from training.records import (  # cases_fingerprint: re-exported, it used to live here
@@ -165,8 +166,11 @@ def fit_pipeline(
         update={"max_sessions_per_task": ranker.max_sessions}
     )
 
+    # each request sees its user's purchases from sessions that ended before its own began
+    past = PastPurchases.of(dataset, settings.serving.purchase_memory)
+
     def requests(rail: RailName, at: RailPipeline, events: pd.DataFrame, seed: int) -> Requests:
-        return _requests(rail, at, events, spec, request_settings, ranker, seed)
+        return _requests(rail, at, events, spec, request_settings, ranker, seed, past)
 
     # Earlier requests, built exactly as serving builds them by sources fitted before them
     # (ranking.ranker.oof_chunks): many more groups than the ranker window alone gives.
@@ -239,10 +243,11 @@ def _requests(
     settings: EvaluationSettings,
     ranker: RankerSettings,
     seed: int,
+    past: PastPurchases | None = None,
 ) -> Requests:
     """The re-ranker's training requests of `rail` from `events`, with the candidates,
     features and labels `pipeline` gives them (capped at ranker.max_requests, seeded)."""
-    cases = build_cases(rail, events, spec, settings, seed)
+    cases = build_cases(rail, events, spec, settings, seed, past)
     if len(cases) > ranker.max_requests:
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(len(cases), ranker.max_requests, replace=False))
@@ -470,7 +475,11 @@ def _verify_refit(
     from training.bundle_eval import rebuild_cases  # noqa: PLC0415 - imports this module
 
     loaded = load_rails(folder, settings)
-    cases = rebuild_cases(dataset, record["held_out"]) if record.get("held_out") else {}
+    cases = (
+        rebuild_cases(dataset, record["held_out"], settings.serving.purchase_memory)
+        if record.get("held_out")
+        else {}
+    )
     for rail, rail_cases in cases.items():
         queries = [c.query for c in rail_cases[:50]]
         served = loaded.pipeline.run(rail, queries, stages=("rules",))["rules"]

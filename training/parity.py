@@ -72,7 +72,7 @@ def held_out_cases(
             "(railtower evaluate --towers) so its cases can be rebuilt"
         )
     data = load_dataset(str(record["dataset"]), settings)
-    cases = rebuild_cases(data, record["held_out"])
+    cases = rebuild_cases(data, record["held_out"], settings.serving.purchase_memory)
     rng = np.random.default_rng(seed)
     out = {}
     for rail in PARITY_RAILS:

@@ -26,17 +26,16 @@ def cases_fingerprint(cases: list[EvalCase]) -> str:
     """Identifies the held-out cases: two evaluations compare only on identical cases."""
     digest = hashlib.sha256()
     for c in cases:
-        digest.update(
-            orjson.dumps(
-                [
-                    c.session_id,
-                    sorted(c.targets),
-                    list(c.query.session_items),
-                    c.query.anchor,
-                    list(c.query.cart),
-                ]
-            )
-        )
+        parts = [
+            c.session_id,
+            sorted(c.targets),
+            list(c.query.session_items),
+            c.query.anchor,
+            list(c.query.cart),
+        ]
+        if c.query.past_purchases:  # only where it is known, so older records still match
+            parts.append(list(c.query.past_purchases))
+        digest.update(orjson.dumps(parts))
     return digest.hexdigest()[:16]
 
 

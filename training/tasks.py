@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from railtower.settings import DatasetSpec, EvaluationSettings, RailName
 from ranking.rail_inputs import rail_query
 from ranking.retriever import Query
 from towers.session_features import context_column
+from training.past_purchases import PastPurchases
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,16 @@ def strongest(items: list[str], types: list[str], exclude: frozenset[str]) -> di
 
 
 def build_cases(
-    rail: RailName, events: pd.DataFrame, spec: DatasetSpec, settings: EvaluationSettings, seed: int
+    rail: RailName,
+    events: pd.DataFrame,
+    spec: DatasetSpec,
+    settings: EvaluationSettings,
+    seed: int,
+    past: PastPurchases | None = None,
 ) -> list[EvalCase]:
-    """Cases for `rail` from held-out events, over a seeded sample of sessions."""
+    """Cases for `rail` from held-out events, over a seeded sample of sessions; with
+    `past`, each case carries its user's purchases from sessions that ended before its own
+    began (what serving's order memory would hold)."""
     rng = np.random.default_rng(seed)
     sessions = _sample_sessions(events, settings.max_sessions_per_task, rng)
     builder = {
@@ -64,8 +72,21 @@ def build_cases(
     }[rail]
     cases: list[EvalCase] = []
     for session_id, frame in sessions:
-        cases.extend(builder(session_id, frame, spec, settings, rng))
+        built = builder(session_id, frame, spec, settings, rng)
+        bought = _bought_before(past, frame)
+        if bought:
+            built = (replace(c, query=replace(c.query, past_purchases=bought)) for c in built)
+        cases.extend(built)
     return cases
+
+
+def _bought_before(past: PastPurchases | None, frame: pd.DataFrame) -> tuple[str, ...]:
+    if past is None or "user_id" not in frame.columns:
+        return ()
+    user = frame["user_id"].iloc[0]
+    if not isinstance(user, str) or not user:
+        return ()
+    return past.before(user, frame["event_time"].iloc[0].value / 1e9)
 
 
 def _times(frame: pd.DataFrame) -> list[float]:
