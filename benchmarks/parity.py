@@ -135,7 +135,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         triton = TritonUserTower(grpc, settings.serving.triton_model, 30.0)
         wait_ready(triton, loaded.towers.triton_version, base)
-        store = SessionStore(redis_url, 5.0, settings.serving.session_events, 3600, 3600)
+        store = SessionStore.from_settings(
+            settings.serving.model_copy(update={"redis_url": redis_url}), timeout_s=5.0
+        )
         slots = settings.evaluation.slots
         with httpx.Client(base_url=base, timeout=60) as client:
 

@@ -89,7 +89,7 @@ def build_query(
     exclusions: ExclusionSettings,
 ) -> Query:
     """The pipeline's query for a request: its session from the snapshot, its anchor or
-    cart, and what it must never return.
+    cart, what it must never return, and the user's earlier purchases (the order memory).
 
     Args:
         parts: (anchor, cart) as validated by the service.
@@ -111,6 +111,7 @@ def build_query(
         [e.time_s for e in events],
         context,
         also_exclude=[*request.exclude, *purchased_items(events, purchased, rail, exclusions)],
+        past_purchases=snapshot.orders if snapshot is not None else (),
     )
 
 

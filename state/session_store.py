@@ -9,8 +9,9 @@ one slot and one pipeline reads them together):
     rt:{s:<session>}:vec:<model version>         hash {marker, vector (float32 bytes)}
     rt:{s:<session>}:rail:<model version>:<rail> pre-warmed rail (JSON with its marker), TTL
     rt:{u:<user>}:sessions                       set of the user's session ids (deletion)
-    rt:{u:<user>}:purchased                      sorted set item -> last purchase time, kept
-                                                 when purchase memory is on (exclusions)
+    rt:{u:<user>}:orders                         sorted set [session, item] -> purchase time:
+                                                 the user's order memory (buy-again source,
+                                                 purchased-items exclusion), newest N kept
     rt:{catalogue}:items, rt:{catalogue}:version latest record per item (price, stock, margin,
                                                 retired, a new item's listing), change version
 
@@ -131,6 +132,9 @@ class SessionSnapshot:
     rail: dict[str, object] | None
     # the user's purchases across sessions (item -> last purchase time), when asked for
     purchased: dict[str, float] = field(default_factory=dict)
+    # the user's purchases in other sessions, one per (session, item), oldest first: what
+    # the buy-again source reads (Query.past_purchases)
+    orders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,10 @@ class SessionStore:
         client: a single Redis URL, or a client from `state.redis_client.connect` (one
             Redis or a cluster); `SessionStore.from_settings` builds it as configured.
         timeout_s: socket timeout of a URL's client (the request's Redis budget).
-        purchase_ttl_s: keep each user's purchases (across sessions) this long, for the
-            purchased-items exclusion; None = keep none.
+        purchase_ttl_s: keep each user's purchases (across sessions) this long after the
+            last one, for the buy-again source and the purchased-items exclusion; None =
+            keep none.
+        max_orders: the most (session, item) purchases kept per user, newest first.
     """
 
     def __init__(
@@ -165,9 +171,11 @@ class SessionStore:
         rail_ttl_s: int,
         purchase_ttl_s: int | None = None,
         catalogue_ttl_s: int = 30 * 86400,
+        max_orders: int = 500,
     ) -> None:
         self.client = connect_url(client, timeout_s) if isinstance(client, str) else client
         self.purchase_ttl_s, self.catalogue_ttl_s = purchase_ttl_s, catalogue_ttl_s
+        self.max_orders = max_orders
         self.cluster = is_cluster(self.client)
         self.max_events, self.state_ttl_s, self.rail_ttl_s = max_events, state_ttl_s, rail_ttl_s
         self._append = self.client.register_script(_APPEND)
@@ -177,14 +185,21 @@ class SessionStore:
         self.rules_epoch: str | None = None
 
     @classmethod
-    def from_settings(cls, serving: ServingSettings) -> SessionStore:
+    def from_settings(
+        cls, serving: ServingSettings, timeout_s: float | None = None
+    ) -> SessionStore:
         """The store `serving` configures: one Redis or a cluster, the Redis stage budget as
-        socket timeout."""
-        timeout_s = serving.budgets.redis_ms / 1000
+        socket timeout unless `timeout_s` (tools that load state, not answer requests)."""
+        timeout_s = serving.budgets.redis_ms / 1000 if timeout_s is None else timeout_s
         client = connect(serving, timeout_s)
         window_h = serving.exclusions.purchased_window_h
-        # purchases are remembered exactly as long as the exclusion looks back
-        purchase_ttl_s = None if window_h is None else math.ceil(window_h * 3600)
+        memory = serving.purchase_memory
+        # purchases are remembered as long as the order memory or the exclusion looks back
+        kept_s = [
+            *([] if memory.days is None else [memory.days * 86400]),
+            *([] if window_h is None else [window_h * 3600]),
+        ]
+        purchase_ttl_s = math.ceil(max(kept_s)) if kept_s else None
         return cls(
             client,
             timeout_s,
@@ -193,6 +208,7 @@ class SessionStore:
             serving.prewarm_ttl_s,
             purchase_ttl_s,
             serving.catalogue_ttl_s,
+            memory.max_entries,
         )
 
     @staticmethod
@@ -204,8 +220,8 @@ class SessionStore:
         return f"rt:{{u:{user_id}}}:sessions"
 
     @staticmethod
-    def _purchases_key(user_id: str) -> str:
-        return f"rt:{{u:{user_id}}}:purchased"
+    def _orders_key(user_id: str) -> str:
+        return f"rt:{{u:{user_id}}}:orders"
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -263,7 +279,10 @@ class SessionStore:
         pipe = self.client.pipeline(transaction=False)
         shapes = [self._queue_snapshot(pipe, s, version, rail, users.get(s)) for s in session_ids]
         replies = iter(pipe.execute())
-        return [self._read_snapshot(replies, rail, purchases) for purchases in shapes]
+        return [
+            self._read_snapshot(replies, rail, session_id if purchases else None)
+            for session_id, purchases in zip(session_ids, shapes, strict=True)
+        ]
 
     def _queue_snapshot(
         self, pipe: Any, session_id: str, version: str, rail: str | None, user_id: str | None
@@ -276,16 +295,17 @@ class SessionStore:
             pipe.get(self._key(session_id, "rail", version, rail))
         with_purchases = bool(user_id) and self.purchase_ttl_s is not None
         if with_purchases:
-            pipe.zrange(self._purchases_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type]
+            pipe.zrange(self._orders_key(user_id), 0, -1, withscores=True)  # type: ignore[arg-type]
         return with_purchases
 
     def _read_snapshot(
-        self, replies: Iterator[Any], rail: str | None, with_purchases: bool
+        self, replies: Iterator[Any], rail: str | None, orders_of: str | None
     ) -> SessionSnapshot:
-        """One session's snapshot from the next replies `_queue_snapshot` queued."""
+        """One session's snapshot from the next replies `_queue_snapshot` queued (with the
+        user's orders when `orders_of` names the session)."""
         raw_events, raw_n, raw_vector = next(replies), next(replies), next(replies)
         raw_rail = next(replies) if rail is not None else None
-        raw_purchases = next(replies) if with_purchases else []
+        raw_orders = next(replies) if orders_of is not None else []
         count = (raw_n or b"0").decode()
         marker = count if self.rules_epoch is None else f"{count}@{self.rules_epoch}"
         events, context = [], None
@@ -299,8 +319,8 @@ class SessionStore:
         cached = orjson.loads(raw_rail) if raw_rail is not None else None
         if cached is not None and cached.get("marker") != marker:
             cached = None
-        purchased = {_text(item): float(t) for item, t in raw_purchases}
-        return SessionSnapshot(events, context, marker, vector, cached, purchased)
+        purchased, orders = _orders(raw_orders, orders_of)
+        return SessionSnapshot(events, context, marker, vector, cached, purchased, orders)
 
     def append_events(
         self,
@@ -379,26 +399,29 @@ class SessionStore:
             payload.update(time_s=event.time_s, context=context)
             args += [event_id, orjson.dumps(payload)]
         keys = [self._key(session_id, part) for part in ("events", "seen", "n")]
-        purchases = self._purchases(events)
+        purchases = self._purchases(session_id, events)
         for user_id in dict.fromkeys(u for u in user_ids if u):
             pipe.sadd(self._user_key(user_id), session_id)
             pipe.expire(self._user_key(user_id), self.state_ttl_s)
             if purchases:  # GT: a redelivered older purchase never moves the time back
-                pipe.zadd(self._purchases_key(user_id), purchases, gt=True)
-                pipe.expire(self._purchases_key(user_id), self.purchase_ttl_s)
+                key = self._orders_key(user_id)
+                pipe.zadd(key, purchases, gt=True)
+                pipe.zremrangebyrank(key, 0, -self.max_orders - 1)  # the newest N stay
+                pipe.expire(key, self.purchase_ttl_s)
         return keys, args
 
     def _purchases(
-        self, events: Sequence[tuple[str, HistoryEvent, str | None]]
-    ) -> dict[str, float]:
-        """item -> latest purchase time among `events` (empty when purchase memory is off)."""
+        self, session_id: str, events: Sequence[tuple[str, HistoryEvent, str | None]]
+    ) -> dict[bytes, float]:
+        """The order-memory member ([session, item]) -> latest purchase time of each item
+        purchased among `events` (empty when purchase memory is off)."""
         if self.purchase_ttl_s is None:
             return {}
         latest: dict[str, float] = {}
         for _, event, _ in events:
             if event.event_type == "purchase":
                 latest[event.item_id] = max(event.time_s, latest.get(event.item_id, event.time_s))
-        return latest
+        return {orjson.dumps([session_id, item]): t for item, t in latest.items()}
 
     def applied_event_ids(self, session_id: str) -> set[str]:
         """The ids of every event applied to this session so far (its idempotence set)."""
@@ -526,7 +549,7 @@ class SessionStore:
         """
         sessions = self.user_sessions(user_id)
         deletion = self.delete_sessions(sessions) if sessions else Deletion([])
-        purchases = int(self.client.delete(self._purchases_key(user_id)))
+        purchases = int(self.client.delete(self._orders_key(user_id)))
         removed = int(self.client.delete(self._user_key(user_id)))
         keys = dict(deletion.keys)
         if purchases:
@@ -534,6 +557,22 @@ class SessionStore:
         if removed:
             keys["user_sessions"] = removed
         return Deletion(deletion.sessions, keys, deletion.deleted + purchases + removed)
+
+
+def _orders(
+    raw: Sequence[tuple[bytes, float]], session_id: str | None
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """(item -> last purchase time over every session, the items purchased in sessions other
+    than `session_id` oldest first) from the order memory's (member, time) pairs, which
+    Redis returns oldest first."""
+    purchased: dict[str, float] = {}
+    earlier: list[str] = []
+    for member, t in raw:
+        session, item = orjson.loads(member)
+        purchased[item] = max(float(t), purchased.get(item, float(t)))
+        if session != session_id:
+            earlier.append(item)
+    return purchased, tuple(earlier)
 
 
 def _text(value: bytes | str) -> str:

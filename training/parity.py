@@ -199,7 +199,9 @@ def session_key(rail: str, n: int) -> str:
 
 
 def load_sessions(store: SessionStore, rail: str, cases: Sequence[EvalCase]) -> None:
-    """Write each case's session prefix into Redis under its own session id."""
+    """Write each case's session prefix into Redis under its own session id, and its user's
+    earlier purchases (under a user of its own) through the consumer's append path, one
+    earlier session per purchase, oldest first, long before any exclusion window."""
     for n, case in enumerate(cases):
         q = case.query
         sid = session_key(rail, n)
@@ -210,12 +212,23 @@ def load_sessions(store: SessionStore, rail: str, cases: Sequence[EvalCase]) -> 
             )
         ]
         store.append_events(sid, events)
+        earlier = {
+            f"{sid}-bought-{j}": (
+                [(f"{sid}-bought-{j}", HistoryEvent(item, "purchase", j + 1.0), None)],
+                [sid],
+            )
+            for j, item in enumerate(q.past_purchases)
+        }
+        if earlier:
+            store.append_many(earlier)
 
 
 def request_body(rail: str, n: int, case: EvalCase, slots: int) -> dict[str, Any]:
     body: dict[str, Any] = {"session_id": session_key(rail, n), "slots": slots}
     if case.query.anchor is not None:
         body["item_id"] = case.query.anchor
+    if case.query.past_purchases:  # the user `load_sessions` gave the purchases to
+        body["user_id"] = session_key(rail, n)
     return body
 
 

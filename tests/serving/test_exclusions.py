@@ -36,6 +36,7 @@ from serving.api_models import RailRequest
 from serving.metrics import Metrics
 from serving.rail_service import LoadedRails, load_rails
 from serving.service import RailService
+from serving.stages import build_query
 from serving.user_vectors import TritonUserTower
 from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
@@ -403,3 +404,31 @@ def test_a_users_purchases_in_another_session_leave_hero_and_cart_until_the_user
     deletion = store.delete_user(user)
     assert deletion.keys.get("user_purchases") == 1
     assert store.snapshot(new, loaded.version, None, user).purchased == {}
+
+
+def test_a_returning_users_earlier_purchases_reach_the_pool_through_the_buy_again_source(world):
+    """The order memory feeds the buy-again source: what the user bought in earlier
+    sessions (not this one) enters the product page's candidates with its evidence."""
+    services, loaded, _, pools = world
+    store = SessionStore(services["computed"].store.client, 2.0, 50, 600, 600, 3600)
+    user, old, new = f"u{next(_counter)}", f"x{next(_counter)}", f"x{next(_counter)}"
+    anchor, *bought = pools["items"][:4]
+    purchases = [HistoryEvent(item, "purchase", T0 + n) for n, item in enumerate(bought)]
+    store.append_events(old, [(f"{old}-{n}", e, None) for n, e in enumerate(purchases)], [user])
+    store.append_events(new, [(f"{new}-0", HistoryEvent(anchor, "view", T0 + 99), None)], [user])
+    snapshot = store.snapshot(new, loaded.version, None, user)
+    request = RailRequest(session_id=new, user_id=user, item_id=anchor)
+    query = build_query(request, snapshot, (anchor, ()), "pdp_fbt", ExclusionSettings())
+    assert query.past_purchases == tuple(bought)
+    table = loaded.pipeline.candidate_table([query]).frame
+    evidence = table.set_index("item_id")["buy_again_score"]
+    assert set(bought) <= set(evidence.dropna().index)
+    guest = build_query(
+        RailRequest(session_id=new, item_id=anchor),
+        store.snapshot(new, loaded.version, None),
+        (anchor, ()),
+        "pdp_fbt",
+        ExclusionSettings(),
+    )
+    guest_table = loaded.pipeline.candidate_table([guest]).frame
+    assert guest.past_purchases == () and guest_table["buy_again_score"].isna().all()

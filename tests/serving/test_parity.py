@@ -82,8 +82,9 @@ def redis_url(tmp_path_factory):
 
 
 def _store(trained, url: str) -> SessionStore:
-    s = trained[0].serving
-    return SessionStore(url, 5.0, s.session_events, s.state_ttl_s, s.prewarm_ttl_s)
+    """The store the API builds from the same settings (its order memory too), on `url`."""
+    serving = trained[0].serving.model_copy(update={"redis_url": url})
+    return SessionStore.from_settings(serving, timeout_s=5.0)
 
 
 def test_triton_user_tower_equals_the_in_process_tower_on_real_sessions(loaded, cases, triton):

@@ -91,3 +91,25 @@ def test_put_warm_writes_vectors_and_rails_with_their_expiries(redis_url):
     assert 0 < store.client.ttl("rt:{s:s1}:vec:v") <= 3600
     assert 0 < store.client.ttl("rt:{s:s1}:rail:v:homepage_hero") <= 300
     assert not store.client.exists("rt:{s:s2}:vec:v")
+
+
+def buy(session: str, item: str, t: float) -> tuple[str, HistoryEvent, None]:
+    return f"{session}-{item}", HistoryEvent(item, "purchase", T0 + t), None
+
+
+def test_the_order_memory_keeps_each_sessions_purchases_once_and_the_newest_n(redis_url):
+    store = _store(redis_url, 3)
+    store.max_orders = 4
+    store.append_events("s1", [buy("s1", "a", 1), buy("s1", "b", 2)], ["u1"])
+    store.append_events("s1", [buy("s1", "a", 1)], ["u1"])  # a redelivery adds nothing
+    store.append_events("s2", [buy("s2", "a", 5), buy("s2", "c", 6)], ["u1"])
+    now = store.snapshot("s3", "v", None, "u1")  # a new session sees both earlier ones
+    assert now.orders == ("a", "b", "a", "c")
+    assert now.purchased == {"a": T0 + 5, "b": T0 + 2, "c": T0 + 6}
+    # the session's own purchases count for the exclusion, not as an earlier purchase
+    assert store.snapshot("s2", "v", None, "u1").orders == ("a", "b")
+    store.append_events("s4", [buy("s4", "d", 9)], ["u1"])  # a fifth entry: the oldest goes
+    assert store.snapshot("s5", "v", None, "u1").orders == ("b", "a", "c", "d")
+    assert store.snapshot("s5", "v", None, None).orders == ()  # a guest reads none
+    assert store.delete_user("u1").keys.get("user_purchases") == 1
+    assert store.snapshot("s5", "v", None, "u1").orders == ()
