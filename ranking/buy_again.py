@@ -2,11 +2,11 @@
 
 What shops with returning customers run beside "frequently bought together", and on
 replenishment trade (UCI's wholesale buyers re-order the same lines basket after basket)
-the strongest single signal there is: on UCI's later months a logged-in buyer's earlier
-purchases, ranked by how many baskets held them, reach NDCG@12 0.195 on pdp_fbt against
-session-kNN's 0.209, from evidence session-kNN never reads. It is a baseline (so a model is
-judged against what a shop would run) and a candidate source (so the re-ranker weighs it
-against the item-to-item signals).
+the strongest single signal there is: on UCI's later window a logged-in buyer's earlier
+purchases, ranked by how many baskets held them, reach NDCG@12 0.248 on pdp_fbt against
+session-kNN's 0.209 (README, the later window), from evidence session-kNN never reads.
+It is a baseline (so a model is judged against what a shop would run) and a candidate
+source (so the re-ranker weighs it against the item-to-item signals).
 
 The evidence is the query's `past_purchases` (one entry per earlier session and item): the
 evaluator fills it from the user's sessions that ended before the request's session began,

@@ -433,9 +433,9 @@ class RefreshConsumer:
         for a reason other than a part being down, each item is applied alone and the
         messages of one that still fails go to the dead-letter topic with the reason (one
         bad record must not make the batch fail for ever)."""
-        store = self.service.store
-        store.put_catalogue_records([(item, change) for item, change, _ in catalogue])  # type: ignore[union-attr]
-        merged = merge_changes([(item, change) for item, change, _ in catalogue])
+        changes = [(item, change) for item, change, _ in catalogue]
+        self.service.store.put_catalogue_records(changes)  # type: ignore[union-attr]
+        merged = merge_changes(changes)
         try:
             self.service.apply_catalogue_records(merged)
             return
