@@ -78,7 +78,7 @@ def test_bundle_on_its_own_test_window_reproduces_the_harness_ndcg(trained_rees4
         == RailsBundle.load(rails).manifest.data[0].events
     )
     # the recorded held-out window rebuilds the very same cases
-    rebuilt = rebuild_cases(rees46, recorded["held_out"])
+    rebuilt = rebuild_cases(rees46, recorded["held_out"], settings.serving.purchase_memory)
     assert {r: cases_fingerprint(c) for r, c in rebuilt.items()} == {
         r: v["fingerprint"] for r, v in recorded["rails"].items()
     }
@@ -111,7 +111,7 @@ def test_listing_new_items_lets_the_towers_reach_targets_the_catalogue_lacked(
     window = RailsBundle.load(rails).manifest.data[0]
     held_out = load_evaluation(rails)["held_out"]
     known = set(RailsBundle.load(rails).items["item_id"].astype(str))
-    cases = rebuild_cases(rees46, held_out)["homepage_hero"]
+    cases = rebuild_cases(rees46, held_out, settings.serving.purchase_memory)["homepage_hero"]
     wanted = {t for c in cases for t in c.targets} - known
     listed = rees46.items[rees46.items["item_id"].astype(str).isin(wanted)]
     assert len(listed) > 0, f"every target of {window} is in the catalogue: nothing to list"
