@@ -6,12 +6,15 @@ Usage:
 
 Starts Redis and the API (shipped settings, sessions encoded in-process as served) on
 loopback, seeds synthetic sessions, then drives a closed loop of pdp_fbt requests (never
-cached) while py-spy samples the API process, counting only the thread that holds the GIL
-(`--gil`): time in numpy, LightGBM or torch kernels that release it is not counted, so the
-shares are of the interpreter's time, which is what bounds one process's throughput. Writes
+cached; `--path cached`: homepage_hero requests whose rails were warmed first, so every
+answer is a cache read) while py-spy samples the API process, counting only the thread
+that holds the GIL (`--gil`): time in numpy, LightGBM or torch kernels that release it is
+not counted, so the shares are of the interpreter's time, which is what bounds one process's
+throughput. Writes
 `reports/benchmarks/profile_rails.svg` (a flame graph to open in a browser),
 `profile_rails.json` (inclusive and self shares per frame) and `profile_rails.md` (the top
-frames beside the load the profile was taken under). Compare two commits by running it on
+frames beside the load the profile was taken under); `--path cached` writes
+`profile_rails_cached.*`. Compare two commits by running it on
 each: the markdown names the commit.
 """
 
@@ -29,7 +32,13 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.rails_api import closed_loop, command_line, git_revision, synthetic_sessions
+from benchmarks.rails_api import (
+    closed_loop,
+    command_line,
+    git_revision,
+    synthetic_sessions,
+    warm_cache,
+)
 from devstack.local_services import LocalServer, api_command, free_port, redis_server
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
@@ -77,7 +86,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="profiled load")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--path", choices=["computed", "cached"], default="computed")
     args = parser.parse_args()
+    name = "profile_rails" if args.path == "computed" else "profile_rails_cached"
     settings = load_settings(log_level="WARNING")
     bundle = (args.bundle or production_pointer(settings)).resolve()
     loaded = load_rails(bundle, settings)
@@ -108,8 +119,11 @@ def main() -> None:
             ("pdp_fbt", {"session_id": f"p{n}", "item_id": h[-1].item_id})
             for n, h in enumerate(sessions)
         ]
+        if args.path == "cached":
+            bodies = [("homepage_hero", {"session_id": f"p{n}"}) for n in range(len(sessions))]
+            asyncio.run(warm_cache(base, bodies, 60.0))
         asyncio.run(closed_loop(base, bodies, args.concurrency, 3.0))  # warm the process
-        raw, svg = work / "profile.txt", OUT / "profile_rails.svg"
+        raw, svg = work / "profile.txt", OUT / f"{name}.svg"
         spies = [
             record(api.process.pid, args.seconds, args.rate, raw, "raw"),
             record(api.process.pid, args.seconds, args.rate, svg, "flamegraph"),
@@ -120,6 +134,7 @@ def main() -> None:
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {err.decode()[-500:]}")
         result = {
+            "path": args.path,
             "bundle": loaded.version,
             "commit": git_revision(),
             "command": command_line(),
@@ -129,20 +144,21 @@ def main() -> None:
     finally:
         for server in reversed(started):
             server.stop()
-    (OUT / "profile_rails.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "profile_rails.md").write_text(markdown(result))
+    (OUT / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (OUT / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:
     load, profile = r["load"], r["profile"]
+    what = "homepage_hero from the cache" if r.get("path") == "cached" else "pdp_fbt computed"
     lines = [
         f"# Where the API's interpreter time goes ({r['bundle']})",
         "",
-        f"Commit `{r['commit']}`; command `{r['command']}`. pdp_fbt, closed loop at "
+        f"Commit `{r['commit']}`; command `{r['command']}`. {what}, closed loop at "
         f"concurrency {load['concurrency']}: {load['throughput_rps']:.0f} req/s, p50 "
         f"{load['p50']:.1f} ms while profiled (py-spy slows the process). "
-        f"{profile['samples']} samples with the GIL held; flame graph: profile_rails.svg.",
+        f"{profile['samples']} samples with the GIL held; flame graph beside this file (.svg).",
         "",
         "| frame (inclusive) | share | | frame (self) | share |",
         "|---|---|---|---|---|",

@@ -27,7 +27,7 @@ from railtower.settings import ShadowSettings
 from ranking.rule_set import load_rule_set
 from serving.api_models import RailRequest
 from serving.app import create_app
-from serving.impressions import MemoryImpressionSink, items_without_impressions
+from serving.impressions import ImpressionCounts, MemoryImpressionSink, items_without_impressions
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
 from serving.service import RailService
@@ -224,6 +224,47 @@ def test_the_memory_sink_keeps_impressions_out_of_the_cycle_collectors_walks():
     assert sink.flush()
     assert len(gc.get_objects()) - tracked < 50  # not 200 impressions' worth of objects
     assert sink.impressions() == sent  # and they come back exactly as logged
+    sink.close()
+
+
+class _RecordingRedis:
+    """Records the pipelines ImpressionCounts executes: (command, key, field, n) tuples."""
+
+    def __init__(self) -> None:
+        self.executed: list[list[tuple]] = []
+
+    def pipeline(self, transaction: bool = False):  # type: ignore[no-untyped-def]
+        client, queued = self, []
+
+        class Pipe:
+            def hincrby(self, key, field, n):  # type: ignore[no-untyped-def]
+                queued.append(("hincrby", key, field, n))
+
+            def expire(self, key, ttl):  # type: ignore[no-untyped-def]
+                queued.append(("expire", key, ttl))
+
+            def execute(self):  # type: ignore[no-untyped-def]
+                client.executed.append(list(queued))
+
+        return Pipe()
+
+
+def test_counts_are_summed_across_batches_and_written_at_flush_or_after_a_second():
+    client = _RecordingRedis()
+    sink = MemoryImpressionSink(Metrics(), counts=ImpressionCounts(client, 7))  # type: ignore[arg-type]
+    for n in range(3):
+        assert sink.log(_impression(f"r{n}"))
+        time.sleep(0.08)  # each in a batch of its own (the sink lingers 50 ms)
+    assert client.executed == []  # inside the second: summed, not written
+    assert sink.flush()
+    (written,) = client.executed
+    increments = {(c[2], c[3]) for c in written if c[0] == "hincrby"}
+    assert increments == {("a", 3), ("b", 3)}  # one command per item with the batches' sum
+    assert sink.log(_impression("late"))
+    deadline = time.monotonic() + 5
+    while len(client.executed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # no flush: the idle sink writes what is pending on its own
+    assert [c for c in client.executed[1] if c[0] == "hincrby"][0][3] == 1
     sink.close()
 
 
