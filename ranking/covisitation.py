@@ -27,9 +27,8 @@ from ranking.retriever import (
     event_weight_array,
     scored_top_k,
     seed_columns,
-    stacked_rows,
     top_k_with_backfill,
-    weighted_rows,
+    weighted_row_batch,
 )
 
 
@@ -122,11 +121,8 @@ class CovisitationRetriever:
     def scores(self, queries: Sequence[Query]) -> sp.csr_matrix:
         """(Q, I) co-visitation score of every item with each query's seed items."""
         decay = self.settings.recency_decay
-        rows = [
-            weighted_rows(self.matrix, *seed_columns(query, self.catalogue, decay))
-            for query in queries
-        ]
-        return stacked_rows(rows, len(self.catalogue))
+        seeds = [seed_columns(query, self.catalogue, decay) for query in queries]
+        return weighted_row_batch(self.matrix, seeds, len(self.catalogue))
 
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
         """(len(seeds), len(items)) co-visitation weight of each item with each seed item

@@ -7,6 +7,7 @@ coarse (category and price band only), so a merchandiser can predict what MMR wi
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 from ranking.candidates import Candidate, unique_by_item
@@ -77,21 +78,64 @@ def mmr(
         return []
 
     # Normalise so λ weighs two quantities on the same 0..1 scale as the similarity.
-    low, high = min(c.score for c in pool), max(c.score for c in pool)
-    rel = [(c.score - low) / (high - low) if high > low else 1.0 for c in pool]
-    info = [attributes.get(c.item_id) for c in pool]
-    # max similarity to anything picked so far, updated after each pick: O(slots · n).
-    penalty = [0.0] * len(pool)
+    scores = [c.score for c in pool]
+    low, high = min(scores), max(scores)
+    rel = [(s - low) / (high - low) if high > low else 1.0 for s in scores]
+    # λ·rel(i) once per candidate; the objective below is then the same float expression as
+    # λ·rel(i) − (1 − λ)·penalty(i), so the picks are exactly those of the textbook loop
+    # (tests/ranking/test_mmr.py compares them with it).
+    gain = [lambda_ * r for r in rel]
+    cost = 1.0 - lambda_
+    shelf = _Shelves([attributes.get(c.item_id) for c in pool])
+    # Best first (a ranker's list always is): the objective of a later candidate is at most
+    # its gain, so the scan for the best stops at the first one whose gain cannot beat it.
+    best_first = all(a >= b for a, b in zip(scores, scores[1:], strict=False))
+    penalty = [0.0] * len(pool)  # max similarity to anything picked so far
     left = list(range(len(pool)))
     picked: list[Candidate] = []
     while left and len(picked) < slots:
         # Ties go to the higher raw score (normalising can round two scores to one rel),
-        # then to the earlier candidate: max() keeps the first maximum, `left` is in order.
-        best = max(
-            left, key=lambda i: (lambda_ * rel[i] - (1.0 - lambda_) * penalty[i], pool[i].score)
-        )
+        # then to the earlier candidate (`left` is in order and only a better one replaces).
+        best, best_value = left[0], gain[left[0]] - cost * penalty[left[0]]
+        for i in left[1:]:
+            if best_first and best_value >= gain[i]:
+                break
+            value = gain[i] - cost * penalty[i]
+            if value > best_value or (value == best_value and scores[i] > scores[best]):
+                best, best_value = i, value
         left.remove(best)
         picked.append(pool[best])
-        for i in left:
-            penalty[i] = max(penalty[i], similarity(info[i], info[best]))
+        shelf.penalise(best, penalty)
     return picked
+
+
+class _Shelves:
+    """`similarity` to the picks, kept per candidate as groups: a pick raises everything in
+    its top-level category to SAME_AISLE and everything on its shelf (leaf and known price
+    band) to SAME_SHELF, each group once. The same penalties as taking the max of
+    `similarity` against every pick, in a pass over each group instead of a call per
+    candidate and pick."""
+
+    def __init__(self, info: Sequence[ItemInfo | None]) -> None:
+        self.top: list[tuple[str | None] | None] = []  # None: no category, never alike
+        self.shelf: list[tuple[str, int] | None] = []
+        self.members: dict[object, list[int]] = defaultdict(list)
+        for i, item in enumerate(info):
+            top = shelf = None
+            if item is not None and item.category_path is not None:
+                top = (item.top_category,)
+                if item.price_band != 0:
+                    shelf = (item.category_path, item.price_band)
+                    self.members[shelf].append(i)
+                self.members[top].append(i)
+            self.top.append(top)
+            self.shelf.append(shelf)
+        self.done: set[object] = set()
+
+    def penalise(self, pick: int, penalty: list[float]) -> None:
+        for group, value in ((self.top[pick], SAME_AISLE), (self.shelf[pick], SAME_SHELF)):
+            if group is not None and group not in self.done:
+                self.done.add(group)
+                for i in self.members[group]:
+                    if penalty[i] < value:
+                        penalty[i] = value

@@ -119,39 +119,34 @@ def seed_columns(
     return columns, np.array([weights[c] for c in columns.tolist()], dtype=float)
 
 
-def weighted_rows(
-    matrix: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """sum_k weights[k] * matrix[rows[k]] as (columns ascending, values).
+def weighted_row_batch(
+    matrix: sp.csr_matrix, seeds: Sequence[tuple[np.ndarray, np.ndarray]], width: int
+) -> sp.csr_matrix:
+    """Row q is sum_k weights_q[k] * matrix[rows_q[k]] for `seeds[q] = (rows_q, weights_q)`:
+    each query's row of `seeds @ matrix`, reading only the rows its seeds name, the whole
+    batch in one pass (a sparse matmul spends most of its time validating formats, and a
+    loop of small numpy calls per query most of its time in call overhead).
 
-    One request's row of `seeds @ matrix`, reading only the rows it needs: a sparse matmul
-    per request spends most of its time validating formats. Products are summed in the
-    order of `rows`; given ascending, that is the matmul's order, so both give the same
-    floats.
+    Products are summed in the order of each query's rows (bincount adds in input order);
+    given ascending rows that is the matmul's order, so both give the same floats, which
+    the re-ranker's features rely on.
     """
+    counts = [len(rows) for rows, _ in seeds]
+    rows = np.concatenate([r for r, _ in seeds] or [np.zeros(0, np.int64)]).astype(np.int64)
+    weights = np.concatenate([w for _, w in seeds] or [np.zeros(0)])
     starts, ends = matrix.indptr[rows], matrix.indptr[rows + 1]
-    if not len(rows) or not (ends > starts).any():
-        return np.zeros(0, np.int64), np.zeros(0)
-    spans = [slice(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-    columns = np.concatenate([matrix.indices[span] for span in spans])
-    values = np.concatenate(
-        [matrix.data[span] * w for span, w in zip(spans, weights.tolist(), strict=True)]
-    )
-    unique, at = np.unique(columns, return_inverse=True)
-    return unique, np.bincount(at, weights=values, minlength=len(unique))
-
-
-def stacked_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], width: int) -> sp.csr_matrix:
-    """(len(rows), width) CSR matrix from per-row (columns ascending, values)."""
-    lengths = [len(columns) for columns, _ in rows]
-    return sp.csr_matrix(
-        (
-            np.concatenate([v for _, v in rows] or [np.zeros(0)]),
-            np.concatenate([c for c, _ in rows] or [np.zeros(0, np.int64)]),
-            np.r_[0, np.cumsum(lengths, dtype=np.int64)],
-        ),
-        shape=(len(rows), width),
-    )
+    lengths = (ends - starts).astype(np.int64)
+    # the positions of every seed row's entries, row after row (a ragged arange)
+    before = np.cumsum(lengths) - lengths
+    at = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)
+    query = np.repeat(np.repeat(np.arange(len(seeds), dtype=np.int64), counts), lengths)
+    key = query * width + matrix.indices[at]
+    values = matrix.data[at] * np.repeat(weights, lengths)
+    unique, inverse = np.unique(key, return_inverse=True)
+    summed = np.bincount(inverse, weights=values, minlength=len(unique))
+    owner = unique // width
+    indptr = np.searchsorted(owner, np.arange(len(seeds) + 1))
+    return sp.csr_matrix((summed, unique % width, indptr), shape=(len(seeds), width))
 
 
 def event_weight_array(event_types: pd.Series, weights: EventWeights) -> np.ndarray:

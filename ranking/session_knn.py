@@ -20,9 +20,8 @@ from ranking.retriever import (
     Query,
     scored_top_k,
     seed_columns,
-    stacked_rows,
     top_k_with_backfill,
-    weighted_rows,
+    weighted_row_batch,
 )
 
 
@@ -89,10 +88,12 @@ class SessionKnnRetriever:
 
     def _votes(self, queries: Sequence[Query]) -> sp.csr_matrix:
         """(Q, I) votes: per query, its neighbour sessions' similarity summed per item."""
-        return stacked_rows([self._one(query) for query in queries], len(self.catalogue))
+        neighbours = [self._neighbours(query) for query in queries]
+        return weighted_row_batch(self.sessions, neighbours, len(self.catalogue))
 
-    def _one(self, query: Query) -> tuple[np.ndarray, np.ndarray]:
-        """(item columns ascending, votes) of one query.
+    def _neighbours(self, query: Query) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbour sessions ascending, their similarity) of one query; their items'
+        votes are the similarity-weighted sum of their rows of `sessions`.
 
         Similarity of a past session s: sum over the query's seed items i in s of
         weight_i * idf_i, times norm_s. Only the `sample_sessions` most recent sessions
@@ -118,4 +119,4 @@ class SessionKnnRetriever:
             # the most similar, back in session order (the order the votes are summed in)
             top = np.sort(np.lexsort((-session, -sim))[: self.settings.neighbours])
             session, sim = session[top], sim[top]
-        return weighted_rows(self.sessions, session, sim)
+        return session, sim

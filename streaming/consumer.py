@@ -56,6 +56,7 @@ import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from railtower.heap import collector_held
 from railtower.logs import get_logger
 from railtower.schemas import (
     ItemRetire,
@@ -302,7 +303,12 @@ class RefreshConsumer:
             self.ledger.close()
 
     def step(self) -> BatchReport:
-        """Consume, apply and commit one micro-batch."""
+        """Consume, apply and commit one micro-batch (with the cycle collector held off
+        until it is done: railtower.heap.collector_held)."""
+        with collector_held():
+            return self._step()
+
+    def _step(self) -> BatchReport:
         s = self.settings.streaming
         started = time.monotonic()
         report = BatchReport()

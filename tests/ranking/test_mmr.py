@@ -170,3 +170,46 @@ def test_lambda_one_is_the_stable_score_order(candidates, slots):
         first.setdefault(c.item_id, c)
     expected = sorted(first.values(), key=lambda c: -c.score)[:slots]
     assert mmr(candidates, ATTRS, slots, 1.0) == expected
+
+
+def _textbook_mmr(candidates, attributes, slots, lambda_):  # type: ignore[no-untyped-def]
+    """MMR as written down: every step scores every candidate left against every pick."""
+    seen: set[str] = set()
+    pool = [c for c in candidates if not (c.item_id in seen or seen.add(c.item_id))]
+    if not pool or slots == 0:
+        return []
+    low, high = min(c.score for c in pool), max(c.score for c in pool)
+    rel = [(c.score - low) / (high - low) if high > low else 1.0 for c in pool]
+    info = [attributes.get(c.item_id) for c in pool]
+    penalty, left, picked = [0.0] * len(pool), list(range(len(pool))), []
+    while left and len(picked) < slots:
+        best = max(
+            left, key=lambda i: (lambda_ * rel[i] - (1.0 - lambda_) * penalty[i], pool[i].score)
+        )
+        left.remove(best)
+        picked.append(pool[best])
+        for i in left:
+            penalty[i] = max(penalty[i], similarity(info[i], info[best]))
+    return picked
+
+
+# the toy shop plus a phone without a price (band 0: on no shelf, still in the aisle)
+NO_PRICE = pd.DataFrame({"item_id": ["ph0"], "category_path": [ITEMS.category_path[0]]})
+WIDE = ItemAttributes.from_frame(pd.concat([ITEMS, NO_PRICE]), price_bands=2)
+wide_ids = st.sampled_from([*ITEMS["item_id"], "ph0", "unknown"])
+# scores from a few values, so ties (equal scores, equal objectives) are common
+tied_lists = st.lists(
+    st.builds(Candidate, wide_ids, st.sampled_from([-1.0, 0.0, 0.25, 0.5, 0.5, 1.0, 3.0])),
+    max_size=15,
+)
+
+
+@settings(max_examples=300)
+@given(st.one_of(candidate_lists, tied_lists), st.integers(0, 12), st.floats(0, 1), st.booleans())
+def test_picks_are_exactly_the_textbook_loops(candidates, slots, lambda_, best_first):
+    """The scan that stops early on a best-first list and the penalties updated only for
+    alike candidates pick exactly what scoring everything every step picks."""
+    if best_first:  # a ranker's list; otherwise any order
+        candidates = sorted(candidates, key=lambda c: -c.score)
+    assert WIDE["ph0"].price_band == 0
+    assert mmr(candidates, WIDE, slots, lambda_) == _textbook_mmr(candidates, WIDE, slots, lambda_)

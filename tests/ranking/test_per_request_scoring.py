@@ -1,7 +1,7 @@
 """Per-request scoring of the sparse sources equals the matrix formulation it replaced.
 
-The served path scores one request at a time from the few rows its seeds read
-(ranking.retriever.weighted_rows); the reference below is the whole-batch sparse matmul
+The served path scores a batch from the few rows its seeds read
+(ranking.retriever.weighted_row_batch); the reference below is the whole-batch sparse matmul
 with session-kNN's neighbour selection written out, which is what the sources computed
 before. Equal floats, not close ones: the ranker was trained on the old values.
 """
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from railtower.settings import load_settings
 from ranking.covisitation import CovisitationRetriever
-from ranking.retriever import Catalogue, Query, seed_weights, weighted_rows
+from ranking.retriever import Catalogue, Query, seed_weights, weighted_row_batch
 from ranking.session_knn import SessionKnnRetriever
 from tests.conftest import toy_events
 
@@ -52,21 +52,28 @@ def _seeds(queries: list[Query], decay: float) -> sp.csr_matrix:
 @settings(max_examples=60, deadline=None)
 @given(
     matrix=st.lists(st.floats(0.0, 5.0), min_size=144, max_size=144),
-    rows=st.lists(st.integers(0, 11), max_size=6, unique=True).map(sorted),
+    batch=st.lists(st.lists(st.integers(0, 11), max_size=6, unique=True).map(sorted), max_size=5),
     data=st.data(),
 )
-def test_weighted_rows_is_the_sparse_product_of_those_rows(matrix, rows, data):
+def test_weighted_row_batch_is_the_sparse_product_of_those_rows(matrix, batch, data):
     dense = np.asarray(matrix).reshape(12, 12)
-    weights = np.asarray(
-        data.draw(st.lists(st.floats(0.01, 3.0), min_size=len(rows), max_size=len(rows)))
-    )
     csr = sp.csr_matrix(dense)
-    seeds = sp.csr_matrix((weights, ([0] * len(rows), rows)), shape=(1, 12))
-    expected = (seeds @ csr).tocsr()
-    columns, values = weighted_rows(csr, np.asarray(rows, dtype=np.int64), weights)
-    got = dict(zip(columns.tolist(), values.tolist(), strict=True))
-    want = dict(zip(expected.indices.tolist(), expected.data.tolist(), strict=True))
-    assert {c: v for c, v in got.items() if v} == {c: v for c, v in want.items() if v}
+    seeds, expected = [], []
+    for rows in batch:
+        weights = np.asarray(
+            data.draw(st.lists(st.floats(0.01, 3.0), min_size=len(rows), max_size=len(rows)))
+        )
+        seeds.append((np.asarray(rows, dtype=np.int64), weights))
+        one = sp.csr_matrix((weights, ([0] * len(rows), rows)), shape=(1, 12))
+        expected.append((one @ csr).tocsr())
+    got = weighted_row_batch(csr, seeds, 12)
+    assert got.shape == (len(batch), 12)
+    for q, want in enumerate(expected):
+        row = got.getrow(q)
+        mine = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        theirs = dict(zip(want.indices.tolist(), want.data.tolist(), strict=True))
+        # equal floats, not close ones; explicit zeros aside
+        assert {c: v for c, v in mine.items() if v} == {c: v for c, v in theirs.items() if v}
 
 
 @settings(max_examples=40, deadline=None)
