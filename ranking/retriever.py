@@ -7,6 +7,7 @@ merger and the serving fallbacks all talk to retrievers through this one protoco
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from railtower.settings import EventWeights
-from ranking.candidates import Candidate
+from ranking.candidates import Candidate, candidates_of
 
 
 @dataclass(frozen=True)
@@ -162,20 +163,27 @@ def scored_top_k(
     Ties break by catalogue index so results are deterministic; excluded items never appear.
     A row may hold fewer than k: a candidate source only names items it has evidence for.
     """
-    results: list[list[Candidate]] = []
     scores = scores.tocsr()
+    rows = np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))
+    # the whole batch sorted at once: by row, best score first, then catalogue index
+    order = np.lexsort((scores.indices, -scores.data, rows))
+    order = order[scores.data[order] > 0]
+    bounds = np.searchsorted(rows[order], np.arange(len(queries) + 1)).tolist()
+    items = catalogue.ids[scores.indices[order]].tolist()
+    values = scores.data[order].tolist()
+    results: list[list[Candidate]] = []
     for row, query in enumerate(queries):
-        start, end = scores.indptr[row], scores.indptr[row + 1]
-        cols, vals = scores.indices[start:end], scores.data[start:end]
-        order = np.lexsort((cols, -vals))
-        picked: list[Candidate] = []
-        for idx, value in zip(cols[order], vals[order], strict=True):
-            if len(picked) >= k or value <= 0:
-                break
-            item = catalogue.ids[idx]
-            if item not in query.exclude:
-                picked.append(Candidate(str(item), float(value)))
-        results.append(picked)
+        lo, hi = bounds[row], bounds[row + 1]
+        head = items[lo : min(hi, lo + k)]
+        if query.exclude.isdisjoint(head):  # the usual case: the first k are the answer
+            results.append(candidates_of(head, values[lo : lo + len(head)]))
+            continue
+        kept = (
+            (item, value)
+            for item, value in zip(items[lo:hi], values[lo:hi], strict=True)
+            if item not in query.exclude
+        )
+        results.append([Candidate(*pair) for pair in itertools.islice(kept, k)])
     return results
 
 

@@ -180,9 +180,14 @@ def explain_rules(
     if now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware (UTC), got {now.isoformat()}")
     pool = unique_by_item(candidates)
-    for c in pool:
-        if not math.isfinite(c.score):
-            raise ValueError(f"candidate {c.item_id!r} has score {c.score}; scores must be finite")
+    # one sum instead of a check per candidate (inf and NaN carry through a sum); only a
+    # sum that is not finite looks for the culprit (or was an overflow of finite scores)
+    if not math.isfinite(sum(c.score for c in pool)):
+        for c in pool:
+            if not math.isfinite(c.score):
+                raise ValueError(
+                    f"candidate {c.item_id!r} has score {c.score}; scores must be finite"
+                )
     active = _active(rule_set, rail, now)
     effects: dict[str, list[RuleEffect]] = defaultdict(list)
     eligible: dict[str, bool] = {}
@@ -207,14 +212,14 @@ def explain_rules(
     )
     ranked = sorted(rescored, key=lambda c: -c.score)
     # 3. Pins: decide which are placeable, then fill the slots around them.
-    by_item = {c.item_id: c for c in ranked}
-    pool_by_item = {c.item_id: c for c in pool}
-    candidate_ids = set(pool_by_item)
+    pinned: dict[int, tuple[int, Candidate]] = {}  # slot -> (rule index, item)
+    # the lookups pins need, built only when a pin is active (most rails have none)
+    by_item = {c.item_id: c for c in ranked} if active.pins else {}
+    pool_by_item = {c.item_id: c for c in pool} if active.pins else {}
 
     def known(item_id: str) -> bool:
-        return item_id in candidate_ids or item_id in attributes
+        return item_id in pool_by_item or item_id in attributes
 
-    pinned: dict[int, tuple[int, Candidate]] = {}  # slot -> (rule index, item)
     for i, rule in active.pins:
         why_not = _pin_blocker(rule, slots, pinned, known, is_eligible)
         if why_not:
