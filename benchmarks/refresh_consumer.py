@@ -42,6 +42,7 @@ from devstack.local_services import (
     redis_server,
     triton_server,
 )
+from railtower.heap import gc_pauses
 from railtower.schemas import Event, encode
 from railtower.settings import PROJECT_ROOT, Settings, load_settings
 from serving.app import production_pointer
@@ -106,6 +107,8 @@ def _run(
         while not stop.is_set():
             reports.append(consumer.step())
 
+    pauses = gc_pauses()
+    gc_before = (list(pauses.count), list(pauses.seconds))
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     while not consumer.consumer.assignment():  # let the member join before timing
@@ -128,6 +131,8 @@ def _run(
     thread.join(timeout=30)
     consumer.close()
     fresh = np.asarray([f for r in reports for f in r.freshness_s]) * 1000
+    gc_runs = [after - before for after, before in zip(pauses.count, gc_before[0], strict=True)]
+    gc_s = [after - before for after, before in zip(pauses.seconds, gc_before[1], strict=True)]
     applied = sum(r.new_events for r in reports)
     busy = sum(r.seconds for r in reports if r.records)
     return {
@@ -141,6 +146,10 @@ def _run(
         "throughput_per_s": applied / done_s,
         "throughput_busy_per_s": applied / busy if busy else 0.0,
         "sessions_refreshed": sum(r.sessions_refreshed for r in reports),
+        # the cycle collector in this process during the run (the consumer holds it off
+        # for each batch: railtower.heap.collector_held)
+        "gc_runs_by_generation": gc_runs,
+        "gc_seconds": sum(gc_s),
         "freshness_ms": {f"p{q}": float(np.percentile(fresh, q)) for q in (50, 95, 99)}
         if len(fresh)
         else {},
@@ -221,6 +230,7 @@ def markdown(r: dict[str, Any]) -> str:
         "applied/s (wall)",
         "applied/s (busy)",
         "done s after the last send",
+        "collector runs (gen 0/1/2), time",
         "sessions refreshed",
         "freshness p50 ms",
         "p95",
@@ -246,6 +256,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{row['throughput_per_s']:.0f}",
             f"{row['throughput_busy_per_s']:.0f}",
             f"{row.get('behind_after_send_s', float('nan')):.1f}",
+            "/".join(map(str, row.get("gc_runs_by_generation", [])))
+            + f", {1000 * row.get('gc_seconds', float('nan')):.0f} ms",
             f"{row['sessions_refreshed']:,}",
             *(f"{f.get(q, float('nan')):.0f}" for q in ("p50", "p95", "p99")),
         ]
