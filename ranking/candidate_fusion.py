@@ -62,13 +62,23 @@ class PairWeights(Protocol):
 
 
 @runtime_checkable
-class PairEvidence(Protocol):
-    """A pair source whose weights are scaled counts (co-visitation, transitions)."""
+class PairLookup(Protocol):
+    """A pair source that weighs a whole batch of (seed, item) pairs at once by its own rows
+    (co-visitation, transitions): `with_pair_columns` then makes one call per newest-item
+    position for the batch instead of one per request."""
 
-    def pair_evidence(
-        self, seeds: Sequence[str], weights: np.ndarray
+    def rows_of(self, items: Sequence[str]) -> np.ndarray:
+        """Each item's row in the source (-1 where it has none)."""
+        ...
+
+    def weights_at(self, seed_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """The weight of each (seed_rows[n], item_rows[n]) pair, as `pair_weights` gives it."""
+        ...
+
+    def evidence_at(
+        self, seed_rows: np.ndarray, weights: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(raw counts, share of each seed's pairs) of `weights` against `seeds`."""
+        """(raw counts, share of each seed's pairs) of pairs weighing `weights`."""
         ...
 
 
@@ -225,29 +235,61 @@ def with_pair_columns(
     but never saw them together), and for count sources the raw count and its share."""
     values = np.full((len(table), len(PAIR_COLUMNS)), np.nan)
     evidence = np.full((len(table), len(EVIDENCE_COLUMNS)), np.nan)
-    bounds = np.searchsorted(table["query"], np.arange(table.queries + 1))
-    items = table["item_id"]
+    seeds = [newest_items(query) for query in queries]
     for s, name in enumerate(PAIR_SOURCES):
         source = sources.get(name)
-        if not isinstance(source, PairWeights):
-            continue
-        for q, query in enumerate(queries):
-            lo, hi = bounds[q], bounds[q + 1]
-            seeds = newest_items(query)
-            if lo == hi or not seeds:
-                continue
-            weights = source.pair_weights(seeds, items[lo:hi].tolist())
-            first = s * NEWEST_ITEMS
-            values[lo:hi, first : first + len(seeds)] = weights.T
-            if name in EVIDENCE_SOURCES and isinstance(source, PairEvidence):
-                first = EVIDENCE_SOURCES.index(name) * 2 * NEWEST_ITEMS
-                for part in source.pair_evidence(seeds, weights):
-                    evidence[lo:hi, first : first + len(seeds)] = part.T
-                    first += NEWEST_ITEMS
+        if isinstance(source, PairLookup):
+            _batch_pairs(table, seeds, source, name, values[:, s * NEWEST_ITEMS :], evidence)
+        elif isinstance(source, PairWeights):
+            _per_request_pairs(table, seeds, source, values[:, s * NEWEST_ITEMS :])
     return table.with_columns(
         **{column: values[:, j] for j, column in enumerate(PAIR_COLUMNS)},
         **{column: evidence[:, j] for j, column in enumerate(EVIDENCE_COLUMNS)},
     )
+
+
+def _batch_pairs(
+    table: CandidateTable,
+    seeds: Sequence[Sequence[str]],
+    source: PairLookup,
+    name: str,
+    values: np.ndarray,
+    evidence: np.ndarray,
+) -> None:
+    """A lookup source's pair columns for the whole table: per newest-item position, the
+    rows whose request has that many newest items, weighed in one call (NaN elsewhere)."""
+    query = np.asarray(table["query"], dtype=np.int64)
+    codes, uniques = pd.factorize(np.asarray(table["item_id"], dtype=object))
+    item_rows = source.rows_of(uniques.tolist())[codes] if len(uniques) else codes
+    seed_rows = np.full((len(seeds), NEWEST_ITEMS), -1, np.int64)
+    has = np.zeros((len(seeds), NEWEST_ITEMS), bool)
+    for q, newest in enumerate(seeds):
+        seed_rows[q, : len(newest)] = source.rows_of(newest)
+        has[q, : len(newest)] = True
+    first = EVIDENCE_SOURCES.index(name) * 2 * NEWEST_ITEMS if name in EVIDENCE_SOURCES else None
+    for k in range(NEWEST_ITEMS):
+        on = has[query, k]
+        rows = seed_rows[query[on], k]
+        weights = source.weights_at(rows, item_rows[on])
+        values[on, k] = weights
+        if first is not None:
+            raw, share = source.evidence_at(rows, weights)
+            evidence[on, first + k] = raw
+            evidence[on, first + NEWEST_ITEMS + k] = share
+
+
+def _per_request_pairs(
+    table: CandidateTable, seeds: Sequence[Sequence[str]], source: PairWeights, values: np.ndarray
+) -> None:
+    """Any other pair source's columns (the towers' cosine: one small matmul per request)."""
+    bounds = np.searchsorted(table["query"], np.arange(table.queries + 1))
+    items = table["item_id"]
+    for q, newest in enumerate(seeds):
+        lo, hi = bounds[q], bounds[q + 1]
+        if lo == hi or not newest:
+            continue
+        weights = source.pair_weights(newest, items[lo:hi].tolist())
+        values[lo:hi, : len(newest)] = weights.T
 
 
 def source_order(table: CandidateTable | pd.DataFrame, source: str) -> np.ndarray:

@@ -60,6 +60,7 @@ class CovisitationRetriever:
         # matrix alone says "best neighbour of this seed"; these say how much evidence
         # stands behind it (one shared session or a thousand), which the re-ranker needs.
         self.row_stats = np.zeros((0, 2))
+        self._pair_keys: tuple[sp.csr_matrix, np.ndarray] | None = None
 
     def fit(self, events: pd.DataFrame, catalogue: Catalogue) -> CovisitationRetriever:
         self.catalogue = catalogue
@@ -124,46 +125,59 @@ class CovisitationRetriever:
         seeds = [seed_columns(query, self.catalogue, decay) for query in queries]
         return weighted_row_batch(self.matrix, seeds, len(self.catalogue))
 
+    def rows_of(self, items: Sequence[str]) -> np.ndarray:
+        """Each item's row of the matrix; -1 for an item outside the catalogue it was fitted on."""
+        index = self.catalogue.index
+        return np.fromiter((index.get(i, -1) for i in items), np.int64, len(items))
+
+    def weights_at(self, seed_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """The co-visitation weight of each (seed_rows[n], item_rows[n]) pair (0 where either
+        is -1 or the pair was never seen), for a whole batch of pairs at once: every stored
+        pair as one sorted key row * width + column, looked up by binary search."""
+        matrix = self.matrix
+        cached = getattr(self, "_pair_keys", None)  # built once per fitted or loaded matrix
+        if cached is None or cached[0] is not matrix:
+            if not matrix.has_sorted_indices:
+                matrix.sort_indices()
+            rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+            self._pair_keys = (matrix, rows * matrix.shape[1] + matrix.indices)
+        keys = self._pair_keys[1]
+        height, width = matrix.shape
+        wanted = seed_rows * width + item_rows
+        at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+        hit = (seed_rows >= 0) & (seed_rows < height) & (item_rows >= 0) & (item_rows < width)
+        hit &= len(keys) > 0
+        hit[hit] &= keys[at[hit]] == wanted[hit]
+        return np.where(hit, matrix.data[at] if len(keys) else 0.0, 0.0)
+
+    def evidence_at(
+        self, seed_rows: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From `weights_at`'s `weights` of pairs with `seed_rows`: (the raw pair weight, the
+        pair's share of all the seed's pair weight), NaN for a seed outside the catalogue
+        the source was fitted on."""
+        stats = np.full((len(seed_rows), 2), np.nan)
+        known = (seed_rows >= 0) & (seed_rows < len(self.row_stats))
+        stats[known] = self.row_stats[seed_rows[known]]
+        raw = weights * stats[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(stats[:, 1] > 0, raw / stats[:, 1], 0.0)
+        return raw, np.where(np.isnan(raw), np.nan, share)
+
     def pair_weights(self, seeds: Sequence[str], items: Sequence[str]) -> np.ndarray:
         """(len(seeds), len(items)) co-visitation weight of each item with each seed item
         (0 for an item or seed outside the catalogue the matrix was fitted on)."""
-        index = self.catalogue.index
-        seed_rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
-        item_rows = np.array([index.get(i, -1) for i in items], dtype=np.int64)
-        out = np.zeros((len(seeds), len(items)))
-        matrix = self.matrix
-        if not matrix.shape[0]:
-            return out
-        if not matrix.has_sorted_indices:
-            matrix.sort_indices()
-        # Each seed's row holds at most `neighbours` entries: a binary search per candidate
-        # beats sparse fancy indexing, which copies the rows twice (this runs per request).
-        for s, row in enumerate(seed_rows.tolist()):
-            if row < 0:
-                continue
-            start, end = matrix.indptr[row], matrix.indptr[row + 1]
-            cols = matrix.indices[start:end]
-            at = np.minimum(np.searchsorted(cols, item_rows), max(end - start - 1, 0))
-            hit = (item_rows >= 0) & (end > start)
-            hit[hit] &= cols[at[hit]] == item_rows[hit]
-            out[s, hit] = matrix.data[start:end][at[hit]]
-        return out
+        seed_rows, item_rows = self.rows_of(seeds), self.rows_of(items)
+        grid = self.weights_at(np.repeat(seed_rows, len(items)), np.tile(item_rows, len(seeds)))
+        return grid.reshape(len(seeds), len(items))
 
     def pair_evidence(
         self, seeds: Sequence[str], weights: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """From :meth:`pair_weights`' `weights` against `seeds`: (the raw pair weight, the
-        pair's share of all the seed's pair weight), NaN for a seed outside the catalogue
-        the source was fitted on."""
-        index = self.catalogue.index
-        rows = np.array([index.get(i, -1) for i in seeds], dtype=np.int64)
-        stats = np.full((len(seeds), 2), np.nan)
-        known = (rows >= 0) & (rows < len(self.row_stats))
-        stats[known] = self.row_stats[rows[known]]
-        raw = weights * stats[:, :1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(stats[:, 1:] > 0, raw / stats[:, 1:], 0.0)
-        return raw, np.where(np.isnan(raw), np.nan, share)
+        """`evidence_at` for :meth:`pair_weights`' (len(seeds), len(items)) `weights`."""
+        rows = np.repeat(self.rows_of(seeds), weights.shape[1])
+        raw, share = self.evidence_at(rows, weights.reshape(-1))
+        return raw.reshape(weights.shape), share.reshape(weights.shape)
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         scores = self.scores(queries)

@@ -262,18 +262,32 @@ def test_pair_columns_hold_each_candidates_weight_with_each_newest_item():
     assert out.frame[list(EVIDENCE_COLUMNS)].isna().all().all()
 
 
-class _Counts(_Pairs):
-    """Pair weights that are scaled counts: raw = 2 × weight, share = weight / 100."""
+class _Counts:
+    """A lookup pair source whose weights are scaled counts: row = the id's letter code,
+    weight = 1000 × seed row + item row, raw = 2 × weight, share = weight / 100."""
 
-    def pair_evidence(self, seeds, weights):
+    def rows_of(self, items):
+        return np.array([ord(i[0]) for i in items], dtype=np.int64)
+
+    def weights_at(self, seed_rows, item_rows):
+        return 1000.0 * seed_rows + item_rows
+
+    def evidence_at(self, seed_rows, weights):
         return 2 * weights, weights / 100
 
 
 def test_evidence_columns_hold_each_count_sources_raw_count_and_share_per_newest_item():
-    queries = [Query(("a", "b"))]
-    table = fuse({"transitions": [ranked_list("x", "y")]}, queries=1, depth=10, rrf_k=60)
-    out = with_pair_columns(table, queries, {"transitions": _Counts()}).frame.set_index("item_id")
-    assert out.loc["y", "transitions_count_last1"] == 2 * ord("y")
-    assert out.loc["y", "transitions_share_last2"] == (10 + ord("y")) / 100
+    queries = [Query(("a", "b")), Query()]
+    per_source = {"transitions": [ranked_list("x", "y"), ranked_list("x")]}
+    table = fuse(per_source, queries=2, depth=10, rrf_k=60)
+    frame = with_pair_columns(table, queries, {"transitions": _Counts()}).frame
+    out = frame[frame["query"] == 0].set_index("item_id")
+    # newest first: "b", then "a"
+    assert out.loc["y", "transitions_last1"] == 1000 * ord("b") + ord("y")
+    assert out.loc["y", "transitions_count_last1"] == 2 * (1000 * ord("b") + ord("y"))
+    assert out.loc["y", "transitions_share_last2"] == (1000 * ord("a") + ord("y")) / 100
     assert np.isnan(out.loc["y", "transitions_count_last3"])  # only two items in the session
     assert out[[c for c in EVIDENCE_COLUMNS if c.startswith("covisitation")]].isna().all().all()
+    # a request with no items has nothing to weigh against
+    pair_columns = [c for c in (*PAIR_COLUMNS, *EVIDENCE_COLUMNS) if c.startswith("transitions")]
+    assert frame.loc[frame["query"] == 1, pair_columns].isna().all().all()

@@ -121,3 +121,25 @@ def test_session_knn_votes_equal_the_matrix_formulation(sessions, queries, sampl
     np.testing.assert_allclose(
         model._votes(queries).toarray(), _knn_reference(model, queries), rtol=1e-12, atol=0
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    matrix=st.lists(st.floats(0.0, 5.0) | st.just(0.0), min_size=144, max_size=144),
+    pairs=st.lists(st.tuples(st.integers(-1, 11), st.integers(-1, 11)), max_size=40),
+)
+def test_covisitation_weights_at_read_the_matrix_for_a_batch_of_pairs(matrix, pairs):
+    """The batch lookup behind the re-ranker's pair columns: each (seed, item) pair's stored
+    weight, 0 for a pair never seen or a row of -1 (an item the matrix does not know)."""
+    dense = np.asarray(matrix).reshape(12, 12)
+    model = CovisitationRetriever(
+        SETTINGS.baselines.covisitation,
+        SETTINGS.event_weights,
+        SETTINGS.baselines.popularity,
+        basket=False,
+    )
+    model.matrix = sp.csr_matrix(dense)
+    seeds = np.asarray([p[0] for p in pairs], dtype=np.int64)
+    items = np.asarray([p[1] for p in pairs], dtype=np.int64)
+    want = [dense[s, i] if s >= 0 and i >= 0 else 0.0 for s, i in pairs]
+    np.testing.assert_array_equal(model.weights_at(seeds, items), np.asarray(want, dtype=float))
