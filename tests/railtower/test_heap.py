@@ -75,3 +75,40 @@ def test_every_collector_pause_is_counted_and_exposed_on_the_metrics():
     text = generate_latest(Metrics().registry).decode()
     assert f'railtower_gc_pauses_total{{generation="2"}} {float(pauses.count[2])}' in text
     assert 'railtower_gc_pause_longest_seconds{generation="2"}' in text
+
+
+def test_collector_held_blocks_nest_and_collect_the_cycles_they_left_when_the_last_ends():
+    from railtower.heap import collector_held
+
+    assert gc.isenabled()
+    with collector_held():
+        assert not gc.isenabled()
+        ref = weakref.ref(_cycle())  # a cycle the batch drops: only the collector frees it
+        with collector_held():  # nested (another thread's batch, say)
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer block still holds it
+        for _ in range(2000):
+            _cycle()  # far past the young generation's threshold: no automatic run
+        assert ref() is not None
+    assert gc.isenabled()
+    assert ref() is None  # the young collection at the end of the last block took it
+
+
+def test_collector_held_turns_the_collector_back_on_after_an_error():
+    from railtower.heap import collector_held
+
+    with pytest.raises(RuntimeError), collector_held():
+        raise RuntimeError("the batch failed")
+    assert gc.isenabled()
+
+
+def test_collector_held_leaves_a_collector_that_was_off_off():
+    from railtower.heap import collector_held
+
+    gc.disable()
+    try:
+        with collector_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
