@@ -32,14 +32,13 @@ from benchmarks.rails_api import (
     _row,
     command_line,
     git_revision,
+    single_api,
     synthetic_sessions,
     warm_cache,
 )
-from devstack.local_services import LocalServer, api_command, free_port, redis_server
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
-from state.session_store import SessionStore
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -118,39 +117,19 @@ def main() -> None:
     loaded = load_rails(bundle, settings)
     sessions = synthetic_sessions(loaded, 300)
     work = settings.cache_dir / "bench-load-client"
-    started: list[LocalServer] = []
     rows: list[dict[str, Any]] = []
-    try:
-        redis_port, api_port = free_port(), free_port()
-        started.append(redis_server(redis_port, work).start())
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        env = {
-            "RAILTOWER_SERVING__BUNDLE": str(bundle),
-            "RAILTOWER_SERVING__REDIS_URL": redis_url,
-            "RAILTOWER_SERVING__TRITON_URL": "",
-            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",  # one client is many shoppers
-            "RAILTOWER_LOG_LEVEL": "WARNING",
-        }
-        api = LocalServer("api", api_command(api_port), api_port, work, env, 120).start()
-        started.append(api)
-        base = f"http://127.0.0.1:{api_port}"
-        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
-            time.sleep(0.5)
-        store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
-        for n, history in enumerate(sessions):
-            store.append_events(f"c{n}", [(f"c{n}-{k}", e, None) for k, e in enumerate(history)])
+    with single_api(bundle, work, sessions, "c") as api:
         bodies = [("homepage_hero", {"session_id": f"c{n}"}) for n in range(len(sessions))]
-        warmed = asyncio.run(warm_cache(base, bodies, 60.0))
+        warmed = asyncio.run(warm_cache(api.base, bodies, 60.0))
         if warmed["confirmed"] < len(bodies):
             raise RuntimeError(f"only {warmed['confirmed']} of {len(bodies)} rails warmed")
         for concurrency in args.concurrency:
             for kind in ("httpx", "aiohttp", "httpx", "aiohttp"):
-                row = measure(kind, api.process.pid, base, bodies, concurrency, args.seconds)
+                row = measure(
+                    kind, api.server.process.pid, api.base, bodies, concurrency, args.seconds
+                )
                 rows.append(row)
                 print(row, flush=True)
-    finally:
-        for server in reversed(started):
-            server.stop()
     result = {
         "bundle": loaded.version,
         "cpus": os.cpu_count(),

@@ -24,26 +24,23 @@ import argparse
 import asyncio
 import re
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from benchmarks.rails_api import (
     closed_loop,
     command_line,
     git_revision,
+    single_api,
     synthetic_sessions,
     warm_cache,
 )
-from devstack.local_services import LocalServer, api_command, free_port, redis_server
 from railtower.settings import PROJECT_ROOT, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
-from state.session_store import SessionStore
 
 OUT = PROJECT_ROOT / "reports" / "benchmarks"
 _SITE = re.compile(r" \(.*?site-packages/")
@@ -95,26 +92,8 @@ def main() -> None:
     sessions = synthetic_sessions(loaded, 300)
     work = settings.cache_dir / "bench-profile"
     OUT.mkdir(parents=True, exist_ok=True)
-    started: list[LocalServer] = []
-    try:
-        redis_port, api_port = free_port(), free_port()
-        started.append(redis_server(redis_port, work).start())
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        env = {
-            "RAILTOWER_SERVING__BUNDLE": str(bundle),
-            "RAILTOWER_SERVING__REDIS_URL": redis_url,
-            "RAILTOWER_SERVING__TRITON_URL": "",
-            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",  # one client is many shoppers
-            "RAILTOWER_LOG_LEVEL": "WARNING",
-        }
-        api = LocalServer("api", api_command(api_port), api_port, work, env, 120).start()
-        started.append(api)
-        base = f"http://127.0.0.1:{api_port}"
-        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
-            time.sleep(0.5)
-        store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
-        for n, history in enumerate(sessions):
-            store.append_events(f"p{n}", [(f"p{n}-{k}", e, None) for k, e in enumerate(history)])
+    with single_api(bundle, work, sessions, "p") as api:
+        base = api.base
         bodies = [
             ("pdp_fbt", {"session_id": f"p{n}", "item_id": h[-1].item_id})
             for n, h in enumerate(sessions)
@@ -125,8 +104,8 @@ def main() -> None:
         asyncio.run(closed_loop(base, bodies, args.concurrency, 3.0))  # warm the process
         raw, svg = work / "profile.txt", OUT / f"{name}.svg"
         spies = [
-            record(api.process.pid, args.seconds, args.rate, raw, "raw"),
-            record(api.process.pid, args.seconds, args.rate, svg, "flamegraph"),
+            record(api.server.process.pid, args.seconds, args.rate, raw, "raw"),
+            record(api.server.process.pid, args.seconds, args.rate, svg, "flamegraph"),
         ]
         load = asyncio.run(closed_loop(base, bodies, args.concurrency, args.seconds))
         for spy in spies:
@@ -141,9 +120,6 @@ def main() -> None:
             "load": load,
             "profile": frame_shares(raw.read_text()),
         }
-    finally:
-        for server in reversed(started):
-            server.stop()
     (OUT / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (OUT / f"{name}.md").write_text(markdown(result))
     print(markdown(result))

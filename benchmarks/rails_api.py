@@ -576,6 +576,51 @@ def stack(settings: Settings, bundle: Path, has_towers: bool, ttl_s: int) -> Ite
             server.stop()
 
 
+@dataclass
+class SingleApi:
+    """What `single_api` started: one API process (shipped settings, sessions encoded in
+    process, no rate limit), its base URL, and the Redis it reads."""
+
+    server: LocalServer
+    base: str
+    redis_url: str
+
+
+@contextlib.contextmanager
+def single_api(
+    bundle: Path, work: Path, sessions: list[list[HistoryEvent]], prefix: str
+) -> Iterator[SingleApi]:
+    """Redis and one API process on loopback serving `bundle`, with `sessions` seeded in
+    Redis as "<prefix><n>"; stops both on exit (the profiling and client benchmarks)."""
+    started: list[LocalServer] = []
+    try:
+        redis_port, api_port = free_port(), free_port()
+        started.append(redis_server(redis_port, work).start())
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        env = {
+            "RAILTOWER_SERVING__BUNDLE": str(bundle),
+            "RAILTOWER_SERVING__REDIS_URL": redis_url,
+            "RAILTOWER_SERVING__TRITON_URL": "",
+            "RAILTOWER_SECURITY__RATE_LIMIT_PER_S": "0",  # one client is many shoppers
+            "RAILTOWER_LOG_LEVEL": "WARNING",
+        }
+        api = LocalServer("api", api_command(api_port), api_port, work, env, 120).start()
+        started.append(api)
+        base = f"http://127.0.0.1:{api_port}"
+        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
+            time.sleep(0.5)
+        store = SessionStore(redis_url, 2.0, 50, 3600, 3600)
+        for n, history in enumerate(sessions):
+            session = f"{prefix}{n}"
+            store.append_events(
+                session, [(f"{session}-{k}", e, None) for k, e in enumerate(history)]
+            )
+        yield SingleApi(api, base, redis_url)
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
 def cached_row(
     base: str, bodies: list[tuple[str, dict]], concurrency: int, seconds: float
 ) -> dict[str, Any]:
