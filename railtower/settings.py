@@ -311,6 +311,19 @@ class ExplorationSettings(_Section):
     young_window: int = Field(3, ge=1)
 
 
+class NewItemSettings(_Section):
+    # Where an item listed since the model was trained (no history, only its content vector)
+    # goes on a rail (ranking.new_item_placement): "tower_rank" at the position the towers'
+    # content ranking gave it, "ranker" where the re-ranker puts it (below every known item:
+    # it has no history to score).
+    placement: Literal["tower_rank", "ranker"] = "tower_rank"
+    # The highest position (0-based) a new item can take, and how many new items can hold
+    # the rail's slots at once (null = as many as the towers rank there); the rest wait
+    # just below the slots.
+    first_position: int = Field(0, ge=0)
+    max_in_slots: int | None = Field(None, ge=0)
+
+
 class PriceHistorySettings(_Section):
     # The two rolling windows (hours) of the price-history features: "short" for a fresh
     # move, "long" for the item's own recent level (the deal reference).
@@ -391,6 +404,7 @@ class RankingSettings(_Section):
     rules_path: Path | None = Field(Path("configs/rules/example.json"), validate_default=True)
     ranker: RankerSettings = RankerSettings()
     exploration: ExplorationSettings = ExplorationSettings()
+    new_items: NewItemSettings = NewItemSettings()
     # The re-ranker's price-history features (ranking.price_history); false leaves their
     # columns empty (NaN), which LightGBM cannot split on: the "without" arm of a comparison.
     price_features: bool = False

@@ -1,4 +1,5 @@
-"""The one composition of a rail's stages: fused candidates -> re-ranker -> MMR -> rules.
+"""The one composition of a rail's stages: fused candidates -> re-ranker (new items at their
+towers' rank) -> MMR -> rules.
 
 Every path that computes a rail goes through :func:`compute`: the HTTP request
 (`serving.stages.run_stages`), the consumer's pre-warming (`RailService.prewarm`), the shadow
@@ -22,6 +23,7 @@ import numpy as np
 
 from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
+from ranking.new_item_placement import place_new_items, tower_placed
 from ranking.retriever import CandidateSource, Query
 
 if TYPE_CHECKING:  # the engine composes RailPipeline's stages; rails.py delegates run() here
@@ -81,6 +83,7 @@ def compute(
         return RailRun(table)
     scores = (rank or _unbudgeted(pipeline, rail))(table, queries)
     ranked = table.with_columns(ranker=scores).ranked("ranker")
+    ranked = _placed(pipeline, table, ranked, n)
     clock.lap("ranker")
     if until == "ranker":
         return RailRun(table, ranked)
@@ -111,6 +114,20 @@ def fallback(pipeline: RailPipeline, rail: str, query: Query, slots: int) -> Rul
     """The rules stage over no candidates: popular items the query does not exclude, under
     the rules in force. What a rail serves when its computation failed."""
     return pipeline.explain_rules(rail, [], query, slots, slots)
+
+
+def _placed(
+    pipeline: RailPipeline, table: CandidateTable, ranked: list[list[Candidate]], slots: int
+) -> list[list[Candidate]]:
+    """The ranked lists with new items at their towers' rank (ranking.new_item_placement):
+    part of the ranker stage, so MMR, the rules and every caller see the same order."""
+    settings = pipeline.settings.new_items
+    if settings.placement == "ranker":
+        return ranked
+    placed = tower_placed(table, pipeline.stats.row)
+    for q, tower_ranks in placed.items():
+        ranked[q] = place_new_items(ranked[q], tower_ranks, slots, settings)
+    return ranked
 
 
 def _unbudgeted(pipeline: RailPipeline, rail: str) -> Rank:

@@ -35,6 +35,16 @@ if [ "${1:-}" != "--relock" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want
   exit 0
 fi
 
+# The locked torch is a CUDA build: the venv takes about 7 GB. Say so before pip fills the
+# disk halfway and leaves a venv that fails to import (a Bus error, not a clear message).
+need_kb=$((8 * 1024 * 1024))
+free_kb=$(df -Pk "$VENV" | awk 'NR==2 {print $4}')
+if [ "${free_kb:-0}" -lt "$need_kb" ] && [ ! -f "$STAMP" ]; then
+  echo "[install] $((free_kb / 1024)) MB free under $VENV; the locked dependencies need about 8 GB." >&2
+  echo "[install] free some disk (old clones, /tmp/pytest-of-\$USER) and re-run." >&2
+  exit 1
+fi
+
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "${1:-}" = "--relock" ]; then
@@ -44,7 +54,8 @@ if [ "${1:-}" = "--relock" ]; then
 else
   echo "[install] installing the locked dependencies (first run: a few minutes)"
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 \
-    | grep -v "^WARNING: Location" || true
+    | { grep -v "^WARNING: Location" || true; } \
+    || { echo "[install] pip install failed (its error is above)" >&2; exit 1; }
   "$VENV/bin/python" -c "import torch, torchvision, numpy, pandas, pyarrow, railtower" \
     || { echo "[install] import check failed" >&2; exit 1; }
 fi

@@ -60,7 +60,9 @@ def load_rails(folder: Path, settings: Settings) -> LoadedRails:
         sources=sources,
         stats=rails.stats,
         attributes=ItemAttributes.from_frame(rails.items, settings.towers.price_bands),
-        settings=rails.ranking,
+        # what the bundle was fitted with, but where new items go is a serving policy (like
+        # the exploration slot): the running configuration's, changed without a retrain
+        settings=rails.ranking.model_copy(update={"new_items": settings.ranking.new_items}),
         depth=rails.ranking.pool_size,
         slots=settings.evaluation.slots,
         rankers=rails.rankers,

@@ -25,6 +25,7 @@ from ranking.candidate_fusion import CandidateTable
 from ranking.candidates import Candidate
 from ranking.engine import compute, fallback
 from ranking.exploration import ArmStats, Explored, explore
+from ranking.new_item_placement import unknown_items
 from ranking.rail_inputs import rail_query
 from ranking.rails import RuledSlots
 from ranking.retriever import CandidateSource, Query
@@ -280,8 +281,7 @@ def rules_length(settings: ExplorationSettings, slots: int, depth: int) -> int:
 
 def young_items(loaded: LoadedRails, ruled: Sequence[Candidate]) -> frozenset[str]:
     """The ruled items listed since `loaded` was trained: no statistics row (serving.new_items)."""
-    known = loaded.pipeline.stats.row
-    return frozenset(c.item_id for c in ruled if c.item_id not in known)
+    return unknown_items((c.item_id for c in ruled), loaded.pipeline.stats.row)
 
 
 def exploration_rng(

@@ -635,6 +635,12 @@ def test_a_new_item_is_encoded_as_export_would_and_retrieved_in_every_process(st
     assert abs(found.index(source) - position) <= 1 and abs(found.index(new_id) - position) <= 3
     run = compute(pipeline, "homepage_hero", [query])
     assert run.ruled is not None and len(run.ruled) == 1
+    # the re-ranker has no history to score it by: it stands where the towers ranked it
+    # (ranking.new_item_placement), the known items in the re-ranker's order around it
+    assert run.ranked is not None
+    ranked = [c.item_id for c in run.ranked[0]]
+    tower_rank = found.index(new_id) + 1
+    assert tower_rank <= pipeline.settings.per_source and ranked.index(new_id) == tower_rank - 1
     answer = service.serve("homepage_hero", RailRequest(session_id="s7"))
     assert len(answer.items) == 12
     # the new product's own page and a cart holding it get rails (no 404): the session
