@@ -302,11 +302,10 @@ class ExplorationSettings(_Section):
     propensity_draws: int = Field(256, ge=16)
     min_propensity: float = Field(1e-3, gt=0.0, lt=0.5)
     # Share of the slot's draws given to young items: listed since the served model was
-    # trained (no statistics row). The re-ranker, trained only on items with history, puts
-    # them below everything (the later window: they reach the pool, almost never the slots),
-    # so without this share a new product waits for the next nightly run to be shown at
-    # all. Uniform over the `young_window` best-ranked young items of the whole ruled pool;
-    # the propensity logged is the mixture's. 0 = off.
+    # trained (no statistics row). They stand at their towers' rank (`new_items` below);
+    # this share also shows the ones ranked below the slots. Uniform over the
+    # `young_window` best-ranked young items of the whole ruled pool; the propensity logged
+    # is the mixture's. 0 = off.
     young_share: float = Field(0.0, ge=0.0, le=1.0)
     young_window: int = Field(3, ge=1)
 
