@@ -31,6 +31,7 @@ write are one pipeline behind `make_sink`; the console reads the counts back thr
 
 from __future__ import annotations
 
+import itertools
 import queue
 import socket
 import threading
@@ -336,10 +337,13 @@ class MemoryImpressionSink(_BufferedSink):
         for kind, n in Counter(arm_kind(i.arm) for i in batch).items():
             self.metrics.impressions.labels(arm=kind, outcome="logged").inc(n)
 
-    def impressions(self) -> list[Impression]:
-        """The impressions published so far (call `flush()` first for the latest)."""
+    def impressions(self, start: int = 0) -> list[Impression]:
+        """The impressions kept so far from the `start`-th on (call `flush()` first for the
+        latest). Decoding is the cost: a caller that follows the log asks only for what is
+        new since its last call, not for everything again (a replay that did made every
+        event cost more than the one before)."""
         with self._lock:
-            kept = list(self._kept)
+            kept = list(itertools.islice(self._kept, start, None))
         return [decode_impression(raw) for raw in kept]
 
     def dump_jsonl(self, path: Path) -> int:

@@ -219,7 +219,7 @@ def replay_events(
             if not runner.drain(timeout_s=120) or not sink.flush(timeout_s=30):
                 raise RailtowerError("the shadow runner did not finish an event within 120 s")
             # the runner stamps the wall clock; this log is historical: the event's own time
-            fresh = sink.impressions()[len(logged) :]
+            fresh = sink.impressions(start=len(logged))
             at = event["event_time"].to_pydatetime()
             logged += [i.model_copy(update={"served_at": at}) for i in fresh]
             if after_event is not None and not after_event(at, logged):

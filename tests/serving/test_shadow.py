@@ -224,6 +224,8 @@ def test_the_memory_sink_keeps_impressions_out_of_the_cycle_collectors_walks():
     assert sink.flush()
     assert len(gc.get_objects()) - tracked < 50  # not 200 impressions' worth of objects
     assert sink.impressions() == sent  # and they come back exactly as logged
+    # a follower of the log decodes only what is new since its last read
+    assert sink.impressions(start=150) == sent[150:] and sink.impressions(start=200) == []
     sink.close()
 
 
