@@ -29,7 +29,7 @@ class Candidate(NamedTuple):
 # tuple.__new__ bound to Candidate: builds the very same named tuple without the Python-level
 # __new__ a named tuple's constructor runs, half the cost per candidate, and a rail builds
 # a few thousand of them.
-_new_candidate = partial(tuple.__new__, Candidate)
+new_candidate = partial(tuple.__new__, Candidate)
 
 
 def candidates_of(items: Iterable[str], scores: Iterable[float]) -> list[Candidate]:
@@ -40,7 +40,7 @@ def candidates_of(items: Iterable[str], scores: Iterable[float]) -> list[Candida
         >>> candidates_of(["a", "b"], [0.5, 0.25])
         [Candidate(item_id='a', score=0.5), Candidate(item_id='b', score=0.25)]
     """
-    return list(map(_new_candidate, zip(items, scores, strict=True)))
+    return list(map(new_candidate, zip(items, scores, strict=True)))
 
 
 def unique_by_item(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -49,6 +49,9 @@ def unique_by_item(candidates: Sequence[Candidate]) -> list[Candidate]:
     Merged candidate sources can name an item twice; a rail must never show it twice, and
     the first occurrence is the better-ranked one.
     """
+    ids = [c[0] for c in candidates]
+    if len(set(ids)) == len(ids):  # the common case: no repeat, one pass in C
+        return list(candidates)
     seen: set[str] = set()
     unique = []
     for candidate in candidates:

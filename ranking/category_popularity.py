@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from railtower.settings import EventWeights, PopularitySettings
-from ranking.candidates import Candidate
+from ranking.candidates import Candidate, new_candidate
 from ranking.popularity import PopularityRetriever
 from ranking.retriever import Catalogue, Query, seed_weights
 
@@ -86,6 +86,6 @@ class CategoryPopularityRetriever:
                 if len(picked) >= k:
                     return picked
                 if item not in taken:
-                    picked.append(Candidate(item, category_weight * share))
+                    picked.append(new_candidate((item, category_weight * share)))
                     taken.add(item)
         return picked

@@ -253,13 +253,13 @@ class RailPipeline:
         """MMR picks the slots from the top of the list; the rest keeps its order behind them."""
         n = self.slots if slots is None else slots
         top = mmr(ranked[: max(self.settings.mmr_window, n)], self.attributes, n, lambda_)
-        chosen = {c.item_id for c in top}
-        ordered = top + [c for c in ranked if c.item_id not in chosen]
+        chosen = {c[0] for c in top}
+        ordered = top + [c for c in ranked if c[0] not in chosen]
         # The rules re-sort by score after boosting, which would undo MMR's order; so each
         # position takes the score of the same rank in the ranker's order: MMR's order
         # stands and a boost still weighs against the ranker's own scale.
-        scores = sorted((c.score for c in ordered), reverse=True)
-        return candidates_of([c.item_id for c in ordered], scores)
+        scores = sorted([c[1] for c in ordered], reverse=True)
+        return candidates_of([c[0] for c in ordered], scores)
 
     def explain_rules(
         self,

@@ -22,7 +22,6 @@ the served rules stage, provenance, the cache filter and the comparison.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -180,9 +179,10 @@ def explain_rules(
     if now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware (UTC), got {now.isoformat()}")
     pool = unique_by_item(candidates)
+    scores = [c[1] for c in pool]
     # one sum instead of a check per candidate (inf and NaN carry through a sum); only a
     # sum that is not finite looks for the culprit (or was an overflow of finite scores)
-    if not math.isfinite(sum(c.score for c in pool)):
+    if not math.isfinite(sum(scores)):
         for c in pool:
             if not math.isfinite(c.score):
                 raise ValueError(
@@ -207,8 +207,10 @@ def explain_rules(
     # 1. Exclusions first, so boosts and pins never resurrect an excluded item; 2. boosts and
     # buries. Only as far down the list as an item could still reach the slots (see
     # _judged_head); sorted() is stable, so equal scores keep the incoming order.
+    # finite scores: sorting a list that is already best first returns it unchanged
+    best_first = scores == sorted(scores, reverse=True)
     rescored = _judged_head(
-        pool, slots + len(active.pins), active, is_eligible, attributes, effects
+        pool, slots + len(active.pins), active, is_eligible, attributes, effects, best_first
     )
     ranked = sorted(rescored, key=lambda c: -c.score)
     # 3. Pins: decide which are placeable, then fill the slots around them.
@@ -257,17 +259,17 @@ def _judged_head(
     is_eligible: Callable[[str], bool],
     attributes: ItemAttributes,
     effects: dict[str, list[RuleEffect]],
+    best_first: bool,
 ) -> list[Candidate]:
     """The eligible candidates of `pool`, rescored, in pool order, as far as any could still
     make the `needed` best.
 
-    When the pool comes best first (a ranker's or MMR's list always does), a candidate whose
+    When the pool comes `best_first` (a ranker's or MMR's list always does), a candidate whose
     score, times every boost that could apply, cannot beat the `needed`-th best rescored
     score so far can never be shown, nor can anything after it: the rest is left unjudged
     (the rails stage judged 300 candidates to show 12). Otherwise every candidate is judged.
     """
     lift = math.prod(rule.factor for _, rule in active.rescores if rule.factor > 1)
-    best_first = all(a.score >= b.score for a, b in itertools.pairwise(pool))
     best: list[float] = []  # min-heap of the `needed` best rescored scores so far
     out = []
     for c in pool:
