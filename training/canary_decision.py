@@ -309,9 +309,11 @@ def _judge(
         return decision
     drop = (base - _hit_rate(challenger)) / base
     decision.relative_drop = drop
+    # a challenger above production reads as above, not as a negative drop
+    side = f"{drop:.2%} below production" if drop >= 0 else f"{-drop:.2%} above production"
     summary = (
         f"hit rate@{settings.evaluation.slots} {_hit_rate(challenger):.4f} vs {base:.4f} "
-        f"({drop:+.2%} relative drop; abort beyond {cfg.max_relative_drop:.0%})"
+        f"({side}; abort beyond a {cfg.max_relative_drop:.0%} drop)"
     )
     beyond_interval = decision.difference.high < 0
     if drop > cfg.max_relative_drop and guard.high < 0:

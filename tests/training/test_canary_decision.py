@@ -111,6 +111,7 @@ def test_a_challenger_worse_beyond_the_guard_and_the_interval_is_aborted(setting
     decision = step_canary(settings, "shop", impressions, timelines)
     assert decision.action == "abort", decision.reason
     assert decision.relative_drop > 0.4 and decision.difference.high < 0
+    assert "below production" in decision.reason and "above" not in decision.reason
     assert read_canary(pointer).status == "aborted" and read_canary(pointer).share == 0.0
     (abort,) = [e for e in canary_history(pointer) if e["event"] == "abort"]
     arms = {a["arm"]: a for a in abort["figures"]["arms"]}
@@ -124,6 +125,9 @@ def test_an_equal_challenger_advances_to_the_next_share(settings, shop):
     assert decision.action == "advance", decision.reason
     assert read_canary(pointer).share == settings.canary.steps[1]
     assert decision.difference.low < 0 < decision.difference.high
+    # the sign of the relative difference is spelt out, never a negative "drop"
+    side = "above" if decision.relative_drop < 0 else "below"
+    assert f"% {side} production" in decision.reason and "-" not in decision.reason.split("(")[1]
 
 
 def test_too_few_impressions_wait_and_the_judgement_is_recorded(settings, shop):
