@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     ServiceError,
@@ -46,12 +46,11 @@ from devstack.local_services import (
     nginx_proxy,
     redis_server,
 )
-from railtower.settings import PROJECT_ROOT, load_settings
+from railtower.settings import load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 from state.session_store import SessionStore
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 CONFIGS = ("1 worker", "2 workers", "2 processes + nginx")
 
 
@@ -202,10 +201,7 @@ def main() -> None:
                 result["skipped"][name] = str(exc)
     finally:
         redis.stop()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "api_replicas.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "api_replicas.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("api_replicas", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

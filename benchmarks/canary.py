@@ -36,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pandas as pd
 
 if __package__ in (None, ""):  # run as a script: the project root holds `benchmarks`
@@ -45,17 +44,16 @@ if __package__ in (None, ""):  # run as a script: the project root holds `benchm
 from benchmarks.canary_bundles import derive_challengers
 from benchmarks.canary_harness import CanaryVerdict, run_canary, verify_canary
 from benchmarks.live_stack import start_stack
+from benchmarks.report import write_report
 from benchmarks.swap_harness import build_probes, prepare_bundles, references, seed_sessions
 from railtower.manifest import Manifest
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 from training.canary_balance import production_rows, salt_trials
 from training.canary_replay import CanaryReplay, run_canary_replay
 from training.shadow_eval import PRODUCTION_ARM, SessionTimelines
 from training.shadow_replay import held_out_sessions
-
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
 
 def ramp_under_load(
@@ -385,12 +383,7 @@ def main() -> None:
             args.salts,
             window,
         )
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "canary.json").write_bytes(
-        orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-    )
-    (OUT / "canary.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("canary", result, markdown(result))
 
 
 if __name__ == "__main__":

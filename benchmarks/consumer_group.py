@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pandas as pd
 import redis
 
+from benchmarks.report import write_report
 from devstack.local_services import LocalServer, free_port, kafka_broker, redis_server
 from railtower.datasets import load_dataset
-from railtower.settings import PROJECT_ROOT, Settings, StreamingSettings, load_settings
+from railtower.settings import Settings, StreamingSettings, load_settings
 from serving.app import production_pointer
 from streaming.local_group import (
     Member,
@@ -50,7 +50,6 @@ from streaming.local_group import (
 from streaming.replay import replay
 from streaming.topics import ensure_topics
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 PARTITIONS = 6
 
 
@@ -197,10 +196,7 @@ def main() -> None:
     base = result["runs"][0]["events_per_s"]
     for run in result["runs"]:
         run["ratio_vs_first"] = round(run["events_per_s"] / base, 2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "consumer_group.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "consumer_group.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("consumer_group", result, markdown(result))
 
 
 def _row(cells: list[object]) -> str:

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 from kafka import KafkaProducer
 
+from benchmarks.report import write_report
 from devstack.local_services import LocalServer, free_port, kafka_broker, redis_server
 from railtower.schemas import CatalogueUpdate, encode
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from ranking.price_history import column
 from serving.api_models import RailRequest
 from serving.app import production_pointer
@@ -47,7 +47,6 @@ from state.session_store import SessionStore
 from streaming.consumer import RefreshConsumer
 from streaming.topics import ensure_topics
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"  # beside refresh_consumer's output
 _RAIL = "deals_for_you"
 _POLL_S = 0.01
 _TIMEOUT_S = 30.0
@@ -210,10 +209,7 @@ def main() -> None:
         for server in reversed(started):
             server.stop()
     result.update(bundle=bundle.name, cpus=os.cpu_count(), source="injected drops")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "deals_freshness.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "deals_freshness.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("deals_freshness", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

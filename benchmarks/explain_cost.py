@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 
 from benchmarks.rails_api import percentiles, synthetic_sessions
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -36,13 +36,12 @@ from devstack.local_services import (
     load_test_env,
     redis_server,
 )
-from railtower.settings import PROJECT_ROOT, load_settings
+from railtower.settings import load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 RAILS = ("homepage_hero", "homepage_hero (cached)", "pdp_fbt", "cart_upsell", "deals_for_you")
 
 
@@ -142,10 +141,7 @@ def main() -> None:
     finally:
         for server in reversed(started):
             server.stop()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "explain_cost.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "explain_cost.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("explain_cost", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -39,16 +39,15 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 
 from benchmarks.fault_stream import EventStream
 from benchmarks.live_stack import Stack, private_artifacts, start_stack
+from benchmarks.report import write_report
 from devstack.local_services import LocalServer
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 PHASES = (
     "steady",
     "redis killed",
@@ -351,7 +350,6 @@ def main() -> None:
         if stream is not None:
             stream.stop()
         stack.stop()
-    OUT.mkdir(parents=True, exist_ok=True)
     result = {
         "bundle": bundle.name,
         "phases": run.table(),
@@ -360,10 +358,7 @@ def main() -> None:
         "events": run.events,
         "replies": [asdict(r) for r in run.replies],
     }
-    (OUT / "fault_under_load.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    text = markdown(run, bundle.name)
-    (OUT / "fault_under_load.md").write_text(text)
-    print(text)
+    write_report("fault_under_load", result, markdown(run, bundle.name))
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ from benchmarks.rails_api import (
     synthetic_sessions,
     warm_cache,
 )
-from railtower.settings import PROJECT_ROOT, load_settings
+from benchmarks.report import write_report
+from railtower.settings import load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -137,10 +137,7 @@ def main() -> None:
         "command": command_line(),
         "rows": rows,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "load_client.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "load_client.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("load_client", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

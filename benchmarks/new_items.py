@@ -48,6 +48,7 @@ import torch
 from kafka import KafkaProducer
 
 from benchmarks.live_stack import wait_ready
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -57,7 +58,7 @@ from devstack.local_services import (
     triton_server,
 )
 from railtower.schemas import Event, ItemRetire, ItemUpsert, encode
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from ranking.bundle import ITEM_TOWER, TowerBundle
 from serving.app import production_pointer
 from serving.triton_item_tower import TritonItemTower
@@ -65,7 +66,6 @@ from streaming.local_group import consumer_env, start_members, wait_for_assignme
 from streaming.topics import ensure_topics
 from towers.item_content import ItemContentEncoder, uncached_texts
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 REPLICAS = 2
 _POLL_S = 0.02
 _TIMEOUT_S = 30.0
@@ -368,10 +368,7 @@ def main() -> None:
         "listings": listed_runs,
         "retirements": retired_runs,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "new_items.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "new_items.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("new_items", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -43,7 +43,7 @@ from devstack.local_services import (
     triton_server,
 )
 from railtower.datasets import load_dataset
-from railtower.settings import PROJECT_ROOT, load_settings
+from railtower.settings import load_settings
 from serving.app import production_pointer
 from serving.rail_service import LoadedRails, load_rails
 from serving.user_vectors import TritonUserTower, VectorTowerSource
@@ -58,7 +58,6 @@ from training.parity import (
     user_tower_parity,
 )
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 # Far above any stage on a busy machine: a degraded answer would not be the evaluator's.
 BUDGETS = {"redis_ms": 5000, "user_vector_ms": 10000, "ranker_ms": 10000, "admission_ms": 10000}
 
@@ -250,10 +249,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     result = measure(args)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "parity.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "parity.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("parity", result, markdown(result))
 
 
 if __name__ == "__main__":

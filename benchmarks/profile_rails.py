@@ -28,8 +28,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.rails_api import (
     closed_loop,
     command_line,
@@ -38,11 +36,11 @@ from benchmarks.rails_api import (
     synthetic_sessions,
     warm_cache,
 )
-from railtower.settings import PROJECT_ROOT, load_settings
+from benchmarks.report import OUT, write_report
+from railtower.settings import load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 _SITE = re.compile(r" \(.*?site-packages/")
 _LINE = re.compile(r":\d+\)$")
 
@@ -120,9 +118,7 @@ def main() -> None:
             "load": load,
             "profile": frame_shares(raw.read_text()),
         }
-    (OUT / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(name, result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

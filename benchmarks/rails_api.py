@@ -68,6 +68,7 @@ import orjson
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -85,8 +86,6 @@ from serving.stages import Trace, in_process_vector, rules_length, run_stages
 from serving.user_vectors import TritonUserTower
 from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
-
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
 # Issue 21's goals (not to be tuned to the results).
 GOALS_FLOOR_P50_MS = 6.0  # compute floor p50, every rail
@@ -777,10 +776,7 @@ def main() -> None:
         if started.triton is not None:
             result["triton_ms"] = triton_vs_in_process(loaded, started.triton, 200)
     result["goals"] = evaluate_goals(result)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "rails_api.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "rails_api.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("rails_api", result, markdown(result))
     invalid = [row["concurrency"] for row in result["cached"] if not row["valid"]]
     if invalid:
         print(f"FAIL: cached rows at concurrency {invalid} are not >= {MIN_CACHE_HITS:.0%} hits")

@@ -35,18 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
+from benchmarks.report import write_report
 from devstack.local_services import LocalServer, free_port, redis_cluster, redis_server
 from railtower.datasets import load_dataset
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from ranking.candidates import Candidate
 from serving.rail_cache import rail_payload  # the cached rail exactly as serving stores it
 from state.redis_client import connect_url
 from state.session_store import SessionStore
 from towers.session_features import HistoryEvent
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 VERSION = "nightly-20261201T020000-rees46-rails"  # the length of a nightly run's version
 EventTriple = tuple[str, HistoryEvent, str | None]
 
@@ -235,10 +234,7 @@ def main() -> None:
             cluster["bytes_per_session_total"] / single["bytes_per_session_total"]
         ),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "redis_memory.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "redis_memory.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("redis_memory", result, markdown(result))
 
 
 def _row(cells: list[object]) -> str:

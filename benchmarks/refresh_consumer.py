@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 from kafka import KafkaProducer
 
 from benchmarks.rails_api import command_line, git_revision
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     free_port,
@@ -44,7 +44,7 @@ from devstack.local_services import (
 )
 from railtower.heap import gc_pauses
 from railtower.schemas import Event, encode
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from serving.app import production_pointer
 from serving.metrics import Metrics
 from serving.rail_service import load_rails
@@ -53,8 +53,6 @@ from serving.user_vectors import TritonUserTower
 from state.session_store import SessionStore
 from streaming.consumer import BatchReport, RefreshConsumer
 from streaming.topics import ensure_topics
-
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
 
 def _events(items: np.ndarray, n: int, sessions: int, seed: int) -> list[Event]:
@@ -216,10 +214,7 @@ def main() -> None:
         producer.shutdown()
         for server in reversed(started):
             server.stop()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "refresh_consumer.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "refresh_consumer.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("refresh_consumer", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -23,10 +23,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 
 from benchmarks.rails_api import (
-    OUT,
     closed_loop,
     command_line,
     git_revision,
@@ -35,6 +33,7 @@ from benchmarks.rails_api import (
     synthetic_sessions,
     warm_cache,
 )
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -151,10 +150,7 @@ def main() -> None:
         "raw": {str(n): r for n, r in rounds.items()},
         "summary": {str(n): summary(r) for n, r in rounds.items()},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "request_threads.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "request_threads.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("request_threads", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from benchmarks.rails_api import _head, _row, closed_loop, synthetic_sessions
+from benchmarks.report import write_report
 from devstack.local_services import (
     LocalServer,
     api_command,
@@ -45,7 +45,6 @@ from railtower.settings import PROJECT_ROOT, load_settings
 from serving.rail_service import load_rails
 from state.session_store import SessionStore
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 WORK = PROJECT_ROOT / ".cache" / "railtower" / "bench-shadow"
 # the API process this script starts gets this admin key (the shadow report is an admin route)
 ADMIN_KEY = "bench-shadow-" + os.urandom(8).hex()
@@ -165,10 +164,7 @@ def main() -> None:
     finally:
         for server in reversed(started):
             server.stop()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "shadow.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "shadow.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("shadow", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

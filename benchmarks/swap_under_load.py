@@ -30,12 +30,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 if __package__ in (None, ""):  # run as a script: the project root holds `benchmarks`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.live_stack import start_stack
+from benchmarks.report import write_report
 from benchmarks.swap_harness import (
     SETTLE_S,
     SwapRun,
@@ -48,11 +47,10 @@ from benchmarks.swap_harness import (
     seed_sessions,
     verify,
 )
-from railtower.settings import PROJECT_ROOT, Settings, load_settings
+from railtower.settings import Settings, load_settings
 from serving.app import production_pointer
 from serving.rail_service import load_rails
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 PHASES = ("before", "promote window", "between", "rollback window", "after")
 
 
@@ -177,10 +175,7 @@ def main() -> None:
     if not (bundle / "manifest.json").exists():
         parser.error(f"no rails bundle at {bundle}: pass --bundle, or promote one (main.sh)")
     result = measure(settings, bundle, args.clients, args.phase_s, args.sessions)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "swap_under_load.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "swap_under_load.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("swap_under_load", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
 import pytorch_lightning as pl
 import torch
 
+from benchmarks.report import write_report
 from railtower.datasets import load_dataset
-from railtower.settings import PROJECT_ROOT, load_settings
+from railtower.settings import load_settings
 from towers.item_features import item_text
 from towers.item_tower import ItemTowerConfig
 from towers.text_encoder import TextEncoder
@@ -28,8 +28,6 @@ from towers.user_tower import UserTowerConfig
 from training.examples import session_examples, target_log_q
 from training.fit_towers import TensorBatches, catalogue_features
 from training.two_tower import TwoTowerModule
-
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 
 
 def training_throughput(n_examples: int, batch_sizes: list[int]) -> dict[str, float]:
@@ -101,8 +99,6 @@ def main() -> None:
         "examples": args.examples,
         "texts": args.texts,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tower_throughput.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     md = [
         "# Tower throughput (CPU)",
         "",
@@ -116,8 +112,7 @@ def main() -> None:
         f"| MiniLM text items/s, cold cache | {text['cold_cache']:,.0f} | warm cache: "
         f"{text['warm_cache']:,.0f} | {text['warm_cache'] / text['cold_cache']:.0f}x |",
     ]
-    (OUT / "tower_throughput.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report("tower_throughput", result, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from benchmarks.rails_api import _head, _row, percentiles
+from benchmarks.report import write_report
 from devstack.local_services import free_port, triton_server
-from railtower.settings import PROJECT_ROOT, TritonModelSettings, load_settings
+from railtower.settings import TritonModelSettings, load_settings
 from ranking.bundle import SESSION_ENCODER, TowerBundle
 from serving.app import production_pointer
 from serving.rail_service import load_rails
@@ -44,7 +44,6 @@ from serving.user_vectors import TritonUserTower
 from towers.session_features import HistoryEvent
 from training.triton_export import export_user_tower
 
-OUT = PROJECT_ROOT / "reports" / "benchmarks"
 # (instances, max_queue_delay_us); the baseline runs again last, so the table shows how
 # much the machine itself drifted during the run.
 SETTINGS = [(1, 0), (1, 2000), (2, 0), (2, 2000), (1, 0)]
@@ -175,10 +174,7 @@ def main() -> None:
         },
         "settings": results,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "triton_instances.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (OUT / "triton_instances.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report("triton_instances", result, markdown(result))
 
 
 def _towers(args, settings) -> TowerBundle:  # type: ignore[no-untyped-def]
